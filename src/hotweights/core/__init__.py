@@ -1,0 +1,57 @@
+"""The framework-free hot-reload engine: versions, history, the reload log, the slot with
+its leases, and the reloader with its swap policies. Imports no third-party package."""
+
+from __future__ import annotations
+
+from hotweights.core.coordinator import HotReloadCoordinator
+from hotweights.core.events import (
+    PHASES,
+    TRIGGERS,
+    Outcome,
+    Phase,
+    ReloadEvent,
+    ReloadLog,
+    Trigger,
+)
+from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
+from hotweights.core.observers import (
+    Notice,
+    Observer,
+    ReloadFinished,
+    ReloadStarted,
+    VersionChanged,
+)
+from hotweights.core.policy import SWAP_POLICIES, RetryPolicy, SwapPolicy
+from hotweights.core.reloader import Reloader, ReloadTicket
+from hotweights.core.slot import DrainReport, Lease, ModelSlot
+from hotweights.core.version import LEGAL_TRANSITIONS, ModelVersion, VersionState
+
+__all__ = [
+    "LEGAL_TRANSITIONS",
+    "PHASES",
+    "SWAP_POLICIES",
+    "TRIGGERS",
+    "DrainReport",
+    "Fingerprinting",
+    "HotReloadCoordinator",
+    "Lease",
+    "Loader",
+    "ModelSlot",
+    "ModelVersion",
+    "Notice",
+    "Observer",
+    "Outcome",
+    "Phase",
+    "ReloadEvent",
+    "ReloadFinished",
+    "ReloadLog",
+    "ReloadStarted",
+    "ReloadTicket",
+    "Reloader",
+    "RetryPolicy",
+    "SizeEstimating",
+    "SwapPolicy",
+    "Trigger",
+    "VersionChanged",
+    "VersionState",
+]

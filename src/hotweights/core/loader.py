@@ -1,0 +1,57 @@
+"""The `Loader` role: turns a source into a runnable model and back into nothing.
+
+A loader is handed to a `Reloader`; the reloader calls it from its worker thread, never
+from the request path, one call at a time. Constructors are cheap: all heavy work happens
+in `load`, `validate`, `warmup` and `unload`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar, runtime_checkable
+
+ModelT = TypeVar("ModelT")
+
+
+class Loader(Protocol[ModelT]):
+    """Loads, checks and releases one kind of model.
+
+    Called only by the reloader's worker thread (and the slot's drain threads for
+    `unload`), so implementations need not be thread-safe across calls, but `unload` may
+    run while a later version is being loaded.
+    """
+
+    def load(self, source: str) -> ModelT:
+        """Read `source` and return a model. Raise `LoadError` (or `TransientLoadError`
+        for a failure worth retrying); any other exception also fails the reload."""
+        ...
+
+    def validate(self, model: ModelT) -> None:
+        """Check that `model` is fit to serve; raise `ValidationError` if not."""
+        ...
+
+    def warmup(self, model: ModelT) -> None:
+        """Exercise `model` so the first real requests after a swap do not stall."""
+        ...
+
+    def unload(self, model: ModelT) -> None:
+        """Release everything `model` holds. Called exactly once per loaded model, after
+        its last request, or after the drain deadline, or when it failed to go live."""
+        ...
+
+
+@runtime_checkable
+class Fingerprinting(Protocol):
+    """Optional: a loader that can name a source's content with a short digest."""
+
+    def fingerprint(self, source: str) -> str:
+        """A content digest of `source` (hex), computed without loading it."""
+        ...
+
+
+@runtime_checkable
+class SizeEstimating(Protocol):
+    """Optional: a loader that can estimate the memory a source will take once loaded."""
+
+    def estimate_bytes(self, source: str) -> int:
+        """Approximate resident size of `source` once loaded, in bytes."""
+        ...

@@ -1,0 +1,473 @@
+"""The reloader: brings new versions into service off the request path.
+
+One worker thread per reloader runs each attempt through load, validate, warmup, publish,
+drain and retire. Requests are single-flight: a request for the target already loading or
+already queued joins it; a request for another target replaces the queued one (which ends
+`superseded`). At most one load runs and one waits, whatever the number of triggers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from hotweights.core.coordinator import DEFAULT_MAX_HISTORY, HotReloadCoordinator
+from hotweights.core.events import DEFAULT_MAX_EVENTS, Outcome, ReloadEvent, ReloadLog, Trigger
+from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
+from hotweights.core.observers import (
+    Observer,
+    ObserverList,
+    ReloadFinished,
+    ReloadStarted,
+    VersionChanged,
+)
+from hotweights.core.policy import RetryPolicy, SwapPolicy
+from hotweights.core.slot import ModelSlot
+from hotweights.core.version import ModelVersion, VersionState
+from hotweights.errors import NoPreviousVersion, ReloaderClosed, TransientLoadError
+
+ModelT = TypeVar("ModelT")
+log = logging.getLogger("hotweights.reload")
+
+
+@dataclass
+class _Job:
+    id: int
+    source: str
+    trigger: Trigger
+    description: str
+    accepted_at: float = field(default_factory=time.time)
+    future: Future[ReloadEvent] = field(default_factory=Future)
+    phase: str = "queued"
+    old_generation: int | None = None
+
+
+class ReloadTicket:
+    """A handle on an accepted reload request: its event id and, later, its outcome."""
+
+    def __init__(self, job: _Job) -> None:
+        self.id = job.id
+        self.target = job.source
+        self._future = job.future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> ReloadEvent:
+        """Block until the attempt ends; raises `TimeoutError` if it does not in time."""
+        return self._future.result(timeout)
+
+    async def wait_async(self) -> ReloadEvent:
+        return await asyncio.wrap_future(self._future)
+
+
+class _Failure(Exception):
+    """Internal: a phase failed; carries the phase and the cause to the event."""
+
+    def __init__(self, phase: str, cause: BaseException, details: dict[str, Any]) -> None:
+        super().__init__(phase)
+        self.phase = phase
+        self.cause = cause
+        self.details = details
+
+
+class Reloader(Generic[ModelT]):
+    """Owns one model's slot, history and reload log, and the worker that changes them.
+
+    Thread-safe. `submit`, `reload`, `reload_async` and `rollback` may be called from any
+    thread or the event loop; none of them runs loader code on the caller's thread.
+    """
+
+    def __init__(
+        self,
+        loader: Loader[ModelT],
+        *,
+        name: str = "default",
+        policy: SwapPolicy = "availability",
+        drain_timeout: float = 30.0,
+        admission_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        max_history: int = DEFAULT_MAX_HISTORY,
+        max_events: int = DEFAULT_MAX_EVENTS,
+    ) -> None:
+        self.loader = loader
+        self.name = name
+        self.policy: SwapPolicy = policy
+        self.drain_timeout = drain_timeout
+        self.retry = retry or RetryPolicy()
+        self.coordinator = HotReloadCoordinator(max_history)
+        self.log = ReloadLog(max_events)
+        self.observers = ObserverList()
+        self.slot: ModelSlot[ModelT] = ModelSlot(
+            loader.unload, admission_timeout=admission_timeout, on_state=self._version_changed
+        )
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._running: _Job | None = None
+        self._pending: _Job | None = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._drains: set[threading.Thread] = set()
+        self._worker = threading.Thread(
+            target=self._work, name=f"hotweights-reloader-{name}", daemon=True
+        )
+        self._worker.start()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def submit(
+        self, source: str, *, trigger: Trigger = "api", description: str = ""
+    ) -> ReloadTicket:
+        """Accept a request to make `source` live; returns at once with a ticket."""
+        superseded: _Job | None = None
+        with self._lock:
+            if self._closed:
+                raise ReloaderClosed(f"reloader for {self.name!r} is closed")
+            for job in (self._running, self._pending):
+                if job is not None and job.source == source:
+                    return ReloadTicket(job)
+            superseded = self._pending
+            job = _Job(next(self._ids), source, trigger, description)
+            self._pending = job
+            self._wake.notify()
+        if superseded is not None:
+            self._finish(
+                superseded,
+                self._event(superseded, Outcome.SUPERSEDED, error=f"superseded by {source}"),
+            )
+        return ReloadTicket(job)
+
+    def reload(
+        self,
+        source: str,
+        *,
+        trigger: Trigger = "api",
+        description: str = "",
+        timeout: float | None = None,
+    ) -> ReloadEvent:
+        """Make `source` live and return the outcome (blocking)."""
+        return self.submit(source, trigger=trigger, description=description).wait(timeout)
+
+    async def reload_async(
+        self, source: str, *, trigger: Trigger = "api", description: str = ""
+    ) -> ReloadEvent:
+        """`reload` for the event loop."""
+        return await self.submit(source, trigger=trigger, description=description).wait_async()
+
+    def rollback(self, *, description: str = "") -> ReloadTicket:
+        """Make the most recent earlier version (by source) live again, as a new
+        generation. Raises `NoPreviousVersion` when the history holds none."""
+        target = self.coordinator.rollback_target()
+        if target is None:
+            raise NoPreviousVersion(f"model {self.name!r} has no earlier version to roll back to")
+        text = description or f"rollback to g{target.generation}"
+        return self.submit(target.source, trigger="rollback", description=text)
+
+    def subscribe(self, observer: Observer) -> Callable[[], None]:
+        """Call `observer` with every `Notice`; returns a function that unsubscribes."""
+        return self.observers.add(observer)
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self.coordinator.generation
+
+    def status(self) -> dict[str, object]:
+        """A JSON-ready snapshot: live version, in-flight leases, reload in progress."""
+        with self._lock:
+            running = _job_status(self._running)
+            queued = _job_status(self._pending)
+        live = self.slot.live_version
+        return {
+            "model": self.name,
+            "policy": self.policy,
+            "generation": self.coordinator.generation,
+            "live": live.to_dict() if live else None,
+            "inflight": {str(gen): n for gen, n in self.slot.inflight().items()},
+            "resident": [version.generation for version in self.slot.resident()],
+            "reloading": running,
+            "queued": queued,
+        }
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Wait for every drain started so far; True if all finished in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            drains = list(self._drains)
+        for thread in drains:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in drains)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, end the queued one, let the running one finish, then
+        drain and unload whatever is live. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending, self._pending = self._pending, None
+            self._wake.notify()
+        self._stop.set()
+        if pending is not None:
+            self._finish(pending, self._event(pending, Outcome.SUPERSEDED, error="closed"))
+        self._worker.join(timeout)
+        old = self.slot.withdraw()
+        self.slot.end_gap()
+        if old is not None:
+            self.slot.drain(old, self.drain_timeout)
+        self.wait_drained(timeout)
+
+    # -- the worker ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                if self._pending is None:
+                    return
+                job, self._pending = self._pending, None
+                job.old_generation = self.coordinator.generation
+                self._running = job
+            self.observers.notify(ReloadStarted(self.name, job.id, job.source, job.trigger))
+            retiring: int | None = None
+            restored: ReloadEvent | None = None
+            try:
+                event, retiring, restored = self._run(job)
+            except Exception as exc:  # a bug in the reloader itself: never kill the worker
+                log.exception("reload %d of %s crashed", job.id, self.name)
+                event = self._event(job, Outcome.FAILED, error=exc)
+            with self._lock:
+                self._running = None
+            try:
+                self._finish(job, event, retiring, restored)
+            except Exception as exc:  # never leave a caller waiting on a dead worker
+                log.exception("finishing reload %d of %s crashed", job.id, self.name)
+                if not job.future.done():
+                    job.future.set_exception(exc)
+
+    def _run(self, job: _Job) -> tuple[ReloadEvent, int | None, ReloadEvent | None]:
+        """Run one attempt. Returns its event, the generation left to drain (if any) and
+        the event of a restore that followed a failure (if any)."""
+        if self.policy == "resource":
+            return self._run_resource(job)
+        try:
+            version, model, extra = self._bring_up(job)
+        except _Failure as failure:
+            return self._event(job, Outcome.FAILED, error=failure.cause, extra=failure), None, None
+        old = self._go_live(version, model)
+        return self._event(job, self._success(job), version=version, extra=extra), old, None
+
+    def _run_resource(self, job: _Job) -> tuple[ReloadEvent, None, ReloadEvent | None]:
+        previous = self.slot.live_version
+        old = self.slot.withdraw()
+        drain_s = self.slot.drain(old, self.drain_timeout).seconds if old is not None else 0.0
+        try:
+            version, model, extra = self._bring_up(job)
+        except _Failure as failure:
+            event = self._event(job, Outcome.FAILED, error=failure.cause, extra=failure)
+            restored = self._restore(previous) if previous is not None else None
+            self.slot.end_gap()
+            return event.with_phase("drain", drain_s), None, restored
+        self._go_live(version, model)
+        event = self._event(job, self._success(job), version=version, extra=extra)
+        return event.with_phase("drain", drain_s), None, None
+
+    def _restore(self, previous: ModelVersion) -> ReloadEvent:
+        """Under `resource`, the old version was unloaded before the failed load: bring its
+        source back so something serves again."""
+        text = f"restore g{previous.generation} after a failed reload"
+        job = _Job(next(self._ids), previous.source, "rollback", text)
+        job.old_generation = self.coordinator.generation
+        try:
+            version, model, extra = self._bring_up(job)
+        except _Failure as failure:
+            log.error("%s: restoring %s failed too", self.name, previous.label)
+            return self._event(job, Outcome.FAILED, error=failure.cause, extra=failure)
+        self._go_live(version, model)
+        return self._event(job, Outcome.ROLLED_BACK, version=version, extra=extra)
+
+    def _bring_up(self, job: _Job) -> tuple[ModelVersion, ModelT, dict[str, Any]]:
+        """Load, validate and warm up `job.source`; raise `_Failure` after cleaning up."""
+        version = ModelVersion(job.source, job.description)
+        extra: dict[str, Any] = {"phases": {}, "retries": 0, "estimate": None}
+        phases: dict[str, float] = extra["phases"]
+        started = time.monotonic()
+        job.phase = "load"
+        try:
+            if isinstance(self.loader, Fingerprinting):
+                version.fingerprint = self.loader.fingerprint(job.source)
+            if isinstance(self.loader, SizeEstimating):
+                extra["estimate"] = self.loader.estimate_bytes(job.source)
+            model = self._load_with_retry(job.source, extra)
+        except Exception as exc:
+            phases["load"] = time.monotonic() - started
+            self._fail(version)
+            raise _Failure("load", exc, extra) from exc
+        phases["load"] = time.monotonic() - started
+        self._transition(version, VersionState.VALIDATING)
+        for phase, step in (("validate", self.loader.validate), ("warmup", self.loader.warmup)):
+            job.phase = phase
+            started = time.monotonic()
+            try:
+                step(model)
+            except Exception as exc:
+                phases[phase] = time.monotonic() - started
+                self._fail(version)
+                self._unload_quietly(model, version)
+                raise _Failure(phase, exc, extra) from exc
+            phases[phase] = time.monotonic() - started
+        job.phase = "publish"
+        return version, model, extra
+
+    def _load_with_retry(self, source: str, extra: dict[str, Any]) -> ModelT:
+        retry = 0
+        while True:
+            try:
+                return self.loader.load(source)
+            except TransientLoadError as exc:
+                if retry >= self.retry.retries:
+                    raise
+                delay = self.retry.delay(retry)
+                log.warning(
+                    "transient load failure for %s (%s); retry in %.2fs", source, exc, delay
+                )
+                retry += 1
+                extra["retries"] = retry
+                if self._stop.wait(delay):
+                    raise ReloaderClosed(f"reloader for {self.name!r} closed") from exc
+
+    def _go_live(self, version: ModelVersion, model: ModelT) -> int | None:
+        self.coordinator.go_live(version)
+        self._version_changed(version, VersionState.VALIDATING, VersionState.LIVE)
+        old = self.slot.publish(version, model)
+        log.info("%s: %s is live", self.name, version.label)
+        return old
+
+    def _drain_later(self, generation: int, event_id: int) -> None:
+        def drain() -> None:
+            try:
+                report = self.slot.drain(generation, self.drain_timeout)
+            except Exception:
+                log.exception("%s: draining g%d failed", self.name, generation)
+                return
+            finally:
+                with self._lock:
+                    self._drains.discard(threading.current_thread())
+            if report.stuck_leases:
+                log.warning(
+                    "%s: g%d retired at its drain deadline with %d requests still running",
+                    self.name,
+                    generation,
+                    report.stuck_leases,
+                )
+            event = self.log.get(event_id)
+            if event is not None:
+                updated = event.with_phase("drain", report.seconds)
+                self.log.replace(updated)
+                self.observers.notify(ReloadFinished(self.name, updated, drained=True))
+
+        thread = threading.Thread(
+            target=drain, name=f"hotweights-drain-{self.name}-g{generation}", daemon=True
+        )
+        with self._lock:
+            self._drains.add(thread)
+        thread.start()
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _success(self, job: _Job) -> Outcome:
+        return Outcome.ROLLED_BACK if job.trigger == "rollback" else Outcome.LIVE
+
+    def _event(
+        self,
+        job: _Job,
+        outcome: Outcome,
+        *,
+        version: ModelVersion | None = None,
+        error: BaseException | str | None = None,
+        extra: dict[str, Any] | _Failure | None = None,
+    ) -> ReloadEvent:
+        details = extra.details if isinstance(extra, _Failure) else (extra or {})
+        error_type = error_message = None
+        if isinstance(error, BaseException):
+            error_type = type(error).__name__
+            phase = f"{extra.phase}: " if isinstance(extra, _Failure) else ""
+            error_message = f"{phase}{error}" if str(error) else f"{phase}{error_type}"
+        elif error is not None:
+            error_message = error
+        return ReloadEvent(
+            id=job.id,
+            trigger=job.trigger,
+            target=job.source,
+            outcome=outcome,
+            old_generation=(
+                self.coordinator.generation if job.old_generation is None else job.old_generation
+            ),
+            new_generation=version.generation if version is not None else None,
+            description=job.description,
+            error_type=error_type,
+            error_message=error_message,
+            started_at=job.accepted_at,
+            ended_at=time.time(),
+            phases=dict(details.get("phases", {})),
+            memory_estimate_bytes=details.get("estimate"),
+            retries=details.get("retries", 0),
+            fingerprint=version.fingerprint if version is not None else None,
+        )
+
+    def _finish(
+        self,
+        job: _Job,
+        event: ReloadEvent,
+        retiring: int | None = None,
+        restored: ReloadEvent | None = None,
+    ) -> None:
+        for done in (event, restored):
+            if done is None:
+                continue
+            self.log.record(done)
+            if done.outcome is Outcome.FAILED:
+                log.error(
+                    "%s: reload %d of %s failed: %s",
+                    self.name,
+                    done.id,
+                    done.target,
+                    done.error_message,
+                )
+            self.observers.notify(ReloadFinished(self.name, done))
+        if retiring is not None:  # after the record and notice, which the drain updates
+            self._drain_later(retiring, event.id)
+        if not job.future.done():
+            job.future.set_result(event)
+
+    def _fail(self, version: ModelVersion) -> None:
+        self._transition(version, VersionState.FAILED)
+
+    def _transition(self, version: ModelVersion, new: VersionState) -> None:
+        old = version.transition(new)
+        self._version_changed(version, old, new)
+
+    def _version_changed(self, version: ModelVersion, old: VersionState, new: VersionState) -> None:
+        self.observers.notify(VersionChanged(self.name, version, old, new))
+
+    def _unload_quietly(self, model: ModelT, version: ModelVersion) -> None:
+        try:
+            self.loader.unload(model)
+        except Exception:
+            log.exception("%s: unloading failed attempt %s raised", self.name, version.label)
+
+
+def _job_status(job: _Job | None) -> dict[str, object] | None:
+    if job is None:
+        return None
+    return {"id": job.id, "target": job.source, "trigger": job.trigger, "phase": job.phase}

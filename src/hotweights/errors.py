@@ -1,0 +1,54 @@
+"""The exceptions hotweights raises, in one hierarchy.
+
+The HTTP edge maps each class (never a message text) to a status code and an OpenAI-shaped
+error body. Messages name the model version, the path and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class HotweightsError(Exception):
+    """Base of every error hotweights raises on purpose."""
+
+
+class LoadError(HotweightsError):
+    """A version could not be loaded: missing or corrupt files, a refused format, a loader bug."""
+
+
+class TransientLoadError(LoadError):
+    """A load failed for a reason that may pass (a busy disk, a file still being copied).
+
+    The reloader retries these with bounded backoff before giving up.
+    """
+
+
+class ValidationError(HotweightsError):
+    """A loaded version failed its checks (validate or warmup) and will not go live."""
+
+
+class NotReady(HotweightsError):
+    """No version is live, or none became live within the admission timeout."""
+
+
+class ModelRetired(HotweightsError):
+    """A lease outlived its version's drain deadline; the version was unloaded beneath it."""
+
+
+class NoPreviousVersion(HotweightsError):
+    """A rollback was asked for but the history holds no earlier version to return to."""
+
+
+class ReloaderClosed(HotweightsError):
+    """A reload was requested after the reloader was closed."""
+
+
+class IllegalTransition(HotweightsError):
+    """A version was moved between two lifecycle states that have no edge between them."""
+
+
+class InvalidRequest(HotweightsError):
+    """A client request is malformed or asks for something out of range."""
+
+
+class UnknownModel(HotweightsError):
+    """A request names a model this server does not serve."""

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from hotweights.core import LEGAL_TRANSITIONS, ModelVersion, VersionState
+from hotweights.errors import IllegalTransition
+
+S = VersionState
+LEGAL = {
+    (S.LOADING, S.VALIDATING),
+    (S.LOADING, S.FAILED),
+    (S.VALIDATING, S.LIVE),
+    (S.VALIDATING, S.FAILED),
+    (S.LIVE, S.DRAINING),
+    (S.DRAINING, S.RETIRED),
+}
+
+
+def _at(state: VersionState) -> ModelVersion:
+    path = {
+        S.LOADING: [],
+        S.VALIDATING: [S.VALIDATING],
+        S.LIVE: [S.VALIDATING, S.LIVE],
+        S.DRAINING: [S.VALIDATING, S.LIVE, S.DRAINING],
+        S.RETIRED: [S.VALIDATING, S.LIVE, S.DRAINING, S.RETIRED],
+        S.FAILED: [S.FAILED],
+    }[state]
+    version = ModelVersion("/m/1")
+    for step in path:
+        version.transition(step)
+    return version
+
+
+@pytest.mark.parametrize(("old", "new"), list(itertools.product(S, S)))
+def test_transition_table(old: VersionState, new: VersionState) -> None:
+    version = _at(old)
+    if (old, new) in LEGAL:
+        assert version.transition(new) is old
+        assert version.state is new
+    else:
+        with pytest.raises(IllegalTransition, match=f"{old.value} to {new.value}"):
+            version.transition(new)
+        assert version.state is old
+
+
+def test_table_matches_the_published_edges() -> None:
+    published = {(a, b) for a, targets in LEGAL_TRANSITIONS.items() for b in targets}
+    assert published == LEGAL
+
+
+def test_live_stamps_times_and_fingerprint() -> None:
+    version = _at(S.VALIDATING)
+    assert version.age == 0.0
+    version.generation = 3
+    version.fingerprint = "1a2b3c4d5e6f"
+    version.transition(S.LIVE)
+    assert version.loaded_at is not None
+    assert version.age >= 0.0
+    assert version.system_fingerprint == "hw-g3-1a2b3c4d"
+    assert version.to_dict()["state"] == "live"

@@ -1,0 +1,106 @@
+"""Fakes shared by the tests: a loader whose models refuse to run once unloaded."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+Phase = str
+
+
+class UseAfterUnload(AssertionError):
+    """A fake model was called after its loader unloaded it: invariant 3 broken."""
+
+
+class DoubleUnload(AssertionError):
+    """A fake model was unloaded twice."""
+
+
+class FakeModel:
+    """Answers with its source; raises `UseAfterUnload` once unloaded."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.unloaded = False
+        self.calls = 0
+
+    def __call__(self) -> str:
+        if self.unloaded:
+            raise UseAfterUnload(f"model for {self.source} used after unload")
+        self.calls += 1
+        return self.source
+
+
+@dataclass
+class FakeLoader:
+    """A `Loader` of `FakeModel`s with scripted failures and gates.
+
+    `fail[(source, phase)]` is raised in that phase; `transient[source]` transient load
+    failures come first; `gates[source]` blocks `load(source)` until set; `load_started`
+    fires when a load begins.
+    """
+
+    fail: dict[tuple[str, Phase], BaseException] = field(default_factory=dict)
+    transient: Counter[str] = field(default_factory=Counter)
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    loads: Counter[str] = field(default_factory=Counter)
+    models: list[FakeModel] = field(default_factory=list)
+    unloaded: list[FakeModel] = field(default_factory=list)
+    load_started: dict[str, threading.Event] = field(default_factory=dict)
+    loaded_when_load_began: dict[str, list[str]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def started(self, source: str) -> threading.Event:
+        with self._lock:
+            return self.load_started.setdefault(source, threading.Event())
+
+    def load(self, source: str) -> FakeModel:
+        from hotweights.errors import TransientLoadError
+
+        with self._lock:
+            self.loads[source] += 1
+            self.loaded_when_load_began[source] = [m.source for m in self.models if not m.unloaded]
+        self.started(source).set()
+        gate = self.gates.get(source)
+        if gate is not None:
+            gate.wait()
+        if self.transient[source] > 0:
+            self.transient[source] -= 1
+            raise TransientLoadError(f"{source}: disk busy")
+        self._maybe_fail(source, "load")
+        model = FakeModel(source)
+        with self._lock:
+            self.models.append(model)
+        return model
+
+    def validate(self, model: FakeModel) -> None:
+        model()
+        self._maybe_fail(model.source, "validate")
+
+    def warmup(self, model: FakeModel) -> None:
+        model()
+        self._maybe_fail(model.source, "warmup")
+
+    def unload(self, model: FakeModel) -> None:
+        with self._lock:
+            if model.unloaded:
+                raise DoubleUnload(f"model for {model.source} unloaded twice")
+            model.unloaded = True
+            self.unloaded.append(model)
+
+    def fingerprint(self, source: str) -> str:
+        return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+    def estimate_bytes(self, source: str) -> int:
+        return 1000 + len(source)
+
+    def live_models(self) -> list[FakeModel]:
+        with self._lock:
+            return [m for m in self.models if not m.unloaded]
+
+    def _maybe_fail(self, source: str, phase: Phase) -> None:
+        error = self.fail.get((source, phase))
+        if error is not None:
+            raise error
