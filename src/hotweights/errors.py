@@ -52,3 +52,26 @@ class InvalidRequest(HotweightsError):
 
 class UnknownModel(HotweightsError):
     """A request names a model this server does not serve."""
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request body or prompt is over the configured size limits."""
+
+
+class Unauthorized(HotweightsError):
+    """A protected endpoint was called without credentials."""
+
+
+class Forbidden(HotweightsError):
+    """Credentials were wrong, or a reload path lies outside the model roots."""
+
+
+class ReloadFailed(HotweightsError):
+    """An admin reload or rollback ended without its target going live.
+
+    `event` is the reload event as a JSON-ready dict; what was serving still serves.
+    """
+
+    def __init__(self, message: str, event: dict[str, object]) -> None:
+        super().__init__(message)
+        self.event = event

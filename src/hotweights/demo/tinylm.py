@@ -8,12 +8,13 @@ tokenizer.json, tokenizer_config.json with a chat template) in well under a seco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -57,7 +58,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
+    # The class's __init__ is unannotated; calling it through a typed alias keeps mypy strict.
+    make_tokenizer: Callable[..., PreTrainedTokenizerFast] = PreTrainedTokenizerFast
+    tokenizer = make_tokenizer(
         tokenizer_object=core,
         eos_token=IM_END,
         pad_token=END_OF_TEXT,
@@ -66,6 +69,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.add_special_tokens({"additional_special_tokens": [IM_START]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of the single token `token` in `tokenizer`'s vocabulary."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int):
+        raise TypeError(f"{token!r} is not a single token of this tokenizer")
+    return found
 
 
 def build_model(
@@ -87,8 +98,8 @@ def build_model(
         max_position_embeddings=shape.max_position_embeddings,
         tie_word_embeddings=True,
         bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.convert_tokens_to_ids(END_OF_TEXT),
+        eos_token_id=token_id(tokenizer, IM_END),
+        pad_token_id=token_id(tokenizer, END_OF_TEXT),
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)

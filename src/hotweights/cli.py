@@ -1,0 +1,208 @@
+"""`hotweights`: serve, reload, rollback, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hotweights import __version__
+from hotweights.config import DEVICES, DTYPES, Config
+from hotweights.console import LoadProgress, say
+from hotweights.core import SWAP_POLICIES
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hotweights", description="Model serving with zero-downtime weight reloads."
+    )
+    parser.add_argument("--version", action="version", version=f"hotweights {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model directory (default: the demo model)")
+    serve.add_argument("path", nargs="?", help="Hugging Face model directory")
+    serve.add_argument("--host", help="interface (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000)")
+    serve.add_argument("--name", dest="model_name", help="model name clients use")
+    serve.add_argument("--policy", choices=SWAP_POLICIES, help="swap policy")
+    serve.add_argument(
+        "--drain-timeout", type=float, help="seconds before a retired version is unloaded anyway"
+    )
+    serve.add_argument(
+        "--admission-timeout", type=float, help="seconds a request waits during a resource swap"
+    )
+    serve.add_argument("--admin-token", help="bearer token for /admin (required beyond loopback)")
+    serve.add_argument("--dtype", choices=DTYPES)
+    serve.add_argument("--device", choices=DEVICES)
+    serve.add_argument(
+        "--model-root",
+        action="append",
+        dest="model_roots",
+        help="directory reload paths must lie in (repeatable)",
+    )
+    serve.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        default=None,
+        help="accept pickle-based weights (unsafe)",
+    )
+    serve.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="run code shipped with the model (unsafe)",
+    )
+    serve.set_defaults(run=_serve)
+
+    for name, helptext, runner in (
+        ("reload", "make a new version live on a running server", _reload),
+        ("rollback", "make the previous version live again", _rollback),
+        ("status", "show the live version, in-flight requests and recent reloads", _status),
+    ):
+        client = commands.add_parser(name, help=helptext)
+        client.add_argument("--url", default=os.environ.get("HOTWEIGHTS_URL", DEFAULT_URL))
+        client.add_argument("--admin-token", default=os.environ.get("HOTWEIGHTS_ADMIN_TOKEN"))
+        if name == "reload":
+            client.add_argument(
+                "path", nargs="?", help="model directory (default: reload the live one)"
+            )
+            client.add_argument("--description", default="")
+            client.add_argument(
+                "--no-wait", action="store_true", help="return at once with the event id"
+            )
+        if name == "rollback":
+            client.add_argument("--description", default="")
+        client.set_defaults(run=runner)
+
+    demo = commands.add_parser("demo", help="swap a model live under traffic and show it")
+    demo.add_argument("--duration", type=float, default=24.0, help="seconds of traffic")
+    demo.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
+    demo.add_argument("--policy", choices=SWAP_POLICIES, default="availability")
+    demo.add_argument("--rebuild", action="store_true", help="retrain the demo models")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hotweights.server.runner import build_state, serve
+
+    overrides = {
+        key: getattr(args, key)
+        for key in (
+            "host",
+            "port",
+            "model_name",
+            "policy",
+            "drain_timeout",
+            "admission_timeout",
+            "admin_token",
+            "dtype",
+            "device",
+            "allow_pickle",
+            "trust_remote_code",
+        )
+    }
+    if args.model_roots:
+        overrides["model_roots"] = tuple(args.model_roots)
+    if args.path:
+        overrides["source"] = args.path
+    try:
+        config = Config.load(overrides)
+    except ValueError as exc:
+        print(f"hotweights serve: {exc}", file=sys.stderr)
+        return 2
+    if config.source is None:
+        from hotweights.demo.versions import build_demo_versions
+
+        first, _ = build_demo_versions(progress=say)
+        config = Config.load(
+            {
+                **overrides,
+                "source": str(first),
+                "model_name": config.model_name or "hotweights-demo",
+            }
+        )
+    state = build_state(config, observers=(LoadProgress(),))
+    say(
+        f"serving {config.source} as {next(iter(state.models))!r} on http://{config.host}:{config.port}"
+    )
+    serve(state)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.admin_token}"} if args.admin_token else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=None)
+
+
+def _call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            response = client.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        print(f"hotweights: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 3
+    payload = response.json() if response.content else {}
+    print(json.dumps(payload, indent=2))
+    if response.is_success:
+        return 0
+    error = payload.get("error", {}) if isinstance(payload, dict) else {}
+    print(
+        f"hotweights: {response.status_code}: {error.get('message', response.text)}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _reload(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"description": args.description, "wait": not args.no_wait}
+    if args.path:
+        body["path"] = os.path.abspath(args.path)
+    return _call(args, "POST", "/admin/reload", body)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    return _call(args, "POST", "/admin/rollback", {"description": args.description})
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _call(args, "GET", "/admin/status")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hotweights.demo.run import run_demo
+
+    code: int = run_demo(
+        duration=args.duration,
+        concurrency=args.concurrency,
+        policy=args.policy,
+        rebuild=args.rebuild,
+    )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The one frozen configuration object: defaults, then `HOTWEIGHTS_*` environment, then flags.
+
+Nothing reads the environment at import time; `Config.load` does, when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from hotweights.core.policy import SwapPolicy
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[Device, ...] = get_args(Device)
+
+ENV_PREFIX = "HOTWEIGHTS_"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `hotweights serve` needs to know."""
+
+    source: str | None = None
+    """Model directory to serve; None serves the built-in demo model."""
+    model_name: str | None = None
+    """Name clients put in the `model` field; defaults to the directory's parent name."""
+    host: str = "127.0.0.1"
+    """Interface to listen on. Anything but loopback requires an admin token."""
+    port: int = 8000
+    """TCP port to listen on."""
+    policy: SwapPolicy = "availability"
+    """Swap policy: `availability` (load beside, then swap) or `resource` (unload first)."""
+    drain_timeout: float = 30.0
+    """Seconds a retired version waits for its requests before it is unloaded anyway."""
+    admission_timeout: float = 30.0
+    """Seconds a request waits for a live version during a `resource` swap."""
+    admin_token: str | None = None
+    """Bearer token for /admin endpoints; required when listening beyond loopback."""
+    dtype: Dtype = "auto"
+    """Weight dtype: `auto` keeps the checkpoint's."""
+    device: Device = "cpu"
+    """Where the model runs; `cuda` only when available."""
+    allow_pickle: bool = False
+    """Accept pickle-based weights (.bin, .pt). Unsafe with untrusted files."""
+    trust_remote_code: bool = False
+    """Run Python code shipped in model directories. Unsafe with untrusted files."""
+    model_roots: tuple[str, ...] = ()
+    """Directories reload paths must lie in; defaults to the served directory's parent."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body accepted (413 beyond)."""
+    max_prompt_tokens: int = 4096
+    """Longest prompt accepted, in tokens (413 beyond)."""
+    max_tokens_limit: int = 1024
+    """Upper bound on `max_tokens`; larger requests are clamped to it."""
+    default_max_tokens: int = 256
+    """`max_tokens` for chat requests that do not set it."""
+    generation_workers: int = 4
+    """Threads that run generation off the event loop."""
+    log_level: str = "info"
+    """Log level for hotweights and uvicorn."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Settings for experiments; ignored by hotweights itself."""
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Defaults, then `HOTWEIGHTS_<FIELD>` variables, then `overrides` (CLI flags; a
+        None value means "not given")."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            if spec.name == "extra":
+                continue
+            raw = env.get(ENV_PREFIX + spec.name.upper())
+            if raw is not None:
+                values[spec.name] = _parse(spec, raw)
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise `ValueError` naming the setting that is out of range."""
+        if self.policy not in get_args(SwapPolicy):
+            raise ValueError(f"policy must be one of {get_args(SwapPolicy)}, got {self.policy!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("drain_timeout", "admission_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.host not in LOOPBACK_HOSTS and not self.admin_token:
+            raise ValueError(
+                f"listening on {self.host} exposes the admin endpoints beyond this machine: "
+                "set an admin token (--admin-token or HOTWEIGHTS_ADMIN_TOKEN)"
+            )
+
+    def with_source(self, source: str) -> Config:
+        return dataclasses.replace(self, source=source)
+
+    def roots(self) -> tuple[Path, ...]:
+        """The resolved directories reload paths must lie in."""
+        if self.model_roots:
+            return tuple(Path(root).resolve() for root in self.model_roots)
+        if self.source:
+            return (Path(self.source).resolve().parent,)
+        return ()
+
+
+def _parse(spec: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(spec.type)
+    if kind == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind.startswith("tuple"):
+        return tuple(part for part in raw.split(os.pathsep) if part)
+    return raw

@@ -1,0 +1,111 @@
+"""Prometheus metrics: requests and tokens by generation, reloads by outcome and phase.
+
+Counters are updated on the request path (one labelled increment each) and by a reloader
+observer; live generation and in-flight leases are read from the reloaders at scrape time,
+so they cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from hotweights.core import Notice, Reloader, ReloadFinished
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _LiveState(Collector):
+    """Scrape-time gauges read from the reloaders."""
+
+    def __init__(self, reloaders: Callable[[], Mapping[str, Reloader[Any]]]) -> None:
+        self._reloaders = reloaders
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        live = GaugeMetricFamily(
+            "hotweights_live_generation", "Generation serving new requests", labels=["model"]
+        )
+        inflight = GaugeMetricFamily(
+            "hotweights_inflight_requests",
+            "Requests holding a lease, by generation",
+            labels=["model", "generation"],
+        )
+        for name, reloader in self._reloaders().items():
+            version = reloader.slot.live_version
+            live.add_metric([name], version.generation if version else 0)
+            for generation, count in reloader.slot.inflight().items():
+                inflight.add_metric([name, str(generation)], count)
+        yield live
+        yield inflight
+
+
+class Metrics:
+    """One registry per server, so tests and several apps in one process do not collide."""
+
+    def __init__(self, reloaders: Callable[[], Mapping[str, Reloader[Any]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hotweights_requests",
+            "Inference requests by model, endpoint, generation and HTTP status",
+            ["model", "endpoint", "generation", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "hotweights_request_duration_seconds",
+            "Inference request duration, admission to last byte",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "hotweights_generated_tokens",
+            "Completion tokens generated, by generation",
+            ["model", "generation"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "hotweights_reloads",
+            "Reload attempts by outcome",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.phases = Histogram(
+            "hotweights_reload_phase_seconds",
+            "Seconds spent in each reload phase",
+            ["model", "phase"],
+            buckets=PHASE_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_LiveState(reloaders))
+
+    def observe(self, notice: Notice) -> None:
+        """Reloader observer: count outcomes and phase times."""
+        if not isinstance(notice, ReloadFinished):
+            return
+        event = notice.event
+        if notice.drained:
+            if "drain" in event.phases:
+                self.phases.labels(notice.model, "drain").observe(event.phases["drain"])
+            return
+        self.reloads.labels(notice.model, event.outcome.value).inc()
+        for phase, seconds in event.phases.items():
+            self.phases.labels(notice.model, phase).observe(seconds)
+
+    def request(
+        self, model: str, endpoint: str, generation: int, status: int, seconds: float
+    ) -> None:
+        self.requests.labels(model, endpoint, str(generation), str(status)).inc()
+        self.latency.labels(model, endpoint).observe(seconds)
+
+    def generated(self, model: str, generation: int, tokens: int) -> None:
+        if tokens:
+            self.tokens.labels(model, str(generation)).inc(tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

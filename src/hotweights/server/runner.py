@@ -1,0 +1,138 @@
+"""Assemble a server from a `Config` and run it: blocking (the CLI) or in a thread (tests,
+the demo, the benchmarks)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from hotweights.config import Config
+from hotweights.core import Loader, Notice, Reloader
+from hotweights.server.app import create_app
+from hotweights.server.state import ServedModel, ServerState
+
+log = logging.getLogger("hotweights.server")
+
+
+def default_model_name(source: str) -> str:
+    """`models/my-llm/3` serves as `my-llm`; any other directory by its own name."""
+    path = Path(source).resolve()
+    return path.parent.name if path.name.isdigit() else path.name
+
+
+def build_state(
+    config: Config,
+    loader: Loader[Any] | None = None,
+    observers: tuple[Callable[[Notice], None], ...] = (),
+) -> ServerState:
+    """One served model from `config.source`, loaded by `loader` (default: transformers)."""
+    if config.source is None:
+        raise ValueError("config.source is not set: nothing to serve")
+    if loader is None:
+        from hotweights.backends import TransformersLoader
+
+        loader = TransformersLoader(
+            dtype=config.dtype,
+            device=config.device,
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+        )
+    name = config.model_name or default_model_name(config.source)
+    reloader: Reloader[Any] = Reloader(
+        loader,
+        name=name,
+        policy=config.policy,
+        drain_timeout=config.drain_timeout,
+        admission_timeout=config.admission_timeout,
+    )
+    for observer in observers:
+        reloader.subscribe(observer)
+    return ServerState(config, {name: ServedModel(name, reloader, int(time.time()))})
+
+
+def load_initial(state: ServerState) -> None:
+    """Start loading the configured source of every model (the startup trigger)."""
+    source = state.config.source
+    for served in state.models.values():
+        if source is not None:
+            served.reloader.submit(source, trigger="startup", description="initial version")
+
+
+def build_app(state: ServerState) -> FastAPI:
+    return create_app(state, on_startup=load_initial)
+
+
+def serve(state: ServerState) -> None:
+    """Run until interrupted (SIGINT/SIGTERM end it gracefully)."""
+    config = state.config
+    uvicorn.run(
+        build_app(state),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=int(config.drain_timeout) or None,
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerThread:
+    """A real uvicorn server on a background thread, for tests, the demo and benchmarks."""
+
+    def __init__(self, state: ServerState, port: int | None = None) -> None:
+        self.state = state
+        self.port = port or free_port(state.config.host)
+        self.url = f"http://{state.config.host}:{self.port}"
+        config = uvicorn.Config(
+            build_app(state),
+            host=state.config.host,
+            port=self.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="hotweights-uvicorn")
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def wait_live(self, timeout: float = 120.0) -> None:
+        """Wait until every model has a live version; raise if a load failed first."""
+        deadline = time.monotonic() + timeout
+        for served in self.state.models.values():
+            while served.reloader.slot.live_version is None:
+                failed = [e for e in served.reloader.log.recent() if not e.succeeded]
+                if failed:
+                    raise RuntimeError(f"{served.name} failed to load: {failed[0].error_message}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{served.name} did not go live within {timeout} s")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
