@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from hotweights.backends.sampling import GenerationParams, TokenChunk
 
 Phase = str
 
@@ -99,6 +102,72 @@ class FakeLoader:
     def live_models(self) -> list[FakeModel]:
         with self._lock:
             return [m for m in self.models if not m.unloaded]
+
+    def _maybe_fail(self, source: str, phase: Phase) -> None:
+        error = self.fail.get((source, phase))
+        if error is not None:
+            raise error
+
+
+class FakeTextModel:
+    """A text model for server tests: answers `<source>:<i>` tokens, one per step.
+
+    `before_step(i)` (if set) runs before step i, so a test can hold a stream mid-way.
+    Raises `UseAfterUnload` if a step runs after its loader unloaded it.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.unloaded = False
+        self.before_step: Callable[[int], None] | None = None
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return "\n".join(message["content"] for message in messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[TokenChunk]:
+        prompt_tokens = self.count_tokens(prompt)
+        for i in range(params.max_tokens):
+            if self.before_step is not None:
+                self.before_step(i)
+            if self.unloaded:
+                raise UseAfterUnload(f"text model {self.source} used after unload")
+            last = i == params.max_tokens - 1
+            yield TokenChunk(
+                f"{self.source}:{i} ", prompt_tokens, i + 1, "length" if last else None
+            )
+
+
+@dataclass
+class FakeTextLoader:
+    """Loads `FakeTextModel`s; `fail[(source, phase)]` is raised in that phase."""
+
+    fail: dict[tuple[str, Phase], BaseException] = field(default_factory=dict)
+    models: list[FakeTextModel] = field(default_factory=list)
+    before_step: Callable[[int], None] | None = None
+
+    def load(self, source: str) -> FakeTextModel:
+        self._maybe_fail(source, "load")
+        model = FakeTextModel(source)
+        model.before_step = self.before_step
+        self.models.append(model)
+        return model
+
+    def validate(self, model: FakeTextModel) -> None:
+        self._maybe_fail(model.source, "validate")
+
+    def warmup(self, model: FakeTextModel) -> None:
+        self._maybe_fail(model.source, "warmup")
+
+    def unload(self, model: FakeTextModel) -> None:
+        if model.unloaded:
+            raise DoubleUnload(f"text model {model.source} unloaded twice")
+        model.unloaded = True
+
+    def fingerprint(self, source: str) -> str:
+        return hashlib.sha256(source.encode()).hexdigest()[:16]
 
     def _maybe_fail(self, source: str, phase: Phase) -> None:
         error = self.fail.get((source, phase))

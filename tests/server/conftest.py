@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotweights.config import Config
+from hotweights.core import Loader
+from hotweights.server.runner import ServerThread, build_state
+
+Serve = Callable[..., ServerThread]
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """Start a real uvicorn server on a free loopback port; stopped at teardown."""
+    running: list[ServerThread] = []
+
+    def start(
+        loader: Loader[Any], source: Path, *, wait: bool = True, **options: Any
+    ) -> ServerThread:
+        options.setdefault("model_name", "m")
+        options.setdefault("model_roots", (str(source.parent),))
+        config = Config.load({"source": str(source), **options}, environ={})
+        server = ServerThread(build_state(config, loader)).start()
+        running.append(server)
+        if wait:
+            server.wait_live()
+        return server
+
+    yield start
+    for server in running:
+        server.stop()

@@ -1,0 +1,132 @@
+"""Streams keep their version to the end; disconnects and deadlines release it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hotweights.server.runner import ServerThread
+from tests.fakes import FakeTextLoader
+from tests.server.conftest import Serve
+
+
+class StepGate:
+    """Holds every stream at step `at` until `release()`."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def __call__(self, step: int) -> None:
+        if step == self.at:
+            self.reached.set()
+            self._open.wait(30)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def _events(lines: Iterator[str]) -> Iterator[Any]:
+    for line in lines:
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def _chat(stream: bool, max_tokens: int = 6) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+def _reload(server: ServerThread, path: Path, **body: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}/admin/reload", json={"path": str(path), **body}, timeout=30)
+
+
+def test_a_stream_started_on_g1_finishes_on_g1(serve: Serve, tmp_path: Path) -> None:
+    gate = StepGate(at=3)
+    loader = FakeTextLoader(before_step=gate)
+    v1, v2 = tmp_path / "1", tmp_path / "2"
+    server = serve(loader, v1)
+    reloader = server.state.models["m"].reloader
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json=_chat(True)) as response:
+            assert response.headers["x-hotweights-generation"] == "1"
+            events = _events(response.iter_lines())
+            first = next(events)
+            assert gate.reached.wait(10)
+            # Generation 2 goes live while the stream is held mid-way.
+            assert _reload(server, v2).json()["new_generation"] == 2
+            loader.before_step = None
+            loader.models[-1].before_step = None
+            fresh = client.post("/v1/chat/completions", json=_chat(False, 2)).json()
+            assert fresh["system_fingerprint"].startswith("hw-g2-")
+            gate.release()
+            rest = list(events)
+        assert rest[-1] == "[DONE]"
+        chunks = [first, *rest[:-1]]
+        assert {c["system_fingerprint"] for c in chunks} == {first["system_fingerprint"]}
+        assert first["system_fingerprint"].startswith("hw-g1-")
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == "".join(f"{v1}:{i} " for i in range(6))
+    assert reloader.wait_drained(10)
+    assert loader.models[0].unloaded
+
+
+def test_a_client_that_disconnects_releases_its_lease(serve: Serve, tmp_path: Path) -> None:
+    gate = StepGate(at=2)
+    loader = FakeTextLoader(before_step=gate)
+    server = serve(loader, tmp_path / "1", drain_timeout=60)
+    reloader = server.state.models["m"].reloader
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=_chat(True, 50)) as response,
+    ):
+        next(_events(response.iter_lines()))
+        assert gate.reached.wait(10)
+        assert reloader.slot.inflight() == {1: 1}
+    # The client hung up mid-stream. Once g2 is live, g1 can drain only if that lease
+    # was released: with a 60 s drain timeout, a leak would hold the drain past 10 s.
+    loader.before_step = None
+    assert _reload(server, tmp_path / "2").status_code == 200
+    gate.release()
+    assert reloader.wait_drained(10)
+    assert loader.models[0].unloaded
+    assert reloader.slot.inflight() == {2: 0}
+
+
+def test_a_stream_past_the_drain_deadline_ends_with_an_error_event(
+    serve: Serve, tmp_path: Path
+) -> None:
+    gate = StepGate(at=2)
+    loader = FakeTextLoader(before_step=gate)
+    server = serve(loader, tmp_path / "1", drain_timeout=0.05)
+    reloader = server.state.models["m"].reloader
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=_chat(True, 8)) as response,
+    ):
+        events = _events(response.iter_lines())
+        next(events)
+        assert gate.reached.wait(10)
+        loader.before_step = None
+        assert _reload(server, tmp_path / "2").status_code == 200
+        # Step 2 is running inside the lease: the drain waits for it to return.
+        assert not reloader.wait_drained(0.2)
+        gate.release()
+        rest = list(events)
+    assert rest[-1] == "[DONE]"
+    error = rest[-2]["error"]
+    assert error["code"] == "version_retired"
+    assert "drain deadline" in error["message"]
+    assert reloader.wait_drained(10)
+    assert loader.models[0].unloaded
