@@ -91,7 +91,9 @@ def test_a_client_that_disconnects_releases_its_lease(serve: Serve, tmp_path: Pa
         httpx.Client(base_url=server.url, timeout=30) as client,
         client.stream("POST", "/v1/chat/completions", json=_chat(True, 50)) as response,
     ):
-        next(_events(response.iter_lines()))
+        # Keep the line iterator alive: dropping it would close the response early.
+        events = _events(response.iter_lines())
+        next(events)
         assert gate.reached.wait(10)
         assert reloader.slot.inflight() == {1: 1}
     # The client hung up mid-stream. Once g2 is live, g1 can drain only if that lease

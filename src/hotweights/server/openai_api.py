@@ -11,12 +11,11 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from hotweights.server.textgen import Finished, Prompt, Started, TextPiece, start_generation
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -26,6 +25,7 @@ from hotweights.server.errors import classify, error_body
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.state import ServedModel, ServerState
 from hotweights.server.steps import leased_steps
+from hotweights.server.textgen import Finished, Prompt, Started, TextPiece, start_generation
 
 router = APIRouter()
 GENERATION_HEADER = "x-hotweights-generation"
@@ -90,7 +90,7 @@ async def _complete(
         elapsed = time.monotonic() - started_at
         state.metrics.request(served.name, endpoint, 0, classify(exc)[0], elapsed)
         raise
-    steps: AsyncIterator[Any] | None = None
+    steps: AsyncGenerator[Any, None] | None = None
     try:
         steps = leased_steps(
             lease,
@@ -112,7 +112,7 @@ async def _complete(
         reply = _Reply(served, lease, endpoint, started.prompt_tokens, body.model)
         if body.stream:
             stream = reply.sse(steps, body.include_usage(), state, started_at)
-            response: Response = LeasedStream(stream, lease, headers=reply.headers)
+            response: Response = LeasedStream(stream, steps, lease, headers=reply.headers)
             steps = None  # the stream owns it now
             return response
         text, finished = await reply.collect(steps)
@@ -128,7 +128,7 @@ async def _complete(
         raise
     finally:
         if steps is not None:
-            await steps.aclose()  # type: ignore[attr-defined]
+            await steps.aclose()
             lease.release()
 
 
@@ -137,17 +137,22 @@ class LeasedStream(StreamingResponse):
     done, failed, or the client went away (starlette cancels the body on disconnect)."""
 
     def __init__(
-        self, content: AsyncIterator[bytes], lease: Lease[Any], headers: dict[str, str]
+        self,
+        content: AsyncGenerator[bytes, None],
+        steps: AsyncGenerator[Any, None],
+        lease: Lease[Any],
+        headers: dict[str, str],
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self._lease = lease
-        self._content = content
+        self._closing = (content, steps)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._content.aclose()  # type: ignore[attr-defined]
+            for generator in self._closing:  # stops the worker before its next step
+                await generator.aclose()
             self._lease.release()
 
 
@@ -230,11 +235,11 @@ class _Reply:
 
     async def sse(
         self,
-        steps: AsyncIterator[Any],
+        steps: AsyncGenerator[Any, None],
         include_usage: bool,
         state: ServerState,
         started_at: float,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         status = 200
         generated = 0
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ async def leased_steps(
     lease: Lease[ModelT],
     start: Callable[[ModelT], Iterator[ItemT]],
     executor: Executor,
-) -> AsyncIterator[ItemT]:
+) -> AsyncGenerator[ItemT, None]:
     """Yield the items of `start(model)`, computing each on `executor` under the lease."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()

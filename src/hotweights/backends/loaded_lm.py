@@ -1,0 +1,279 @@
+"""A loaded causal language model and its tokenizer, ready to generate text.
+
+`LoadedLM` is what `TransformersLoader.load` returns and what the server's leases hand
+out. Generation is a manual decode loop with a KV cache: one forward pass per token, each
+under `torch.inference_mode()`, so a stream can be stepped from any thread and stopped
+between any two tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
+from hotweights.backends.sampling import (
+    Completion,
+    FinishReason,
+    GenerationParams,
+    TokenChunk,
+    sample_next_token,
+)
+from hotweights.errors import InvalidRequest, ModelRetired
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Checkpoint = Callable[[], None]
+"""Called before every forward pass; raises (e.g. `ModelRetired`) to stop a stream."""
+
+
+def fallback_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """A plain prompt for tokenizers without a chat template: one `role: content` line
+    per message, then an open `assistant:` turn."""
+    lines = [f"{message['role']}: {message['content']}" for message in messages]
+    return "\n".join([*lines, "assistant:"])
+
+
+class LoadedLM:
+    """A causal LM with its tokenizer, on one device, until it is unloaded.
+
+    Thread-safety: any number of threads may run `stream`, `generate`, `count_tokens`
+    and `apply_chat_template` at once. Each stream keeps its own KV cache and random
+    generator; the weights are only read; tokenizer calls are serialised by a lock
+    (fast tokenizers can refuse concurrent use). Once `release` has run (the loader's
+    `unload`), every method that needs the model raises `ModelRetired`, including a
+    stream already in progress, at its next token. A stream in progress holds its KV
+    cache, never the model, so unloading frees the weights even before it is closed.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        source: str,
+        device: str,
+        dtype: str,
+        fingerprint: str,
+    ) -> None:
+        config = model.config
+        architectures = getattr(config, "architectures", None) or [type(model).__name__]
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        """Weight dtype: `float32`, `bfloat16` or `float16`."""
+        self.fingerprint = fingerprint
+        self.architecture: str = architectures[0]
+        """The model class, e.g. `Qwen3ForCausalLM` (`config.architectures[0]`)."""
+        self.model_type: str = getattr(config, "model_type", "") or ""
+        embedding: Any = model.get_input_embeddings()
+        self.vocab_size: int = int(embedding.weight.shape[0])
+        """Rows of the input embedding: the ids the model can read."""
+        self.tokenizer_size: int = len(tokenizer)
+        """Ids the tokenizer can produce, special tokens included."""
+        positions = getattr(config, "max_position_embeddings", None)
+        self.max_positions: int | None = positions if isinstance(positions, int) else None
+        self._eos_ids = _eos_ids(model, tokenizer)
+        parameters = inspect.signature(model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache` (the old name warns).
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._trim_logits = "logits_to_keep" in parameters
+        self._model: PreTrainedModel | None = model
+        self._tokenizer: PreTrainedTokenizerBase | None = tokenizer
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def unloaded(self) -> bool:
+        return self._model is None
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model; raises `ModelRetired` once unloaded."""
+        if self._model is None:
+            raise self._retired()
+        return self._model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer; raises `ModelRetired` once unloaded."""
+        if self._tokenizer is None:
+            raise self._retired()
+        return self._tokenizer
+
+    def release(self) -> None:
+        """Drop the model and tokenizer. Idempotent; called by the loader's `unload`."""
+        self._model = None
+        self._tokenizer = None
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt for `messages` (`role`, `content`), with the assistant turn opened.
+
+        Raises `InvalidRequest` when the template refuses the messages (many templates
+        insist that roles alternate)."""
+        from jinja2 import TemplateError
+
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            return fallback_chat_prompt(messages)
+        try:
+            with self._tokenizer_lock:
+                prompt = tokenizer.apply_chat_template(
+                    [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+                )
+        except TemplateError as exc:
+            raise InvalidRequest(f"the chat template refused these messages: {exc}") from exc
+        if not isinstance(prompt, str):
+            raise InvalidRequest("the chat template did not render to text")
+        return prompt
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for `text` as a prompt. Special tokens (a BOS) are added unless the
+        text already starts with the BOS token, as a rendered chat template usually does."""
+        tokenizer = self.tokenizer
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = not (isinstance(bos, str) and bos and text.startswith(bos))
+        with self._tokenizer_lock:
+            ids = tokenizer.encode(text, add_special_tokens=add_special)
+        return [int(token) for token in ids]
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is as a prompt (as `stream` encodes it)."""
+        return len(self.encode(text))
+
+    def stream(
+        self, prompt: str, params: GenerationParams, checkpoint: Checkpoint | None = None
+    ) -> Iterator[TokenChunk]:
+        """Generate from `prompt`, yielding text pieces as they are decoded.
+
+        Encodes the prompt now: raises `ModelRetired` if unloaded and `InvalidRequest` if
+        the prompt is empty or too long for the model. The returned iterator calls
+        `checkpoint` before every forward pass and raises whatever it raises; it also
+        raises `ModelRetired` at the next token if the model is unloaded meanwhile. The
+        last chunk carries the finish reason. Text never contains a stop string or
+        anything after it, and never a partial UTF-8 character before the end.
+        """
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty: it encodes to no tokens")
+        if self.max_positions is not None and len(prompt_ids) >= self.max_positions:
+            raise InvalidRequest(
+                f"the prompt is {len(prompt_ids)} tokens; {self.architecture} from "
+                f"{self.source} reads at most {self.max_positions} positions"
+            )
+        return self._run(prompt_ids, params, checkpoint)
+
+    def generate(
+        self, prompt: str, params: GenerationParams, checkpoint: Checkpoint | None = None
+    ) -> Completion:
+        """The whole completion of `prompt`: `stream` collected. Raises as `stream` does."""
+        pieces: list[str] = []
+        finish: FinishReason = "length"
+        counts = (0, 0)
+        for chunk in self.stream(prompt, params, checkpoint):
+            pieces.append(chunk.text)
+            finish = chunk.finish_reason or finish
+            counts = (chunk.prompt_tokens, chunk.completion_tokens)
+        return Completion("".join(pieces), finish, *counts)
+
+    def _run(
+        self, prompt_ids: list[int], params: GenerationParams, checkpoint: Checkpoint | None
+    ) -> Iterator[TokenChunk]:
+        generator = self._generator(params.seed)
+        decoder = IncrementalDecoder(self._decode)
+        stops = StopMatcher(params.stop)
+        prompt_tokens, produced = len(prompt_ids), 0
+        limit = params.max_tokens
+        if self.max_positions is not None:
+            limit = min(limit, self.max_positions - prompt_tokens)
+        finish: FinishReason = "length"
+        cache: Any = None
+        step_ids = prompt_ids
+        tail = ""
+        while produced < limit:
+            if checkpoint is not None:
+                checkpoint()
+            token, cache = self._step(step_ids, cache, params, generator)
+            produced += 1
+            if token in self._eos_ids:
+                finish = "stop"
+                break
+            text, stopped = stops.feed(decoder.push(token))
+            if stopped:
+                finish, tail = "stop", text
+                break
+            if text:
+                yield TokenChunk(text, prompt_tokens, produced)
+            step_ids = [token]
+        if not stops.stopped:
+            tail, stopped = stops.feed(decoder.flush())
+            if stopped:
+                finish = "stop"
+            else:
+                tail += stops.flush()
+        yield TokenChunk(tail, prompt_tokens, produced, finish)
+
+    def _step(
+        self,
+        ids: list[int],
+        cache: Any,
+        params: GenerationParams,
+        generator: torch.Generator,
+    ) -> tuple[int, Any]:
+        """One forward pass over `ids` after `cache`; returns the sampled id and the cache.
+
+        Reads the model afresh so a suspended stream never keeps an unloaded model alive.
+        """
+        import torch
+
+        model = self.model
+        with torch.inference_mode():
+            inputs = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, n)
+            kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: cache}
+            if self._trim_logits:
+                kwargs["logits_to_keep"] = 1
+            output = model(input_ids=inputs, **kwargs)
+            logits = output.logits[0, -1, : self.tokenizer_size]  # (tokenizer vocab,)
+            token = sample_next_token(logits, params, generator)
+            return token, getattr(output, self._cache_arg)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        import torch
+
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed % 2**64)
+        return generator
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        tokenizer = self.tokenizer
+        with self._tokenizer_lock:
+            text = tokenizer.decode(
+                list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        return str(text)
+
+    def _retired(self) -> ModelRetired:
+        return ModelRetired(f"{self.architecture} from {self.source} was unloaded")
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every id that ends a completion: the generation config's, the config's and the
+    tokenizer's eos tokens."""
+    found: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    for value in (
+        getattr(generation_config, "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, list | tuple):
+            found.update(item for item in value if isinstance(item, int))
+    return frozenset(found)

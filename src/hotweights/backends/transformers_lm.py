@@ -1,0 +1,168 @@
+"""The Hugging Face transformers causal-LM backend: a `Loader` of `LoadedLM`s.
+
+A source is a model directory (config.json, safetensors weights, tokenizer files, a chat
+template). The directory is checked cheaply before torch reads any of it, so a truncated
+copy or a refused format fails in milliseconds with a message that names the file.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
+from hotweights.backends.loaded_lm import LoadedLM
+from hotweights.backends.sampling import GenerationParams
+from hotweights.errors import HotweightsError, LoadError, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[Device, ...] = get_args(Device)
+
+VALIDATION_PROMPT = "Hello, world. 1 2 3"
+WARMUP_PROMPT = "Hello"
+WARMUP_TOKENS = 4
+_CONCRETE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class TransformersLoader:
+    """Loads Hugging Face causal LMs from model directories, as `LoadedLM`s.
+
+    Implements `Loader[LoadedLM]`, `Fingerprinting` and `SizeEstimating`. The constructor
+    only stores its options; torch and transformers are imported on first use. Like every
+    loader it is called from the reloader's worker thread, one call at a time (`unload`
+    may overlap a later `load`).
+
+    `dtype="auto"` keeps the checkpoint's declared dtype (config `dtype`/`torch_dtype`),
+    float32 when it declares none. `device="cuda"` fails the load when CUDA is not
+    available. Pickle-based weights and remote code are refused unless opted in.
+    """
+
+    def __init__(
+        self,
+        dtype: Dtype = "auto",
+        device: Device = "cpu",
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        self.dtype = dtype
+        self.device = device
+        self.allow_pickle = allow_pickle
+        self.trust_remote_code = trust_remote_code
+
+    def load(self, source: str) -> LoadedLM:
+        """Check `source`, then load its model (eval mode) and tokenizer.
+
+        Raises `LoadError` naming the path and file for a bad directory (see
+        `inspect_model_dir`), for `device="cuda"` without CUDA, and wrapping any error
+        transformers raises while reading the files.
+        """
+        files = self._inspect(source)
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise LoadError(f"cannot load {source} on cuda: CUDA is not available here")
+        dtype = self._resolve_dtype(files)
+        digest = fingerprint(files)
+        try:
+            model, tokenizer = self._from_pretrained(files, getattr(torch, dtype))
+            return LoadedLM(
+                model, tokenizer, source=source, device=self.device, dtype=dtype, fingerprint=digest
+            )
+        except HotweightsError:
+            raise
+        except Exception as exc:
+            self._collect(cuda=self.device == "cuda")
+            raise LoadError(f"could not load {files.root}: {type(exc).__name__}: {exc}") from exc
+
+    def validate(self, model: LoadedLM) -> None:
+        """Raise `ValidationError` unless the tokenizer fits the model's embedding and one
+        forward pass on a fixed prompt gives finite logits."""
+        import torch
+
+        if model.tokenizer_size > model.vocab_size:
+            raise ValidationError(
+                f"{model.source}: the tokenizer has {model.tokenizer_size} tokens but the "
+                f"model's embedding has only {model.vocab_size} rows"
+            )
+        ids = model.encode(VALIDATION_PROMPT)
+        with torch.inference_mode():
+            inputs = torch.tensor([ids], dtype=torch.long, device=model.device)  # (1, n)
+            logits = model.model(input_ids=inputs, use_cache=False).logits  # (1, n, vocab)
+            bad = int((~torch.isfinite(logits)).sum().item())
+        if bad:
+            raise ValidationError(
+                f"{model.source}: a forward pass on a fixed prompt gave {bad} non-finite "
+                f"logits out of {logits.numel()}"
+            )
+
+    def warmup(self, model: LoadedLM) -> None:
+        """Generate a few greedy tokens, running every layer once with a KV cache."""
+        params = GenerationParams(temperature=0.0, max_tokens=WARMUP_TOKENS)
+        for _ in model.stream(WARMUP_PROMPT, params):
+            pass
+
+    def unload(self, model: LoadedLM) -> None:
+        """Drop the model and tokenizer from `model`, collect garbage and, on CUDA, return
+        cached memory to the device. Later use of `model` raises `ModelRetired`."""
+        on_cuda = model.device == "cuda" and not model.unloaded
+        model.release()
+        self._collect(cuda=on_cuda)
+
+    def fingerprint(self, source: str) -> str:
+        """A content digest of `source`'s config, tokenizer and weights (see
+        `hotweights.backends.files.fingerprint`); raises `LoadError` for a bad directory."""
+        return fingerprint(self._inspect(source))
+
+    def estimate_bytes(self, source: str) -> int:
+        """Weight bytes once loaded at this loader's dtype, from the safetensors headers."""
+        files = self._inspect(source)
+        return estimate_bytes(files, self._resolve_dtype(files))
+
+    def _inspect(self, source: str) -> ModelFiles:
+        return inspect_model_dir(source, allow_pickle=self.allow_pickle)
+
+    def _resolve_dtype(self, files: ModelFiles) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        declared = files.config_dtype
+        return declared if declared in _CONCRETE_DTYPES else "float32"
+
+    def _from_pretrained(
+        self, files: ModelFiles, dtype: torch.dtype
+    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # A server reports its own load progress; transformers' bars would interleave.
+        hf_logging.disable_progress_bar()
+        tokenizer = AutoTokenizer.from_pretrained(
+            files.root, trust_remote_code=self.trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            files.root,
+            dtype=dtype,
+            trust_remote_code=self.trust_remote_code,
+            use_safetensors=files.weight_format == "safetensors",
+        )
+        untyped: Any = model  # transformers leaves `to` unannotated
+        untyped.to(self.device)
+        model.train(False)
+        return model, tokenizer
+
+    def _collect(self, *, cuda: bool) -> None:
+        gc.collect()
+        if cuda:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
