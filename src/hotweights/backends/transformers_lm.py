@@ -144,7 +144,8 @@ class TransformersLoader:
         from transformers.utils import logging as hf_logging
 
         # A server reports its own load progress; transformers' bars would interleave.
-        hf_logging.disable_progress_bar()
+        quiet: Callable[[], None] = hf_logging.disable_progress_bar  # unannotated upstream
+        quiet()
         tokenizer = AutoTokenizer.from_pretrained(
             files.root, trust_remote_code=self.trust_remote_code
         )
