@@ -8,6 +8,7 @@ copy or a refused format fails in milliseconds with a message that names the fil
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
