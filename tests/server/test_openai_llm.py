@@ -1,0 +1,202 @@
+"""End to end with a real tiny transformers model, through the official openai client."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from hotweights.backends import GenerationParams, LoadedLM, TokenChunk, TransformersLoader
+from hotweights.demo.tinylm import save_tiny_model
+from tests.server.conftest import Serve
+
+pytestmark = pytest.mark.llm
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    v1 = save_tiny_model(root / "1", seed=1)
+    v2 = save_tiny_model(root / "2", seed=2)
+    truncated = Path(shutil.copytree(v1, root / "truncated"))
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    no_tokenizer = Path(shutil.copytree(v1, root / "no-tokenizer"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    wrong_type = Path(shutil.copytree(v1, root / "wrong-type"))
+    (wrong_type / "model.safetensors").write_text("these are not weights\n")
+    return {
+        "v1": v1,
+        "v2": v2,
+        "truncated": truncated,
+        "no-tokenizer": no_tokenizer,
+        "wrong-type": wrong_type,
+    }
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _generation(fingerprint: str | None) -> int:
+    assert fingerprint is not None
+    assert fingerprint.startswith("hw-g")
+    return int(fingerprint.split("-")[1][1:])
+
+
+MESSAGES: Any = [{"role": "user", "content": "Which version are you?"}]
+
+
+def test_chat_and_completions_streamed_and_not(serve: Serve, models: dict[str, Path]) -> None:
+    server = serve(TransformersLoader(), models["v1"], model_name="tiny")
+    client = _client(server.url)
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5)
+    assert _generation(chat.system_fingerprint) == 1
+    assert chat.choices[0].finish_reason in {"stop", "length"}
+    assert chat.usage is not None
+    assert chat.usage.prompt_tokens > 10
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert {_generation(c.system_fingerprint) for c in chunks} == {1}
+    assert chunks[-1].usage is not None
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    greedy = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=5, temperature=0
+    )
+    again = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in again if c.choices) == (
+        greedy.choices[0].message.content
+    )
+    assert isinstance(streamed, str)
+    text = client.completions.create(model="tiny", prompt="Once upon", max_tokens=4)
+    assert text.object == "text_completion"
+    assert _generation(text.system_fingerprint) == 1
+    pieces = list(client.completions.create(model="tiny", prompt="Once", max_tokens=3, stream=True))
+    assert {_generation(p.system_fingerprint) for p in pieces} == {1}
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=9)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=MESSAGES)
+
+
+class HeldLoader(TransformersLoader):
+    """Holds each generation of the first version it loads at token `at`, until released."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+        self.armed = threading.Event()  # not during validate and warmup
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self._held = False
+
+    def load(self, source: str) -> LoadedLM:
+        lm = super().load(source)
+        if not self._held:
+            self._held = True
+            original: Callable[..., Iterator[TokenChunk]] = lm.stream
+
+            def held(prompt: str, params: GenerationParams) -> Iterator[TokenChunk]:
+                for index, chunk in enumerate(original(prompt, params)):
+                    if index == self.at and self.armed.is_set() and not chunk.finish_reason:
+                        self.reached.set()
+                        self.release.wait(30)
+                    yield chunk
+
+            setattr(lm, "stream", held)  # noqa: B010 - an instance override, for this test
+        return lm
+
+
+def test_a_stream_on_g1_finishes_on_g1_while_g2_goes_live(
+    serve: Serve, models: dict[str, Path]
+) -> None:
+    loader = HeldLoader(at=2)
+    server = serve(loader, models["v1"], model_name="tiny")
+    loader.armed.set()
+    client = _client(server.url)
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stream=True
+    )
+    first = next(iter(stream))
+    assert loader.reached.wait(30)
+    reload = httpx.post(f"{server.url}/admin/reload", json={"path": str(models["v2"])}, timeout=60)
+    assert reload.json()["new_generation"] == 2
+    fresh = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert _generation(fresh.system_fingerprint) == 2
+    loader.release.set()
+    rest = list(stream)
+    assert {_generation(c.system_fingerprint) for c in [first, *rest]} == {1}
+    assert rest[-1].choices[0].finish_reason in {"stop", "length"}
+    assert server.state.models["tiny"].reloader.wait_drained(30)
+
+
+@pytest.mark.parametrize(
+    ("broken", "cause"),
+    [
+        ("truncated", "model.safetensors"),
+        ("no-tokenizer", "tokenizer"),
+        ("wrong-type", "model.safetensors"),
+    ],
+)
+def test_a_corrupt_version_answers_with_its_cause_and_the_old_one_serves(
+    serve: Serve, models: dict[str, Path], broken: str, cause: str
+) -> None:
+    server = serve(TransformersLoader(), models["v1"], model_name="tiny")
+    response = httpx.post(
+        f"{server.url}/admin/reload", json={"path": str(models[broken])}, timeout=60
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert cause in error["message"]
+    assert str(models[broken]) in error["message"]
+    assert "generation 1 keeps serving" in error["message"]
+    chat = _client(server.url).chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=2
+    )
+    assert _generation(chat.system_fingerprint) == 1
+
+
+def test_reload_rollback_versions_and_log(serve: Serve, models: dict[str, Path]) -> None:
+    server = serve(TransformersLoader(), models["v1"], model_name="tiny")
+    url = server.url
+    client = _client(url)
+    first = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    reloaded = httpx.post(f"{url}/admin/reload", json={"path": str(models["v2"])}, timeout=60)
+    assert reloaded.status_code == 200
+    second = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert _generation(second.system_fingerprint) == 2
+    assert second.system_fingerprint != first.system_fingerprint
+    rolled = httpx.post(f"{url}/admin/rollback", timeout=60).json()
+    assert rolled["outcome"] == "rolled_back"
+    third = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert third.system_fingerprint is not None
+    assert first.system_fingerprint is not None
+    # Same weights as generation 1 (same digest), served as generation 3.
+    assert third.system_fingerprint.split("-")[2] == first.system_fingerprint.split("-")[2]
+    assert _generation(third.system_fingerprint) == 3
+    versions = httpx.get(f"{url}/admin/versions").json()["versions"]
+    assert (versions[0]["generation"], versions[0]["state"]) == (3, "live")
+    events = httpx.get(f"{url}/admin/reloads").json()["events"]
+    assert [(e["trigger"], e["outcome"]) for e in events] == [
+        ("rollback", "rolled_back"),
+        ("api", "live"),
+        ("startup", "live"),
+    ]
+    assert all(set(e["phases"]) >= {"load", "validate", "warmup"} for e in events)
