@@ -190,3 +190,28 @@ def test_resource_policy_restores_the_old_source_after_a_failure(
     )
     with reloader.slot.acquire() as lease:
         assert (lease.generation, lease.model()) == (2, "/m/1")
+
+
+def test_a_resident_version_can_be_leased_while_it_drains(
+    make_reloader: MakeReloader, loader: FakeLoader
+) -> None:
+    reloader = make_reloader()
+    reloader.reload("/m/1")
+    held = reloader.slot.acquire()
+    reloader.reload("/m/2")
+
+    def first(version: ModelVersion) -> bool:
+        return version.source == "/m/1"
+
+    pinned = reloader.slot.acquire_resident(first)
+    assert pinned is not None
+    assert (pinned.generation, pinned.model()) == (1, "/m/1")
+    held.release()
+    assert not reloader.wait_drained(0.05)  # the pinned lease keeps g1 resident
+    pinned.release()
+    assert reloader.wait_drained(10)
+    assert reloader.slot.acquire_resident(first) is None
+    live = reloader.slot.acquire_resident(lambda version: version.source == "/m/2")
+    assert live is not None
+    assert live.generation == 2
+    live.release()

@@ -206,6 +206,20 @@ class ModelSlot(Generic[ModelT]):
                     if (loop, waiter) in self._async_waiters:
                         self._async_waiters.remove((loop, waiter))
 
+    def acquire_resident(self, choose: Callable[[ModelVersion], bool]) -> Lease[ModelT] | None:
+        """Lease the newest resident version (live, or draining with leases still held)
+        that `choose` accepts; None if there is none. A draining version whose last lease
+        was already released is on its way out and is never chosen."""
+        with self._lock:
+            for generation in sorted(self._residents, reverse=True):
+                entry = self._residents[generation]
+                if entry.retired or (entry is not self._live and entry.drained.is_set()):
+                    continue
+                if choose(entry.version):
+                    entry.leases += 1
+                    return Lease(self, entry)
+        return None
+
     def _wait_live(self, timeout: float) -> _Resident[ModelT]:
         # Called with the lock held (through the condition).
         if not self._gap:
