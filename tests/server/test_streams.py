@@ -132,3 +132,39 @@ def test_a_stream_past_the_drain_deadline_ends_with_an_error_event(
     assert "drain deadline" in error["message"]
     assert reloader.wait_drained(10)
     assert loader.models[0].unloaded
+
+
+def test_model_at_version_reaches_a_draining_version(serve: Serve, tmp_path: Path) -> None:
+    gate = StepGate(at=1)
+    loader = FakeTextLoader(before_step=gate)
+    server = serve(loader, tmp_path / "1")
+    reloader = server.state.models["m"].reloader
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=_chat(True, 4)) as response,
+    ):
+        events = _events(response.iter_lines())
+        next(events)
+        assert gate.reached.wait(10)
+        loader.before_step = None
+        assert _reload(server, tmp_path / "2").status_code == 200
+
+        def ask(model: str) -> httpx.Response:
+            return client.post("/v1/chat/completions", json={**_chat(False, 1), "model": model})
+
+        for model, generation in (("m@1", 1), ("m@g1", 1), ("m@2", 2), ("m", 2)):
+            answer = ask(model)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["system_fingerprint"].startswith(f"hw-g{generation}-")
+        missing = ask("m@7")
+        assert missing.status_code == 404
+        assert "resident: 2 (g2), 1 (g1)" in missing.json()["error"]["message"]
+        assert ask("m@x").status_code == 400
+        gate.release()
+        assert list(events)[-1] == "[DONE]"
+    assert reloader.wait_drained(10)
+    assert ask_after(server, "m@1").status_code == 404
+
+
+def ask_after(server: ServerThread, model: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", json={**_chat(False, 1), "model": model})

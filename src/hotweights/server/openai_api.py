@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,7 +21,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from hotweights.core import Lease
-from hotweights.errors import HotweightsError
+from hotweights.errors import HotweightsError, InvalidRequest, UnknownModel
 from hotweights.server.errors import classify, error_body
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.state import ServedModel, ServerState
@@ -79,13 +80,14 @@ async def _complete(
     endpoint: str,
 ) -> Response:
     state = _state(request)
-    served = state.resolve(body.model)
+    name, _, pin = body.model.partition("@")
+    served = state.resolve(name)
     config = state.config
     default_max = config.default_max_tokens if endpoint == "chat" else 16
     max_tokens = min(body.requested_max_tokens() or default_max, config.max_tokens_limit)
     started_at = time.monotonic()
     try:
-        lease = await served.reloader.slot.acquire_async()
+        lease = await _admit(served, pin)
     except HotweightsError as exc:
         elapsed = time.monotonic() - started_at
         state.metrics.request(served.name, endpoint, 0, classify(exc)[0], elapsed)
@@ -130,6 +132,29 @@ async def _complete(
         if steps is not None:
             await steps.aclose()
             lease.release()
+
+
+async def _admit(served: ServedModel, pin: str) -> Lease[Any]:
+    """Lease the live version, or with `model@N` the resident version from directory `N`
+    (`model@gN`: generation N), live or still draining."""
+    if not pin:
+        return await served.reloader.slot.acquire_async()
+    if pin.startswith("g") and pin[1:].isdigit():
+        generation = int(pin[1:])
+        lease = served.reloader.slot.acquire_resident(lambda v: v.generation == generation)
+    elif pin.isdigit():
+        lease = served.reloader.slot.acquire_resident(lambda v: Path(v.source).name == pin)
+    else:
+        raise InvalidRequest(f"model@{pin}: a version is a directory number N or a generation gN")
+    if lease is None:
+        resident = ", ".join(
+            f"{Path(v.source).name} (g{v.generation})" for v in served.reloader.slot.resident()
+        )
+        raise UnknownModel(
+            f"version {pin} of model {served.name!r} is not resident (live or draining); "
+            f"resident: {resident or 'none'}"
+        )
+    return lease
 
 
 class LeasedStream(StreamingResponse):
