@@ -298,3 +298,22 @@ def test_cuda_load_generate_and_unload_return_the_memory(lively_dir: Path) -> No
     loader.unload(model)
     # cuBLAS workspaces may stay allocated; the weights must not.
     assert busy - torch.cuda.memory_allocated() >= weights
+
+
+def test_a_new_architecture_is_allowed_but_logged(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+
+    loader = TransformersLoader()
+    first = loader.load(str(tiny_dir))
+    loader.validate(first)
+    other = Path(shutil.copytree(tiny_dir, tmp_path / "other"))
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["RenamedForCausalLM"]
+    (other / "config.json").write_text(json.dumps(config))
+    second = loader.load(str(other))
+    with caplog.at_level("WARNING", logger="hotweights.backends"):
+        loader.validate(second)
+    assert "architecture changes from Qwen3ForCausalLM to RenamedForCausalLM" in caplog.text
+    loader.unload(first)
+    loader.unload(second)

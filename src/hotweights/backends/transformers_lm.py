@@ -8,6 +8,7 @@ copy or a refused format fails in milliseconds with a message that names the fil
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -29,6 +30,9 @@ VALIDATION_PROMPT = "Hello, world. 1 2 3"
 WARMUP_PROMPT = "Hello"
 WARMUP_TOKENS = 4
 _CONCRETE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+log = logging.getLogger("hotweights.backends")
 
 
 class TransformersLoader:
@@ -59,6 +63,7 @@ class TransformersLoader:
         self.device = device
         self.allow_pickle = allow_pickle
         self.trust_remote_code = trust_remote_code
+        self._architecture: str | None = None  # of the version validated last
 
     def load(self, source: str) -> LoadedLM:
         """Check `source`, then load its model (eval mode) and tokenizer.
@@ -104,6 +109,12 @@ class TransformersLoader:
             raise ValidationError(
                 f"{model.source}: a forward pass on a fixed prompt gave {bad} non-finite "
                 f"logits out of {logits.numel()}"
+            )
+        previous, self._architecture = self._architecture, model.architecture
+        if previous is not None and previous != model.architecture:
+            # Allowed (clients only see text), but worth an operator's attention.
+            log.warning(
+                "%s: architecture changes from %s to %s", model.source, previous, model.architecture
             )
 
     def warmup(self, model: LoadedLM) -> None:
