@@ -53,6 +53,7 @@ class FakeLoader:
     unloaded: list[FakeModel] = field(default_factory=list)
     load_started: dict[str, threading.Event] = field(default_factory=dict)
     loaded_when_load_began: dict[str, list[str]] = field(default_factory=dict)
+    unload_signal: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def started(self, source: str) -> threading.Event:
@@ -84,6 +85,10 @@ class FakeLoader:
 
     def warmup(self, model: FakeModel) -> None:
         model()
+        gate = self.gates.get(f"warmup:{model.source}")
+        if gate is not None:
+            gate.wait()
+        model()
         self._maybe_fail(model.source, "warmup")
 
     def unload(self, model: FakeModel) -> None:
@@ -92,6 +97,7 @@ class FakeLoader:
                 raise DoubleUnload(f"model for {model.source} unloaded twice")
             model.unloaded = True
             self.unloaded.append(model)
+        self.unload_signal.set()
 
     def fingerprint(self, source: str) -> str:
         return hashlib.sha256(source.encode()).hexdigest()[:16]

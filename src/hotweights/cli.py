@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "--admission-timeout", type=float, help="seconds a request waits during a resource swap"
     )
     serve.add_argument("--admin-token", help="bearer token for /admin (required beyond loopback)")
+    serve.add_argument(
+        "--phase-timeout", type=float, help="seconds a load, validate or warmup may take (0: none)"
+    )
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument("--device", choices=DEVICES)
     serve.add_argument(
@@ -113,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
             "drain_timeout",
             "admission_timeout",
             "admin_token",
+            "phase_timeout",
             "dtype",
             "device",
             "allow_pickle",

@@ -41,6 +41,10 @@ class Config:
     """Seconds a retired version waits for its requests before it is unloaded anyway."""
     admission_timeout: float = 30.0
     """Seconds a request waits for a live version during a `resource` swap."""
+    phase_timeout: float = 600.0
+    """Seconds a load, validation or warmup may take before the reload fails (0: no limit)."""
+    memory_check: bool = True
+    """Refuse a version whose size estimate does not fit in available memory."""
     admin_token: str | None = None
     """Bearer token for /admin endpoints; required when listening beyond loopback."""
     dtype: Dtype = "auto"
@@ -97,7 +101,7 @@ class Config:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("drain_timeout", "admission_timeout"):
+        for name in ("drain_timeout", "admission_timeout", "phase_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.port < 65536:

@@ -75,3 +75,45 @@ class ReloadFailed(HotweightsError):
     def __init__(self, message: str, event: dict[str, object]) -> None:
         super().__init__(message)
         self.event = event
+
+
+class ManifestError(HotweightsError):
+    """A version's manifest (`hotweights.json`) is missing, unreadable or malformed."""
+
+
+class VerificationError(HotweightsError):
+    """A version's files do not match its manifest: a file is missing, extra, or differs
+    in size or sha256. `problems` lists each difference, one line per file."""
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class UnknownVersion(HotweightsError):
+    """A model repository holds no version with the requested number (or no such model)."""
+
+
+class PublishError(HotweightsError):
+    """A publish did not complete; nothing of it is visible as a version."""
+
+
+class VersionExists(PublishError):
+    """A publish asked for a version number that already exists; versions are never
+    overwritten."""
+
+
+class WatcherUnavailable(HotweightsError):
+    """The requested file-watching strategy cannot run here (e.g. watchfiles is missing)."""
+
+
+class EscapesRoot(HotweightsError):
+    """A path under a model repository is a symlink that resolves outside the repository."""
+
+
+class PhaseTimeout(LoadError):
+    """A load, validation or warmup did not finish within the configured phase timeout."""
+
+
+class InsufficientMemory(LoadError):
+    """The new version would not fit in the memory available under the swap policy."""

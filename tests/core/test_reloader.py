@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from hotweights.core import (
+    MemoryCheck,
     Notice,
     Outcome,
     ReloadFinished,
@@ -203,3 +204,49 @@ def test_observers_see_every_state_and_a_broken_one_changes_nothing(
         (2, False),
         (2, True),
     ]
+
+
+def test_a_load_past_its_deadline_fails_and_is_unloaded_when_it_returns(
+    make_reloader: MakeReloader, loader: FakeLoader
+) -> None:
+    reloader = make_reloader(phase_timeout=0.05)
+    reloader.reload("/m/1")
+    loader.gates["/m/hung"] = gate = threading.Event()
+    event = reloader.reload("/m/hung")
+    assert (event.outcome, event.error_type) == (Outcome.FAILED, "PhaseTimeout")
+    assert event.error_message == "load: load of /m/hung did not finish within 0.05 s"
+    with reloader.slot.acquire() as lease:
+        assert lease.model() == "/m/1"
+    loader.unload_signal.clear()
+    gate.set()  # the hung load returns after all: its model must not leak
+    assert loader.unload_signal.wait(10)
+    assert [m.source for m in loader.unloaded] == ["/m/hung"]
+
+
+def test_a_warmup_past_its_deadline_unloads_only_after_it_returns(
+    make_reloader: MakeReloader, loader: FakeLoader
+) -> None:
+    reloader = make_reloader(phase_timeout=0.05)
+    reloader.reload("/m/1")
+    loader.gates["warmup:/m/slow"] = gate = threading.Event()
+    event = reloader.reload("/m/slow")
+    assert event.error_message == "warmup: warmup of /m/slow did not finish within 0.05 s"
+    assert loader.unloaded == []  # still inside warmup: unloading now would pull it away
+    gate.set()
+    assert loader.unload_signal.wait(10)
+    assert [m.source for m in loader.unloaded] == ["/m/slow"]
+    assert reloader.generation == 1
+
+
+def test_a_version_that_cannot_fit_beside_the_live_one_is_refused(
+    make_reloader: MakeReloader, loader: FakeLoader
+) -> None:
+    free = iter([1200, 300, 300])
+    reloader = make_reloader(memory=MemoryCheck(available=lambda: next(free)))
+    assert reloader.reload("/m/1").outcome is Outcome.LIVE  # needs ~1.1 x 1004 bytes
+    event = reloader.reload("/m/2")
+    assert (event.outcome, event.error_type) == (Outcome.FAILED, "InsufficientMemory")
+    assert "the resource policy would fit it" in (event.error_message or "")
+    assert loader.loads["/m/2"] == 0
+    reloader.policy = "resource"
+    assert reloader.reload("/m/2").outcome is Outcome.LIVE

@@ -14,6 +14,7 @@ from hotweights.core.events import (
     Trigger,
 )
 from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
+from hotweights.core.memory import MemoryCheck, available_memory
 from hotweights.core.observers import (
     Notice,
     Observer,
@@ -36,6 +37,7 @@ __all__ = [
     "HotReloadCoordinator",
     "Lease",
     "Loader",
+    "MemoryCheck",
     "ModelSlot",
     "ModelVersion",
     "Notice",
@@ -54,4 +56,5 @@ __all__ = [
     "Trigger",
     "VersionChanged",
     "VersionState",
+    "available_memory",
 ]

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from hotweights.core.coordinator import DEFAULT_MAX_HISTORY, HotReloadCoordinator
 from hotweights.core.events import DEFAULT_MAX_EVENTS, Outcome, ReloadEvent, ReloadLog, Trigger
-from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
+from hotweights.core.loader import Loader
+from hotweights.core.memory import MemoryCheck
 from hotweights.core.observers import (
     Observer,
     ObserverList,
@@ -28,10 +29,11 @@ from hotweights.core.observers import (
     ReloadStarted,
     VersionChanged,
 )
+from hotweights.core.phases import Attempt, PhaseFailed, PhaseRunner
 from hotweights.core.policy import RetryPolicy, SwapPolicy
 from hotweights.core.slot import ModelSlot
 from hotweights.core.version import ModelVersion, VersionState
-from hotweights.errors import NoPreviousVersion, ReloaderClosed, TransientLoadError
+from hotweights.errors import NoPreviousVersion, ReloaderClosed
 
 ModelT = TypeVar("ModelT")
 log = logging.getLogger("hotweights.reload")
@@ -68,16 +70,6 @@ class ReloadTicket:
         return await asyncio.wrap_future(self._future)
 
 
-class _Failure(Exception):
-    """Internal: a phase failed; carries the phase and the cause to the event."""
-
-    def __init__(self, phase: str, cause: BaseException, details: dict[str, Any]) -> None:
-        super().__init__(phase)
-        self.phase = phase
-        self.cause = cause
-        self.details = details
-
-
 class Reloader(Generic[ModelT]):
     """Owns one model's slot, history and reload log, and the worker that changes them.
 
@@ -96,6 +88,8 @@ class Reloader(Generic[ModelT]):
         retry: RetryPolicy | None = None,
         max_history: int = DEFAULT_MAX_HISTORY,
         max_events: int = DEFAULT_MAX_EVENTS,
+        phase_timeout: float | None = None,
+        memory: MemoryCheck | None = None,
     ) -> None:
         self.loader = loader
         self.name = name
@@ -115,6 +109,9 @@ class Reloader(Generic[ModelT]):
         self._pending: _Job | None = None
         self._closed = False
         self._stop = threading.Event()
+        self._phases = PhaseRunner(
+            loader, retry=self.retry, phase_timeout=phase_timeout, memory=memory, stop=self._stop
+        )
         self._drains: set[threading.Thread] = set()
         self._worker = threading.Thread(
             target=self._work, name=f"hotweights-reloader-{name}", daemon=True
@@ -261,25 +258,39 @@ class Reloader(Generic[ModelT]):
         if self.policy == "resource":
             return self._run_resource(job)
         try:
-            version, model, extra = self._bring_up(job)
-        except _Failure as failure:
-            return self._event(job, Outcome.FAILED, error=failure.cause, extra=failure), None, None
+            version, model, attempt = self._bring_up(job)
+        except PhaseFailed as failure:
+            return self._failed(job, failure), None, None
         old = self._go_live(version, model)
-        return self._event(job, self._success(job), version=version, extra=extra), old, None
+        return self._event(job, self._success(job), version=version, attempt=attempt), old, None
 
     def _run_resource(self, job: _Job) -> tuple[ReloadEvent, None, ReloadEvent | None]:
+        # Refuse what cannot fit even with the live version gone, before taking it down.
+        probe, attempt = ModelVersion(job.source), Attempt()
+        try:
+            self._phases.describe(probe, attempt)
+            if attempt.estimate is not None:
+                self._phases.check_fit(
+                    job.source, attempt.estimate, "resource", self._resident_bytes()
+                )
+        except Exception as exc:
+            return (
+                self._event(job, Outcome.FAILED, error=exc, attempt=attempt, phase="load"),
+                None,
+                None,
+            )
         previous = self.slot.live_version
         old = self.slot.withdraw()
         drain_s = self.slot.drain(old, self.drain_timeout).seconds if old is not None else 0.0
         try:
-            version, model, extra = self._bring_up(job)
-        except _Failure as failure:
-            event = self._event(job, Outcome.FAILED, error=failure.cause, extra=failure)
+            version, model, attempt = self._bring_up(job, check_fit=False)
+        except PhaseFailed as failure:
+            event = self._failed(job, failure)
             restored = self._restore(previous) if previous is not None else None
             self.slot.end_gap()
             return event.with_phase("drain", drain_s), None, restored
         self._go_live(version, model)
-        event = self._event(job, self._success(job), version=version, extra=extra)
+        event = self._event(job, self._success(job), version=version, attempt=attempt)
         return event.with_phase("drain", drain_s), None, None
 
     def _restore(self, previous: ModelVersion) -> ReloadEvent:
@@ -289,62 +300,41 @@ class Reloader(Generic[ModelT]):
         job = _Job(next(self._ids), previous.source, "rollback", text)
         job.old_generation = self.coordinator.generation
         try:
-            version, model, extra = self._bring_up(job)
-        except _Failure as failure:
+            version, model, attempt = self._bring_up(job)
+        except PhaseFailed as failure:
             log.error("%s: restoring %s failed too", self.name, previous.label)
-            return self._event(job, Outcome.FAILED, error=failure.cause, extra=failure)
+            return self._failed(job, failure)
         self._go_live(version, model)
-        return self._event(job, Outcome.ROLLED_BACK, version=version, extra=extra)
+        return self._event(job, Outcome.ROLLED_BACK, version=version, attempt=attempt)
 
-    def _bring_up(self, job: _Job) -> tuple[ModelVersion, ModelT, dict[str, Any]]:
-        """Load, validate and warm up `job.source`; raise `_Failure` after cleaning up."""
+    def _bring_up(self, job: _Job, check_fit: bool = True) -> tuple[ModelVersion, ModelT, Attempt]:
+        """Load, validate and warm up `job.source`; raise `PhaseFailed` after cleaning up.
+        Under `availability` the new version must fit beside what is resident."""
         version = ModelVersion(job.source, job.description)
-        extra: dict[str, Any] = {"phases": {}, "retries": 0, "estimate": None}
-        phases: dict[str, float] = extra["phases"]
-        started = time.monotonic()
-        job.phase = "load"
-        try:
-            if isinstance(self.loader, Fingerprinting):
-                version.fingerprint = self.loader.fingerprint(job.source)
-            if isinstance(self.loader, SizeEstimating):
-                extra["estimate"] = self.loader.estimate_bytes(job.source)
-            model = self._load_with_retry(job.source, extra)
-        except Exception as exc:
-            phases["load"] = time.monotonic() - started
-            self._fail(version)
-            raise _Failure("load", exc, extra) from exc
-        phases["load"] = time.monotonic() - started
-        self._transition(version, VersionState.VALIDATING)
-        for phase, step in (("validate", self.loader.validate), ("warmup", self.loader.warmup)):
-            job.phase = phase
-            started = time.monotonic()
-            try:
-                step(model)
-            except Exception as exc:
-                phases[phase] = time.monotonic() - started
-                self._fail(version)
-                self._unload_quietly(model, version)
-                raise _Failure(phase, exc, extra) from exc
-            phases[phase] = time.monotonic() - started
-        job.phase = "publish"
-        return version, model, extra
+        resident = self._resident_bytes()
 
-    def _load_with_retry(self, source: str, extra: dict[str, Any]) -> ModelT:
-        retry = 0
-        while True:
-            try:
-                return self.loader.load(source)
-            except TransientLoadError as exc:
-                if retry >= self.retry.retries:
-                    raise
-                delay = self.retry.delay(retry)
-                log.warning(
-                    "transient load failure for %s (%s); retry in %.2fs", source, exc, delay
-                )
-                retry += 1
-                extra["retries"] = retry
-                if self._stop.wait(delay):
-                    raise ReloaderClosed(f"reloader for {self.name!r} closed") from exc
+        def on_phase(phase: str) -> None:
+            job.phase = phase
+
+        def fits(estimate: int) -> None:
+            if check_fit:
+                self._phases.check_fit(job.source, estimate, self.policy, resident)
+
+        try:
+            model, attempt = self._phases.bring_up(
+                version,
+                on_phase,
+                lambda: self._transition(version, VersionState.VALIDATING),
+                fits,
+            )
+        except PhaseFailed:
+            self._fail(version)
+            raise
+        job.phase = "publish"
+        return version, model, attempt
+
+    def _resident_bytes(self) -> int:
+        return sum(version.size_bytes or 0 for version in self.slot.resident())
 
     def _go_live(self, version: ModelVersion, model: ModelT) -> int | None:
         self.coordinator.go_live(version)
@@ -388,6 +378,11 @@ class Reloader(Generic[ModelT]):
     def _success(self, job: _Job) -> Outcome:
         return Outcome.ROLLED_BACK if job.trigger == "rollback" else Outcome.LIVE
 
+    def _failed(self, job: _Job, failure: PhaseFailed) -> ReloadEvent:
+        return self._event(
+            job, Outcome.FAILED, error=failure.cause, attempt=failure.attempt, phase=failure.phase
+        )
+
     def _event(
         self,
         job: _Job,
@@ -395,14 +390,15 @@ class Reloader(Generic[ModelT]):
         *,
         version: ModelVersion | None = None,
         error: BaseException | str | None = None,
-        extra: dict[str, Any] | _Failure | None = None,
+        attempt: Attempt | None = None,
+        phase: str | None = None,
     ) -> ReloadEvent:
-        details = extra.details if isinstance(extra, _Failure) else (extra or {})
+        attempt = attempt or Attempt()
         error_type = error_message = None
         if isinstance(error, BaseException):
             error_type = type(error).__name__
-            phase = f"{extra.phase}: " if isinstance(extra, _Failure) else ""
-            error_message = f"{phase}{error}" if str(error) else f"{phase}{error_type}"
+            where = f"{phase}: " if phase else ""
+            error_message = f"{where}{error}" if str(error) else f"{where}{error_type}"
         elif error is not None:
             error_message = error
         return ReloadEvent(
@@ -419,9 +415,9 @@ class Reloader(Generic[ModelT]):
             error_message=error_message,
             started_at=job.accepted_at,
             ended_at=time.time(),
-            phases=dict(details.get("phases", {})),
-            memory_estimate_bytes=details.get("estimate"),
-            retries=details.get("retries", 0),
+            phases=dict(attempt.phases),
+            memory_estimate_bytes=attempt.estimate,
+            retries=attempt.retries,
             fingerprint=version.fingerprint if version is not None else None,
         )
 
@@ -459,12 +455,6 @@ class Reloader(Generic[ModelT]):
 
     def _version_changed(self, version: ModelVersion, old: VersionState, new: VersionState) -> None:
         self.observers.notify(VersionChanged(self.name, version, old, new))
-
-    def _unload_quietly(self, model: ModelT, version: ModelVersion) -> None:
-        try:
-            self.loader.unload(model)
-        except Exception:
-            log.exception("%s: unloading failed attempt %s raised", self.name, version.label)
 
 
 def _job_status(job: _Job | None) -> dict[str, object] | None:

@@ -55,6 +55,8 @@ class ModelVersion:
     """Free text from whoever triggered the load."""
     fingerprint: str | None = None
     """A content digest of the source, when the loader can compute one."""
+    size_bytes: int | None = None
+    """The loader's estimate of its resident size, when it gives one."""
     generation: int = 0
     """Position in the sequence of versions that went live; 0 while not live yet."""
     attempt: int = field(default_factory=lambda: next(_attempt_ids))

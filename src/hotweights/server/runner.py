@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from hotweights.config import Config
-from hotweights.core import Loader, Notice, Reloader
+from hotweights.core import Loader, MemoryCheck, Notice, Reloader
 from hotweights.server.app import create_app
 from hotweights.server.state import ServedModel, ServerState
 
@@ -52,6 +52,8 @@ def build_state(
         policy=config.policy,
         drain_timeout=config.drain_timeout,
         admission_timeout=config.admission_timeout,
+        phase_timeout=config.phase_timeout or None,
+        memory=MemoryCheck() if config.memory_check else None,
     )
     for observer in observers:
         reloader.subscribe(observer)
