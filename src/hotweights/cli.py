@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "--admission-timeout", type=float, help="seconds a request waits during a resource swap"
     )
     serve.add_argument("--admin-token", help="bearer token for /admin (required beyond loopback)")
+    serve.add_argument("--api-key", help="bearer token required on /v1 endpoints")
+    serve.add_argument("--audit-file", help="JSON-lines file every reload event is appended to")
+    serve.add_argument("--max-pending", type=int, help="requests per model at once; then 429")
     serve.add_argument(
         "--phase-timeout", type=float, help="seconds a load, validate or warmup may take (0: none)"
     )
@@ -117,6 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
             "admission_timeout",
             "admin_token",
             "phase_timeout",
+            "api_key",
+            "audit_file",
+            "max_pending",
             "dtype",
             "device",
             "allow_pickle",

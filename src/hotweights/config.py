@@ -57,6 +57,12 @@ class Config:
     """Run Python code shipped in model directories. Unsafe with untrusted files."""
     model_roots: tuple[str, ...] = ()
     """Directories reload paths must lie in; defaults to the served directory's parent."""
+    api_key: str | None = None
+    """Bearer token for the /v1 inference endpoints; None leaves them open."""
+    audit_file: str | None = None
+    """JSON-lines file every reload event is appended to (fsynced), read back across restarts."""
+    max_pending: int = 64
+    """Requests one model admits at once (generating or queued); beyond, 429 + Retry-After."""
     max_body_bytes: int = 1_000_000
     """Largest request body accepted (413 beyond)."""
     max_prompt_tokens: int = 4096
@@ -67,6 +73,8 @@ class Config:
     """`max_tokens` for chat requests that do not set it."""
     generation_workers: int = 4
     """Threads that run generation off the event loop."""
+    shutdown_delay: float = 2.0
+    """On SIGTERM, seconds /ready answers 503 before the listener closes (for load balancers)."""
     log_level: str = "info"
     """Log level for hotweights and uvicorn."""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -104,6 +112,8 @@ class Config:
         for name in ("drain_timeout", "admission_timeout", "phase_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {self.max_pending}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.host not in LOOPBACK_HOSTS and not self.admin_token:

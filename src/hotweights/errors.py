@@ -117,3 +117,7 @@ class PhaseTimeout(LoadError):
 
 class InsufficientMemory(LoadError):
     """The new version would not fit in the memory available under the swap policy."""
+
+
+class Overloaded(HotweightsError):
+    """A model's admission queue is full; the client should retry later."""

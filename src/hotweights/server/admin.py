@@ -48,6 +48,8 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> dict[str, object]:
     """Ready: every served model has a live version."""
     state = _state(request)
+    if state.stopping:
+        raise NotReady("the server is shutting down")
     live = {name: m.reloader.slot.live_version for name, m in state.models.items()}
     missing = sorted(name for name, version in live.items() if version is None)
     if missing or not live:
@@ -115,7 +117,11 @@ async def versions(state: Admin) -> dict[str, Any]:
 
 @router.get("/admin/reloads")
 async def reloads(state: Admin, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict[str, Any]:
-    log = state.only_model().reloader.log
+    served = state.only_model()
+    log = served.reloader.log
+    if state.audit is not None:  # survives restarts
+        events = state.audit.read(limit, served.name)
+        return {"events": events, "summary": log.summary(), "source": str(state.audit.path)}
     return {"events": [e.to_dict() for e in log.recent(limit)], "summary": log.summary()}
 
 

@@ -17,6 +17,7 @@ from hotweights.errors import (
     ModelRetired,
     NoPreviousVersion,
     NotReady,
+    Overloaded,
     PayloadTooLarge,
     ReloaderClosed,
     ReloadFailed,
@@ -33,6 +34,7 @@ STATUS: tuple[tuple[type[HotweightsError], int, str, str], ...] = (
     (InvalidRequest, 400, "invalid_request_error", "invalid_request"),
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
     (NotReady, 503, "service_unavailable", "no_live_version"),
+    (Overloaded, 429, "rate_limit_error", "overloaded"),
     (ReloaderClosed, 503, "service_unavailable", "shutting_down"),
     (ModelRetired, 503, "service_unavailable", "version_retired"),
     (Unauthorized, 401, "authentication_error", "missing_token"),
@@ -68,7 +70,7 @@ def install(app: FastAPI) -> None:
         body = error_body(str(exc), kind, code)
         if isinstance(exc, ReloadFailed):
             body["event"] = exc.event
-        headers = {"Retry-After": "1"} if status == 503 else None
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
         if isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(body, status_code=status, headers=headers)

@@ -13,22 +13,29 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from hotweights.core import Lease
-from hotweights.errors import HotweightsError, InvalidRequest, UnknownModel
+from hotweights.errors import HotweightsError, InvalidRequest, NotReady, UnknownModel
 from hotweights.server.errors import classify, error_body
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.state import ServedModel, ServerState
 from hotweights.server.steps import leased_steps
 from hotweights.server.textgen import Finished, Prompt, Started, TextPiece, start_generation
 
-router = APIRouter()
+
+def require_api_key(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    _state(request).check_api_key(authorization)
+
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
 GENERATION_HEADER = "x-hotweights-generation"
 CLIENT_CLOSED = 499  # the client went away mid-stream (nginx's convention)
 
@@ -87,7 +94,14 @@ async def _complete(
     max_tokens = min(body.requested_max_tokens() or default_max, config.max_tokens_limit)
     started_at = time.monotonic()
     try:
-        lease = await _admit(served, pin)
+        if state.stopping:
+            raise NotReady("the server is shutting down")
+        served.admit(config.max_pending)
+        try:
+            lease = await _admit(served, pin)
+        except BaseException:
+            served.done()
+            raise
     except HotweightsError as exc:
         elapsed = time.monotonic() - started_at
         state.metrics.request(served.name, endpoint, 0, classify(exc)[0], elapsed)
@@ -114,7 +128,7 @@ async def _complete(
         reply = _Reply(served, lease, endpoint, started.prompt_tokens, body.model)
         if body.stream:
             stream = reply.sse(steps, body.include_usage(), state, started_at)
-            response: Response = LeasedStream(stream, steps, lease, headers=reply.headers)
+            response: Response = LeasedStream(stream, steps, lease, served, reply.headers)
             steps = None  # the stream owns it now
             return response
         text, finished = await reply.collect(steps)
@@ -132,6 +146,7 @@ async def _complete(
         if steps is not None:
             await steps.aclose()
             lease.release()
+            served.done()
 
 
 async def _admit(served: ServedModel, pin: str) -> Lease[Any]:
@@ -166,10 +181,12 @@ class LeasedStream(StreamingResponse):
         content: AsyncGenerator[bytes, None],
         steps: AsyncGenerator[Any, None],
         lease: Lease[Any],
+        served: ServedModel,
         headers: dict[str, str],
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
         self._lease = lease
+        self._served = served
         self._closing = (content, steps)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -179,6 +196,7 @@ class LeasedStream(StreamingResponse):
             for generator in self._closing:  # stops the worker before its next step
                 await generator.aclose()
             self._lease.release()
+            self._served.done()
 
 
 class _Reply:

@@ -4,11 +4,13 @@ the demo, the benchmarks)."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -72,16 +74,39 @@ def build_app(state: ServerState) -> FastAPI:
     return create_app(state, on_startup=load_initial)
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn with a readiness step: on SIGTERM, /ready turns 503 and new requests are
+    refused for `shutdown_delay` seconds before the listener closes; requests in flight
+    (streams included) then get up to the drain timeout to finish."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        delay = self.state.config.shutdown_delay
+        if sig != signal.SIGTERM or self.state.stopping or delay <= 0:
+            self.state.stopping = True
+            super().handle_exit(sig, frame)
+            return
+        self.state.stopping = True
+        log.info("SIGTERM: not ready; closing the listener in %.1f s", delay)
+        timer = threading.Timer(delay, super().handle_exit, args=(sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
 def serve(state: ServerState) -> None:
     """Run until interrupted (SIGINT/SIGTERM end it gracefully)."""
     config = state.config
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         build_app(state),
         host=config.host,
         port=config.port,
         log_level=config.log_level,
         timeout_graceful_shutdown=int(config.drain_timeout) or None,
     )
+    GracefulServer(uvicorn_config, state).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -105,7 +130,7 @@ class ServerThread:
             log_level="warning",
             timeout_graceful_shutdown=5,
         )
-        self.server = uvicorn.Server(config)
+        self.server = GracefulServer(config, state)
         self._thread = threading.Thread(target=self.server.run, name="hotweights-uvicorn")
 
     def start(self, timeout: float = 60.0) -> ServerThread:

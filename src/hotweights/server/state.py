@@ -11,7 +11,8 @@ from typing import Any
 
 from hotweights.config import Config
 from hotweights.core import Reloader
-from hotweights.errors import Forbidden, InvalidRequest, Unauthorized, UnknownModel
+from hotweights.errors import Forbidden, InvalidRequest, Overloaded, Unauthorized, UnknownModel
+from hotweights.server.audit import AuditTrail
 from hotweights.server.metrics import Metrics
 
 
@@ -22,6 +23,20 @@ class ServedModel:
     name: str
     reloader: Reloader[Any]
     created: int = 0
+    pending: int = 0
+    """Requests admitted and not yet finished (touched on the event loop only)."""
+
+    def admit(self, limit: int) -> None:
+        """Count one more request in, or raise `Overloaded` at `limit`."""
+        if self.pending >= limit:
+            raise Overloaded(
+                f"model {self.name!r} has {self.pending} requests in progress, its limit; "
+                "retry shortly"
+            )
+        self.pending += 1
+
+    def done(self) -> None:
+        self.pending -= 1
 
 
 @dataclass
@@ -32,14 +47,21 @@ class ServerState:
     models: dict[str, ServedModel]
     executor: ThreadPoolExecutor = field(init=False)
     metrics: Metrics = field(init=False)
+    audit: AuditTrail | None = field(init=False, default=None)
+    stopping: bool = False
+    """Set when shutdown begins: /ready turns false and new requests get 503."""
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(
             max_workers=self.config.generation_workers, thread_name_prefix="hotweights-gen"
         )
         self.metrics = Metrics(lambda: {name: m.reloader for name, m in self.models.items()})
+        if self.config.audit_file:
+            self.audit = AuditTrail(Path(self.config.audit_file))
         for served in self.models.values():
             served.reloader.subscribe(self.metrics.observe)
+            if self.audit is not None:
+                served.reloader.subscribe(self.audit)
 
     def resolve(self, name: str) -> ServedModel:
         """The model a request names; raises `UnknownModel` listing the served ones."""
@@ -57,14 +79,11 @@ class ServerState:
 
     def check_admin(self, authorization: str | None) -> None:
         """Raise `Unauthorized`/`Forbidden` unless the admin token (if any) was presented."""
-        token = self.config.admin_token
-        if not token:
-            return
-        if not authorization or not authorization.startswith("Bearer "):
-            raise Unauthorized("admin endpoints need 'Authorization: Bearer <admin token>'")
-        presented = authorization.removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(presented.encode(), token.encode()):
-            raise Forbidden("the admin token is wrong")
+        check_bearer(self.config.admin_token, authorization, "admin token")
+
+    def check_api_key(self, authorization: str | None) -> None:
+        """Raise `Unauthorized`/`Forbidden` unless the inference API key (if any) was given."""
+        check_bearer(self.config.api_key, authorization, "API key")
 
     def check_reload_path(self, path: str) -> str:
         """Resolve `path` (symlinks included) and refuse it unless it lies in a model root."""
@@ -79,3 +98,14 @@ class ServerState:
         for served in self.models.values():
             served.reloader.close(timeout)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def check_bearer(expected: str | None, authorization: str | None, what: str) -> None:
+    """Compare a bearer token in constant time; nothing to check when none is configured."""
+    if not expected:
+        return
+    if not authorization or not authorization.startswith("Bearer "):
+        raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{what}>'")
+    presented = authorization.removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise Forbidden(f"the {what} is wrong")
