@@ -179,3 +179,41 @@ class FakeTextLoader:
         error = self.fail.get((source, phase))
         if error is not None:
             raise error
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test says so (`advance`)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakePretrained:
+    """Stands in for a transformers model or tokenizer: `save_pretrained` writes `files`
+    and records the keyword arguments it got; `fail` (if set) is raised after the first
+    file is written."""
+
+    files: dict[str, bytes]
+    fail: BaseException | None = None
+    calls: list[dict[str, object]] = field(default_factory=list)
+
+    def save_pretrained(self, save_directory: str, /, **kwargs: object) -> list[str]:
+        import os
+
+        self.calls.append(dict(kwargs))
+        written = []
+        for name, data in self.files.items():
+            path = os.path.join(save_directory, name)
+            with open(path, "wb") as file:
+                file.write(data)
+            written.append(path)
+            if self.fail is not None:
+                raise self.fail
+        return written

@@ -14,6 +14,7 @@ from hotweights import __version__
 from hotweights.config import DEVICES, DTYPES, Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
+from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -77,6 +78,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
+    repo = serve.add_argument_group("model repository")
+    repo.add_argument("--repo", help="serve every model of ROOT/<model>/<version>/, watched")
+    repo.add_argument("--watch", choices=WATCHER_KINDS, help="file events, polling, or auto")
+    repo.add_argument("--poll-interval", type=float, help="seconds between scans when polling")
+    repo.add_argument("--verify", choices=VERIFY_MODES, help="check files against the manifest")
+    repo.add_argument("--settle-seconds", type=float, help="quiet time for manifest-less versions")
+
+    publish = commands.add_parser("publish", help="publish a model directory as a new version")
+    publish.add_argument("src", help="directory to publish (copied; the source is untouched)")
+    publish.add_argument("--repo", required=True, help="repository root")
+    publish.add_argument("--model", required=True, help="model name (a directory of the root)")
+    publish.add_argument("--version", type=int, help="version number (default: the next)")
+    publish.add_argument("--description", default="", help="recorded in the manifest")
+    publish.set_defaults(run=_publish)
+
     for name, helptext, runner in (
         ("reload", "make a new version live on a running server", _reload),
         ("rollback", "make the previous version live again", _rollback),
@@ -106,54 +122,74 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVE_SETTINGS = (
+    "host",
+    "port",
+    "model_name",
+    "repo",
+    "watch",
+    "poll_interval",
+    "verify",
+    "settle_seconds",
+    "policy",
+    "drain_timeout",
+    "admission_timeout",
+    "admin_token",
+    "phase_timeout",
+    "api_key",
+    "audit_file",
+    "max_pending",
+    "dtype",
+    "device",
+    "allow_pickle",
+    "trust_remote_code",
+)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from hotweights.server.runner import build_state, serve
 
-    overrides = {
-        key: getattr(args, key)
-        for key in (
-            "host",
-            "port",
-            "model_name",
-            "policy",
-            "drain_timeout",
-            "admission_timeout",
-            "admin_token",
-            "phase_timeout",
-            "api_key",
-            "audit_file",
-            "max_pending",
-            "dtype",
-            "device",
-            "allow_pickle",
-            "trust_remote_code",
-        )
-    }
+    overrides = {key: getattr(args, key) for key in SERVE_SETTINGS}
     if args.model_roots:
         overrides["model_roots"] = tuple(args.model_roots)
     if args.path:
         overrides["source"] = args.path
     try:
         config = Config.load(overrides)
+        if config.source is None and config.repo is None:
+            from hotweights.demo.versions import build_demo_versions
+
+            first, _ = build_demo_versions(progress=say)
+            name = config.model_name or "hotweights-demo"
+            config = Config.load({**overrides, "source": str(first), "model_name": name})
+        state = build_state(config, observers=(LoadProgress(),))
     except ValueError as exc:
         print(f"hotweights serve: {exc}", file=sys.stderr)
         return 2
-    if config.source is None:
-        from hotweights.demo.versions import build_demo_versions
-
-        first, _ = build_demo_versions(progress=say)
-        config = Config.load(
-            {
-                **overrides,
-                "source": str(first),
-                "model_name": config.model_name or "hotweights-demo",
-            }
-        )
-    state = build_state(config, observers=(LoadProgress(),))
-    say(
-        f"serving {config.source} as {next(iter(state.models))!r} on http://{config.host}:{config.port}"
-    )
+    what = f"repository {config.repo}" if config.repo else str(config.source)
+    names = ", ".join(sorted(state.models))
+    say(f"serving {what} ({names}) on http://{config.host}:{config.port}")
     serve(state)
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from hotweights.errors import HotweightsError
+    from hotweights.sources import publish
+
+    try:
+        published = publish(
+            args.src,
+            args.repo,
+            args.model,
+            version=args.version,
+            description=args.description,
+        )
+    except (HotweightsError, OSError) as exc:
+        print(f"hotweights publish: {exc}", file=sys.stderr)
+        return 1
+    say(f"published {args.src} as {args.model} version {published.version}: {published.path}")
+    print(published.version)
     return 0
 
 

@@ -29,6 +29,16 @@ class Config:
 
     source: str | None = None
     """Model directory to serve; None serves the built-in demo model."""
+    repo: str | None = None
+    """A model repository (ROOT/<model>/<version>/) to serve every model of, and watch."""
+    watch: Literal["auto", "events", "poll"] = "auto"
+    """How the repository is watched: file events (watchfiles), polling, or auto."""
+    poll_interval: float = 1.0
+    """Seconds between scans when polling."""
+    verify: Literal["digest", "size", "none"] = "digest"
+    """How a version's files are checked against its manifest before it may load."""
+    settle_seconds: float = 10.0
+    """A version without a manifest is eligible once its files are unchanged this long."""
     model_name: str | None = None
     """Name clients put in the `model` field; defaults to the directory's parent name."""
     host: str = "127.0.0.1"
@@ -109,7 +119,11 @@ class Config:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("drain_timeout", "admission_timeout", "phase_timeout"):
+        if self.watch not in ("auto", "events", "poll"):
+            raise ValueError(f"watch must be auto, events or poll, got {self.watch!r}")
+        if self.verify not in ("digest", "size", "none"):
+            raise ValueError(f"verify must be digest, size or none, got {self.verify!r}")
+        for name in ("drain_timeout", "admission_timeout", "phase_timeout", "settle_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_pending < 1:
@@ -129,6 +143,8 @@ class Config:
         """The resolved directories reload paths must lie in."""
         if self.model_roots:
             return tuple(Path(root).resolve() for root in self.model_roots)
+        if self.repo:
+            return (Path(self.repo).resolve(),)
         if self.source:
             return (Path(self.source).resolve().parent,)
         return ()

@@ -19,11 +19,14 @@ def serve() -> Iterator[Serve]:
     running: list[ServerThread] = []
 
     def start(
-        loader: Loader[Any], source: Path, *, wait: bool = True, **options: Any
+        loader: Loader[Any], source: Path | None, *, wait: bool = True, **options: Any
     ) -> ServerThread:
-        options.setdefault("model_name", "m")
-        options.setdefault("model_roots", (str(source.parent),))
-        config = Config.load({"source": str(source), **options}, environ={})
+        """Serve `source` (a directory) or, with `repo=...`, a repository."""
+        if source is not None:
+            options.setdefault("model_name", "m")
+            options.setdefault("model_roots", (str(source.parent),))
+            options["source"] = str(source)
+        config = Config.load(options, environ={})
         server = ServerThread(build_state(config, loader)).start()
         running.append(server)
         if wait:

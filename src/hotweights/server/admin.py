@@ -9,33 +9,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from hotweights.core import ReloadEvent, ReloadTicket
-from hotweights.errors import NotReady, ReloadFailed
+from hotweights.errors import NotReady
+from hotweights.server.deps import Admin, server_state
 from hotweights.server.metrics import CONTENT_TYPE
+from hotweights.server.outcomes import answer
+from hotweights.server.repository_api import repository_reload, repository_rollback
 from hotweights.server.schemas import ReloadRequest, RollbackRequest
-from hotweights.server.state import ServerState
+from hotweights.server.state import ServedModel, ServerState
 
 router = APIRouter()
-
-
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.hotweights
-    return state
-
-
-def require_admin(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> ServerState:
-    state = _state(request)
-    state.check_admin(authorization)
-    return state
-
-
-Admin = Annotated[ServerState, Depends(require_admin)]
 
 
 @router.get("/health")
@@ -47,7 +33,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request) -> dict[str, object]:
     """Ready: every served model has a live version."""
-    state = _state(request)
+    state = server_state(request)
     if state.stopping:
         raise NotReady("the server is shutting down")
     live = {name: m.reloader.slot.live_version for name, m in state.models.items()}
@@ -59,13 +45,27 @@ async def ready(request: Request) -> dict[str, object]:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _model(state: ServerState, name: str | None) -> ServedModel:
+    """The model a route names (`/admin/models/{name}/...`), or the only one served."""
+    return state.only_model() if name is None else state.resolve(name)
 
 
 @router.post("/admin/reload", response_model=None)
-async def reload(state: Admin, body: ReloadRequest | None = None) -> Response:
+@router.post("/admin/models/{name}/reload", response_model=None)
+async def reload(
+    state: Admin, name: str | None = None, body: ReloadRequest | None = None
+) -> Response:
+    """Make a version live. With a repository: no path re-syncs with the repository, a
+    path pins the model to that version. Otherwise: the path's directory, or the live
+    version's directory again."""
     body = body or ReloadRequest()
-    served = state.only_model()
+    served = _model(state, name)
+    if state.sync is not None:
+        ticket = await repository_reload(state.sync, served, body.path)
+        return await answer(ticket, body.wait, served)
     if body.path is not None:
         target = state.check_reload_path(body.path)
     else:
@@ -74,40 +74,29 @@ async def reload(state: Admin, body: ReloadRequest | None = None) -> Response:
             raise NotReady("nothing was ever live: give a path to reload")
         target = live.source
     ticket = served.reloader.submit(target, trigger="api", description=body.description)
-    return await _answer(ticket, body.wait)
+    return await answer(ticket, body.wait, served)
 
 
 @router.post("/admin/rollback", response_model=None)
-async def rollback(state: Admin, body: RollbackRequest | None = None) -> Response:
+@router.post("/admin/models/{name}/rollback", response_model=None)
+async def rollback(
+    state: Admin, name: str | None = None, body: RollbackRequest | None = None
+) -> Response:
+    """The previous version, live again. With a repository this pins the model to its
+    newest eligible version older than the live one (unpin to follow the latest again)."""
     body = body or RollbackRequest()
-    ticket = state.only_model().reloader.rollback(description=body.description)
-    return await _answer(ticket, body.wait)
-
-
-async def _answer(ticket: ReloadTicket, wait: bool) -> Response:
-    if not wait:
-        return JSONResponse(
-            {"id": ticket.id, "target": ticket.target, "status_url": f"/admin/reloads/{ticket.id}"},
-            status_code=202,
-        )
-    event = await ticket.wait_async()
-    if not event.succeeded:
-        raise ReloadFailed(_failure_message(event), event.to_dict())
-    return JSONResponse(event.to_dict())
-
-
-def _failure_message(event: ReloadEvent) -> str:
-    reason = event.error_message or event.outcome.value
-    kind = f"{event.error_type}: " if event.error_type else ""
-    return (
-        f"reload of {event.target} did not go live ({event.outcome.value}): {kind}{reason}; "
-        f"generation {event.old_generation} keeps serving"
-    )
+    served = _model(state, name)
+    if state.sync is not None:
+        ticket = await repository_rollback(state.sync, served)
+        return await answer(ticket, body.wait, served)
+    ticket = served.reloader.rollback(description=body.description)
+    return await answer(ticket, body.wait, served)
 
 
 @router.get("/admin/versions")
-async def versions(state: Admin) -> dict[str, Any]:
-    reloader = state.only_model().reloader
+@router.get("/admin/models/{name}/versions")
+async def versions(state: Admin, name: str | None = None) -> dict[str, Any]:
+    reloader = _model(state, name).reloader
     return {
         "model": reloader.name,
         "generation": reloader.generation,
@@ -116,8 +105,11 @@ async def versions(state: Admin) -> dict[str, Any]:
 
 
 @router.get("/admin/reloads")
-async def reloads(state: Admin, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict[str, Any]:
-    served = state.only_model()
+@router.get("/admin/models/{name}/reloads")
+async def reloads(
+    state: Admin, name: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> dict[str, Any]:
+    served = _model(state, name)
     log = served.reloader.log
     if state.audit is not None:  # survives restarts
         events = state.audit.read(limit, served.name)
@@ -126,8 +118,9 @@ async def reloads(state: Admin, limit: Annotated[int, Query(ge=1, le=1000)] = 50
 
 
 @router.get("/admin/reloads/{event_id}")
-async def reload_event(state: Admin, event_id: int) -> dict[str, Any]:
-    reloader = state.only_model().reloader
+@router.get("/admin/models/{name}/reloads/{event_id}")
+async def reload_event(state: Admin, event_id: int, name: str | None = None) -> dict[str, Any]:
+    reloader = _model(state, name).reloader
     event = reloader.log.get(event_id)
     if event is not None:
         return event.to_dict()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -11,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotweights import __version__
-from hotweights.server import admin, errors, openai_api
+from hotweights.server import admin, errors, openai_api, repository_api
 from hotweights.server.errors import error_body
 from hotweights.server.state import ServerState
 
@@ -67,6 +69,14 @@ class _TooLarge(Exception):
     pass
 
 
+def _rescan_on_sighup(rescan: Callable[[], None]) -> None:
+    """SIGHUP forces a repository rescan (where signals can be handled: the main thread)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, rescan)
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError):
+        log.debug("SIGHUP rescan unavailable here (not the main thread, or no SIGHUP)")
+
+
 def create_app(
     state: ServerState, on_startup: Callable[[ServerState], None] | None = None
 ) -> FastAPI:
@@ -77,6 +87,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if on_startup is not None:
             on_startup(state)
+        if state.sync is not None:
+            _rescan_on_sighup(state.sync.request_rescan)
         try:
             yield
         finally:
@@ -87,5 +99,6 @@ def create_app(
     errors.install(app)
     app.include_router(openai_api.router)
     app.include_router(admin.router)
+    app.include_router(repository_api.router)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     return app

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from hotweights.errors import (
+    EscapesRoot,
     Forbidden,
     HotweightsError,
     InvalidRequest,
@@ -23,6 +24,7 @@ from hotweights.errors import (
     ReloadFailed,
     Unauthorized,
     UnknownModel,
+    UnknownVersion,
     ValidationError,
 )
 
@@ -33,6 +35,8 @@ STATUS: tuple[tuple[type[HotweightsError], int, str, str], ...] = (
     (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
     (InvalidRequest, 400, "invalid_request_error", "invalid_request"),
     (UnknownModel, 404, "invalid_request_error", "model_not_found"),
+    (UnknownVersion, 404, "invalid_request_error", "version_not_found"),
+    (EscapesRoot, 403, "permission_error", "outside_repository"),
     (NotReady, 503, "service_unavailable", "no_live_version"),
     (Overloaded, 429, "rate_limit_error", "overloaded"),
     (ReloaderClosed, 503, "service_unavailable", "shutting_down"),

@@ -35,35 +35,67 @@ def build_state(
     loader: Loader[Any] | None = None,
     observers: tuple[Callable[[Notice], None], ...] = (),
 ) -> ServerState:
-    """One served model from `config.source`, loaded by `loader` (default: transformers)."""
-    if config.source is None:
-        raise ValueError("config.source is not set: nothing to serve")
-    if loader is None:
-        from hotweights.backends import TransformersLoader
+    """The models `config` asks for, each with its own reloader: every model of
+    `config.repo` (watched), or the one directory `config.source`. `loader` (default: a
+    transformers loader per model) turns a version directory into a model."""
 
-        loader = TransformersLoader(
-            dtype=config.dtype,
-            device=config.device,
-            allow_pickle=config.allow_pickle,
-            trust_remote_code=config.trust_remote_code,
+    def make_loader() -> Loader[Any]:
+        return loader if loader is not None else _transformers_loader(config)
+
+    def served(name: str) -> ServedModel:
+        reloader: Reloader[Any] = Reloader(
+            make_loader(),
+            name=name,
+            policy=config.policy,
+            drain_timeout=config.drain_timeout,
+            admission_timeout=config.admission_timeout,
+            phase_timeout=config.phase_timeout or None,
+            memory=MemoryCheck() if config.memory_check else None,
         )
+        for observer in observers:
+            reloader.subscribe(observer)
+        return ServedModel(name, reloader, int(time.time()))
+
+    if config.repo is not None:
+        from hotweights.sources import ModelRepository, RepositorySync, make_watcher
+
+        repository = ModelRepository(
+            config.repo, verify=config.verify, settle_seconds=config.settle_seconds
+        )
+        state = repository.scan()
+        if not state.readable:
+            raise ValueError(f"cannot read the model repository {config.repo}: {state.error}")
+        names = repository.models()
+        if not names:
+            raise ValueError(f"the model repository {config.repo} holds no model directories")
+        server = ServerState(config, {name: served(name) for name in names})
+        watcher = make_watcher(config.watch, repository.root, interval=config.poll_interval)
+        reloaders = {name: m.reloader for name, m in server.models.items()}
+        server.sync = RepositorySync(repository, reloaders, watcher)
+        return server
+    if config.source is None:
+        raise ValueError("nothing to serve: give a model directory or --repo")
     name = config.model_name or default_model_name(config.source)
-    reloader: Reloader[Any] = Reloader(
-        loader,
-        name=name,
-        policy=config.policy,
-        drain_timeout=config.drain_timeout,
-        admission_timeout=config.admission_timeout,
-        phase_timeout=config.phase_timeout or None,
-        memory=MemoryCheck() if config.memory_check else None,
+    return ServerState(config, {name: served(name)})
+
+
+def _transformers_loader(config: Config) -> Loader[Any]:
+    from hotweights.backends import TransformersLoader
+
+    return TransformersLoader(
+        dtype=config.dtype,
+        device=config.device,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
     )
-    for observer in observers:
-        reloader.subscribe(observer)
-    return ServerState(config, {name: ServedModel(name, reloader, int(time.time()))})
 
 
 def load_initial(state: ServerState) -> None:
-    """Start loading the configured source of every model (the startup trigger)."""
+    """Start loading what should be live (the startup trigger): the repository's targets,
+    which fall back to older versions one by one if the newest fail, or the source."""
+    if state.sync is not None:
+        state.sync.start()
+        return
     source = state.config.source
     for served in state.models.values():
         if source is not None:
@@ -147,8 +179,9 @@ class ServerThread:
         deadline = time.monotonic() + timeout
         for served in self.state.models.values():
             while served.reloader.slot.live_version is None:
+                # A repository falls back to older versions; a lone source has no fallback.
                 failed = [e for e in served.reloader.log.recent() if not e.succeeded]
-                if failed:
+                if failed and self.state.sync is None:
                     raise RuntimeError(f"{served.name} failed to load: {failed[0].error_message}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{served.name} did not go live within {timeout} s")

@@ -14,6 +14,7 @@ from hotweights.core import Reloader
 from hotweights.errors import Forbidden, InvalidRequest, Overloaded, Unauthorized, UnknownModel
 from hotweights.server.audit import AuditTrail
 from hotweights.server.metrics import Metrics
+from hotweights.sources import RepositorySync
 
 
 @dataclass
@@ -48,6 +49,8 @@ class ServerState:
     executor: ThreadPoolExecutor = field(init=False)
     metrics: Metrics = field(init=False)
     audit: AuditTrail | None = field(init=False, default=None)
+    sync: RepositorySync | None = None
+    """Keeps the models in line with the repository, when serving one."""
     stopping: bool = False
     """Set when shutdown begins: /ready turns false and new requests get 503."""
 
@@ -95,6 +98,8 @@ class ServerState:
         return str(resolved)
 
     def close(self, timeout: float | None = None) -> None:
+        if self.sync is not None:
+            self.sync.close()
         for served in self.models.values():
             served.reloader.close(timeout)
         self.executor.shutdown(wait=False, cancel_futures=True)

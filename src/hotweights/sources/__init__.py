@@ -1,0 +1,74 @@
+"""Which version should be live: the versioned model repository on disk, its integrity
+checks, the watchers that notice new versions, the atomic publisher, and the sync that
+submits new targets to the reloaders. Imports no torch or transformers."""
+
+from __future__ import annotations
+
+from hotweights.sources.manifest import (
+    MANIFEST_NAME,
+    VERIFY_MODES,
+    FileEntry,
+    Manifest,
+    VerifyMode,
+    VerifyResult,
+    build_manifest,
+    read_manifest,
+    sha256_file,
+    verify,
+    write_manifest,
+)
+from hotweights.sources.policy import Latest, Pinned, VersionPolicy, choose_target
+from hotweights.sources.publisher import (
+    PublishedVersion,
+    StagedVersion,
+    publish,
+    publish_pretrained,
+    stage,
+)
+from hotweights.sources.repository import ModelRepository
+from hotweights.sources.state import ModelState, RepositoryState, VersionInfo, VersionStatus
+from hotweights.sources.sync import RepositorySync, SyncReport
+from hotweights.sources.watcher import (
+    WATCHER_KINDS,
+    EventWatcher,
+    PollingWatcher,
+    Watcher,
+    WatcherKind,
+    make_watcher,
+)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "VERIFY_MODES",
+    "WATCHER_KINDS",
+    "EventWatcher",
+    "FileEntry",
+    "Latest",
+    "Manifest",
+    "ModelRepository",
+    "ModelState",
+    "Pinned",
+    "PollingWatcher",
+    "PublishedVersion",
+    "RepositoryState",
+    "RepositorySync",
+    "StagedVersion",
+    "SyncReport",
+    "VerifyMode",
+    "VerifyResult",
+    "VersionInfo",
+    "VersionPolicy",
+    "VersionStatus",
+    "Watcher",
+    "WatcherKind",
+    "build_manifest",
+    "choose_target",
+    "make_watcher",
+    "publish",
+    "publish_pretrained",
+    "read_manifest",
+    "sha256_file",
+    "stage",
+    "verify",
+    "write_manifest",
+]
