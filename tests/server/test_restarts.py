@@ -84,7 +84,13 @@ def test_sigkill_mid_reload_then_restart_serves_a_good_version(
         torn.mkdir()
         (torn / "config.json").write_text("{")
         second = publish(builds[1], repo, "tiny")
-        server.wait_for("the reload to start", lambda: server.status()["reloading"] is not None)
+
+        def reloading_or_done() -> bool:
+            status = server.status()
+            live = status["live"]
+            return status["reloading"] is not None or (live or {}).get("source") == str(second.path)
+
+        server.wait_for("the reload to start", reloading_or_done)
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(30)
     finally:
