@@ -186,3 +186,40 @@ def test_startup_falls_back_to_the_newest_version_that_works(serve: Serve, tmp_p
     make_version(repo, "m", 3, {**WEIGHTS, "config.json": b'{"layers": 3}'})
     del loader.fail[(str(repo / "m" / "3"), "validate")]
     assert set(httpx.post(f"{server.url}/admin/rescan").json()["submitted"]) == {"m"}
+
+
+class SizeRecordingLoader(FakeTextLoader):
+    """Records how big a version's weights were at the moment it was loaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[str, int] = {}
+
+    def load(self, source: str) -> Any:
+        self.sizes[source] = (Path(source) / "model.safetensors").stat().st_size
+        return super().load(source)
+
+
+def test_a_slow_copy_without_a_manifest_loads_only_once_it_settles(
+    serve: Serve, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    make_version(repo, "m", 1)
+    loader = SizeRecordingLoader()
+    server = serve(
+        loader, None, repo=str(repo), watch="poll", poll_interval=0.02, settle_seconds=0.3
+    )
+    finished = Finished(server, "m")
+    target = repo / "m" / "2"
+    target.mkdir()
+    (target / "config.json").write_bytes(WEIGHTS["config.json"])
+    chunk = b"w" * 4096
+    paced = threading.Event()
+    with (target / "model.safetensors").open("wb") as weights:
+        for _ in range(40):  # a slow writer: a chunk every 20 ms, for about 0.8 s
+            weights.write(chunk)
+            weights.flush()
+            paced.wait(0.02)  # pacing the writer, not synchronising the test
+    event = finished.wait()
+    assert event.target == str(target)
+    assert loader.sizes[str(target)] == 40 * len(chunk)  # never a partial file

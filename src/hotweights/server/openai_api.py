@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -37,6 +38,7 @@ def require_api_key(
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 GENERATION_HEADER = "x-hotweights-generation"
+_PIN = re.compile(r"(g?)([0-9]{1,18})", re.ASCII)  # model@N or model@gN
 CLIENT_CLOSED = 499  # the client went away mid-stream (nginx's convention)
 
 
@@ -154,11 +156,13 @@ async def _admit(served: ServedModel, pin: str) -> Lease[Any]:
     (`model@gN`: generation N), live or still draining."""
     if not pin:
         return await served.reloader.slot.acquire_async()
-    if pin.startswith("g") and pin[1:].isdigit():
-        generation = int(pin[1:])
+    match = _PIN.fullmatch(pin)
+    if match is not None and match.group(1):
+        generation = int(match.group(2))
         lease = served.reloader.slot.acquire_resident(lambda v: v.generation == generation)
-    elif pin.isdigit():
-        lease = served.reloader.slot.acquire_resident(lambda v: Path(v.source).name == pin)
+    elif match is not None:
+        number = str(int(match.group(2)))  # "007" names directory 7
+        lease = served.reloader.slot.acquire_resident(lambda v: Path(v.source).name == number)
     else:
         raise InvalidRequest(f"model@{pin}: a version is a directory number N or a generation gN")
     if lease is None:
