@@ -243,6 +243,8 @@ class Reloader(Generic[ModelT]):
             except Exception as exc:  # a bug in the reloader itself: never kill the worker
                 log.exception("reload %d of %s crashed", job.id, self.name)
                 event = self._event(job, Outcome.FAILED, error=exc)
+                if self.slot.in_gap and self.slot.live_version is None:
+                    self.slot.end_gap()  # never leave admissions waiting on nothing
             with self._lock:
                 self._running = None
             try:
