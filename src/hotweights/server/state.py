@@ -90,6 +90,8 @@ class ServerState:
 
     def check_reload_path(self, path: str) -> str:
         """Resolve `path` (symlinks included) and refuse it unless it lies in a model root."""
+        if "\x00" in path:  # realpath would raise ValueError: no file can have this name
+            raise InvalidRequest("reload path contains a NUL byte")
         resolved = Path(os.path.realpath(path))
         roots = self.config.roots()
         if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
