@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check bench clean
+.PHONY: install demo test lint typecheck check bench bench-micro clean
 
 install: $(STAMP)
 
@@ -31,8 +31,16 @@ typecheck: install
 
 check: lint typecheck test
 
-bench: install  ## the benchmarks (not timed tests); results land in bench/results/
+# Reloads under load, next to TorchServe, MLServer and Ray Serve. Installs the peers into
+# their own cached environments on first run (~/.cache/hotweights/bench-peers, about 5
+# minutes each); about 7 minutes once they are installed. Results land in bench/results/.
+bench: install  ## hotweights vs TorchServe, MLServer, Ray Serve: reloads under load
+	$(PY) bench/reload_under_load.py
+
+bench-micro: install  ## admission cost, HTTP overhead, publish-to-reload and sha256 speed
 	$(PY) bench/core_overhead.py
+	$(PY) bench/serve_overhead.py
+	$(PY) bench/repository.py
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
