@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hotweights import __version__
-from hotweights.config import DEVICES, DTYPES, Config
+from hotweights.config import DEVICES, DTYPES, LOAD_IN, Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
 from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument("--device", choices=DEVICES)
+    serve.add_argument(
+        "--load-in",
+        choices=LOAD_IN,
+        help="read checkpoints in a helper process (default: requests keep the GIL) or a thread",
+    )
     serve.add_argument(
         "--model-root",
         action="append",
@@ -143,6 +148,7 @@ SERVE_SETTINGS = (
     "device",
     "allow_pickle",
     "trust_remote_code",
+    "load_in",
 )
 
 

@@ -18,6 +18,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[Device, ...] = get_args(Device)
+LoadIn = Literal["process", "thread"]
+LOAD_IN: tuple[LoadIn, ...] = get_args(LoadIn)
 
 ENV_PREFIX = "HOTWEIGHTS_"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -65,6 +67,9 @@ class Config:
     """Accept pickle-based weights (.bin, .pt). Unsafe with untrusted files."""
     trust_remote_code: bool = False
     """Run Python code shipped in model directories. Unsafe with untrusted files."""
+    load_in: LoadIn = "process"
+    """Read checkpoints in a helper process (weights handed over in shared memory), so a
+    reload does not take the GIL from requests; or on the reloader's thread."""
     model_roots: tuple[str, ...] = ()
     """Directories reload paths must lie in; defaults to the served directory's parent."""
     api_key: str | None = None
@@ -119,6 +124,8 @@ class Config:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.load_in not in LOAD_IN:
+            raise ValueError(f"load_in must be one of {LOAD_IN}, got {self.load_in!r}")
         if self.watch not in ("auto", "events", "poll"):
             raise ValueError(f"watch must be auto, events or poll, got {self.watch!r}")
         if self.verify not in ("digest", "size", "none"):

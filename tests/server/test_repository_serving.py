@@ -61,6 +61,7 @@ def test_a_publish_goes_live_under_traffic_with_no_failed_request(
     statuses: list[int] = []
     generations: set[int] = set()
     stop = threading.Event()
+    answered = threading.Event()
 
     def traffic() -> None:
         with httpx.Client() as client:
@@ -69,9 +70,11 @@ def test_a_publish_goes_live_under_traffic_with_no_failed_request(
                 statuses.append(response.status_code)
                 if response.status_code == 200:
                     generations.add(_generation(response))
+                answered.set()
 
     sender = threading.Thread(target=traffic)
     sender.start()
+    assert answered.wait(30), "no answer before the publish"
     published = publish(_source(tmp_path, "b"), repo, "m", description="nightly")
     event = finished.wait()
     stop.set()

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
+from hotweights.backends.load_process import LoadProcess, LoadRequest, read_pretrained
 from hotweights.backends.loaded_lm import LoadedLM
 from hotweights.backends.sampling import GenerationParams
 from hotweights.errors import HotweightsError, LoadError, ValidationError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[Device, ...] = get_args(Device)
+LoadIn = Literal["thread", "process"]
+LOAD_IN: tuple[LoadIn, ...] = get_args(LoadIn)
 
 VALIDATION_PROMPT = "Hello, world. 1 2 3"
 WARMUP_PROMPT = "Hello"
@@ -46,6 +47,11 @@ class TransformersLoader:
     `dtype="auto"` keeps the checkpoint's declared dtype (config `dtype`/`torch_dtype`),
     float32 when it declares none. `device="cuda"` fails the load when CUDA is not
     available. Pickle-based weights and remote code are refused unless opted in.
+
+    `load_in="process"` reads checkpoints in a helper process (see `load_process`) and
+    receives the weights in shared memory, so a load does not hold this process's GIL
+    for the tenth of a second `from_pretrained` takes; `"thread"` reads them on the
+    calling thread. The helper starts at the first load, or at `import_libraries`.
     """
 
     def __init__(
@@ -54,16 +60,35 @@ class TransformersLoader:
         device: Device = "cpu",
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        load_in: LoadIn = "thread",
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if load_in not in LOAD_IN:
+            raise ValueError(f"load_in must be one of {LOAD_IN}, got {load_in!r}")
         self.dtype = dtype
         self.device = device
         self.allow_pickle = allow_pickle
         self.trust_remote_code = trust_remote_code
+        self.load_in = load_in
+        self._helper = LoadProcess() if load_in == "process" else None
         self._architecture: str | None = None  # of the version validated last
+
+    def import_libraries(self) -> None:
+        """Import torch and transformers' auto classes now (a few seconds, once per
+        process) rather than in the first `load`, and start the load process if used."""
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        if self._helper is not None:
+            self._helper.start()
+
+    def close(self) -> None:
+        """Stop the load process, if any (a later load starts another)."""
+        if self._helper is not None:
+            self._helper.close()
 
     def load(self, source: str) -> LoadedLM:
         """Check `source`, then load its model (eval mode) and tokenizer.
@@ -80,7 +105,7 @@ class TransformersLoader:
         dtype = self._resolve_dtype(files)
         digest = fingerprint(files)
         try:
-            model, tokenizer = self._from_pretrained(files, getattr(torch, dtype))
+            model, tokenizer = self._from_pretrained(files, dtype)
             return LoadedLM(
                 model, tokenizer, source=source, device=self.device, dtype=dtype, fingerprint=digest
             )
@@ -150,26 +175,20 @@ class TransformersLoader:
         return declared if declared in _CONCRETE_DTYPES else "float32"
 
     def _from_pretrained(
-        self, files: ModelFiles, dtype: torch.dtype
+        self, files: ModelFiles, dtype: str
     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        # A server reports its own load progress; transformers' bars would interleave.
-        quiet: Callable[[], None] = hf_logging.disable_progress_bar  # unannotated upstream
-        quiet()
-        tokenizer = AutoTokenizer.from_pretrained(
-            files.root, trust_remote_code=self.trust_remote_code
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            files.root,
+        request = LoadRequest(
+            root=str(files.root),
             dtype=dtype,
             trust_remote_code=self.trust_remote_code,
             use_safetensors=files.weight_format == "safetensors",
         )
+        if self._helper is not None:
+            model, tokenizer = self._helper.load(request)
+        else:
+            model, tokenizer = read_pretrained(request)
         untyped: Any = model  # transformers leaves `to` unannotated
         untyped.to(self.device)
-        model.train(False)
         return model, tokenizer
 
     def _collect(self, *, cuda: bool) -> None:

@@ -112,7 +112,7 @@ def run_demo(
     import httpx
     import openai
 
-    from hotweights.server.runner import ServerThread, build_state
+    from hotweights.server.runner import ServerThread, build_state, freeze_startup_heap
 
     v1, v2 = build_demo_versions(force=rebuild, progress=say)
     config = Config.load(
@@ -125,6 +125,7 @@ def run_demo(
         }
     )
     state = build_state(config, observers=(LoadProgress(),))
+    freeze_startup_heap(state)
     outcomes: list[Outcome] = []
     with ServerThread(state) as server:
         server.wait_live()

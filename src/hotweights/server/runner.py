@@ -3,6 +3,7 @@ the demo, the benchmarks)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -87,6 +88,7 @@ def _transformers_loader(config: Config) -> Loader[Any]:
         device=config.device,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
+        load_in=config.load_in,
     )
 
 
@@ -128,8 +130,28 @@ class GracefulServer(uvicorn.Server):
         timer.start()
 
 
+def freeze_startup_heap(state: ServerState) -> None:
+    """Import the loaders' libraries, then move every object alive now to the collector's
+    permanent generation. Call once, in a process that serves, before the first load.
+
+    With torch and transformers imported a process holds about 350,000 objects that live
+    as long as it does. An unload ends with a full collection (a model's reference cycles
+    are freed there); walking them all holds the GIL for 0.2-0.35 s on this machine,
+    stalling every request in flight. Frozen, they are skipped, and the collection takes
+    under a millisecond. Objects created later (every model version) are collected as
+    before."""
+    for served in state.models.values():
+        prepare = getattr(served.reloader.loader, "import_libraries", None)
+        if callable(prepare):
+            prepare()
+    gc.collect()
+    gc.freeze()
+    log.debug("%d objects frozen before the first load", gc.get_freeze_count())
+
+
 def serve(state: ServerState) -> None:
     """Run until interrupted (SIGINT/SIGTERM end it gracefully)."""
+    freeze_startup_heap(state)
     config = state.config
     uvicorn_config = uvicorn.Config(
         build_app(state),

@@ -104,6 +104,9 @@ class ServerState:
             self.sync.close()
         for served in self.models.values():
             served.reloader.close(timeout)
+            close_loader = getattr(served.reloader.loader, "close", None)
+            if callable(close_loader):  # a transformers loader's load process, say
+                close_loader()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
