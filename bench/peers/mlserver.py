@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from peers.procs import ensure_venv, free_port, spawn, stop_group, wait_http
+from peers.procs import InstalledPeer, free_port, spawn, stop_group, wait_http
 from peers.system import Clock, ModelVersion, PeerUnavailable, ReloadResult, Request, Workload
 
 HANDLERS = Path(__file__).resolve().parent / "handlers"
@@ -29,26 +29,18 @@ REQUIREMENTS = (
 )
 
 
-class MLServerSystem:
+class MLServerSystem(InstalledPeer):
     name = "mlserver"
+    requirements = REQUIREMENTS
+    log_name = "mlserver.log"
 
     def __init__(
         self, cache: Path, workdir: Path, install_timeout: float, start_timeout: float
     ) -> None:
-        self.venv = cache / "venv"
-        self.workdir = workdir
-        self.install_timeout = install_timeout
-        self.start_timeout = start_timeout
-        self.log = workdir / "mlserver.log"
+        super().__init__(cache, workdir, install_timeout, start_timeout)
         self.repository = workdir / "repository"
         self.model_dir = self.repository / MODEL
-        self.base_url = ""
         self._process: subprocess.Popen[bytes] | None = None
-
-    def install(self) -> None:
-        ensure_venv(
-            self.venv, REQUIREMENTS, timeout=self.install_timeout, log=self.workdir / "install.log"
-        )
 
     def start(self, first: ModelVersion) -> None:
         self.model_dir.mkdir(parents=True, exist_ok=True)

@@ -212,3 +212,31 @@ def ensure_venv(
         run_step(command, log, timeout=left, stage="install")
     stamp.write_text(wanted)
     return python
+
+
+class InstalledPeer:
+    """What a peer installed into its own virtual environment keeps: the environment
+    (`cache/venv`), its working directory, its log, its timeouts and its address."""
+
+    name = ""
+    requirements: tuple[tuple[str, ...], ...] = ()
+    """Groups of pip requirements, installed one group after another."""
+    log_name = ""
+
+    def __init__(
+        self, cache: Path, workdir: Path, install_timeout: float, start_timeout: float
+    ) -> None:
+        self.venv = cache / "venv"
+        self.workdir = workdir
+        self.install_timeout = install_timeout
+        self.start_timeout = start_timeout
+        self.log = workdir / self.log_name
+        self.base_url = ""
+
+    def install(self) -> None:
+        ensure_venv(
+            self.venv,
+            self.requirements,
+            timeout=self.install_timeout,
+            log=self.workdir / "install.log",
+        )

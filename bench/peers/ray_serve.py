@@ -19,34 +19,26 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from peers.procs import ensure_venv, free_port, stop_group, tail, wait_http
+from peers.procs import InstalledPeer, free_port, stop_group, tail, wait_http
 from peers.system import Clock, ModelVersion, PeerUnavailable, ReloadResult, Request, Workload
 
 HANDLERS = Path(__file__).resolve().parent / "handlers"
 REQUIREMENTS = (("torch==2.13.0",), ("ray[serve]", "transformers", "safetensors"))
 
 
-class RayServeSystem:
+class RayServeSystem(InstalledPeer):
     name = "ray-serve"
+    requirements = REQUIREMENTS
+    log_name = "ray.log"
 
     def __init__(
         self, cache: Path, workdir: Path, install_timeout: float, start_timeout: float
     ) -> None:
-        self.venv = cache / "venv"
-        self.workdir = workdir
-        self.install_timeout = install_timeout
-        self.start_timeout = start_timeout
-        self.log = workdir / "ray.log"
-        self.base_url = ""
+        super().__init__(cache, workdir, install_timeout, start_timeout)
         self._process: subprocess.Popen[str] | None = None
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
         # Ray's socket paths must stay short; a temp dir of its own keeps clusters apart.
         self._temp = Path("/tmp") / f"hwb-ray-{os.getpid()}"
-
-    def install(self) -> None:
-        ensure_venv(
-            self.venv, REQUIREMENTS, timeout=self.install_timeout, log=self.workdir / "install.log"
-        )
 
     def start(self, first: ModelVersion) -> None:
         port = free_port()

@@ -19,7 +19,14 @@ from typing import Any
 
 import httpx
 
-from peers.procs import ensure_venv, free_port, run_step, spawn, stop_group, wait_http
+from peers.procs import (
+    InstalledPeer,
+    free_port,
+    run_step,
+    spawn,
+    stop_group,
+    wait_http,
+)
 from peers.system import Clock, ModelVersion, PeerUnavailable, ReloadResult, Request, Workload
 
 HANDLERS = Path(__file__).resolve().parent / "handlers"
@@ -30,19 +37,16 @@ REQUIREMENTS = (
 )
 
 
-class TorchServeSystem:
+class TorchServeSystem(InstalledPeer):
     name = "torchserve"
+    requirements = REQUIREMENTS
+    log_name = "torchserve.log"
 
     def __init__(
         self, cache: Path, workdir: Path, install_timeout: float, start_timeout: float
     ) -> None:
-        self.venv = cache / "venv"
-        self.workdir = workdir
-        self.install_timeout = install_timeout
-        self.start_timeout = start_timeout
-        self.log = workdir / "torchserve.log"
+        super().__init__(cache, workdir, install_timeout, start_timeout)
         self.store = workdir / "model-store"
-        self.base_url = ""
         self._management = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._live: int | None = None
@@ -50,12 +54,7 @@ class TorchServeSystem:
     def install(self) -> None:
         if shutil.which("java") is None:
             raise PeerUnavailable("install", "TorchServe needs Java 17 (`java` is not on PATH)")
-        ensure_venv(
-            self.venv,
-            REQUIREMENTS,
-            timeout=self.install_timeout,
-            log=self.workdir / "install.log",
-        )
+        super().install()
 
     def start(self, first: ModelVersion) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
