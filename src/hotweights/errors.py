@@ -119,5 +119,9 @@ class InsufficientMemory(LoadError):
     """The new version would not fit in the memory available under the swap policy."""
 
 
+class ShuttingDown(HotweightsError):
+    """The server's shutdown grace period ended before this response did."""
+
+
 class Overloaded(HotweightsError):
     """A model's admission queue is full; the client should retry later."""

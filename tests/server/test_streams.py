@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from hotweights.server.runner import ServerThread
+from hotweights.config import Config
+from hotweights.server.runner import ServerThread, build_state
+from hotweights.server.state import ServerState
 from tests.fakes import FakeTextLoader
 from tests.server.conftest import Serve
 
@@ -168,3 +171,51 @@ def test_model_at_version_reaches_a_draining_version(serve: Serve, tmp_path: Pat
 
 def ask_after(server: ServerThread, model: str) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/chat/completions", json={**_chat(False, 1), "model": model})
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_a_response_still_generating_when_shutdown_ends_gets_an_error(
+    tmp_path: Path, stream: bool
+) -> None:
+    """uvicorn cancels what is left when its grace ends; just before, the server tells
+    each response still generating, at its next token, instead of dropping it."""
+    at_step = threading.Event()
+    state: ServerState | None = None
+
+    def hold_until_the_cut(step: int) -> None:
+        if step == 3:
+            at_step.set()
+            assert state is not None
+            assert state.cut.wait(30), "the server never cut this response"
+
+    source = tmp_path / "1"
+    config = Config.load({"source": str(source), "model_name": "m"}, environ={})
+    state = build_state(config, FakeTextLoader(before_step=hold_until_the_cut))
+    server = ServerThread(state, grace=2).start()
+    server.wait_live()
+
+    def stop_once_held() -> None:
+        assert at_step.wait(30)
+        server.stop()  # shutdown: the listener closes, the grace (2 s) runs
+
+    stopper = threading.Thread(target=stop_once_held)
+    stopper.start()
+    with httpx.Client(timeout=30) as client:
+        body = _chat(stream, 1000)
+        if stream:
+            with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as reply:
+                rest = list(_events(reply.iter_lines()))
+            assert rest[-1] == "[DONE]"
+            error = rest[-2]["error"]
+            pieces = [e["choices"][0]["delta"].get("content") for e in rest[:-2]]
+            assert pieces[-3:] == [f"{source}:{i} " for i in (1, 2, 3)]  # to the held step
+        else:
+            response = client.post(f"{server.url}/v1/chat/completions", json=body)
+            assert response.status_code == 503
+            error = response.json()["error"]
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert (error["type"], error["code"]) == ("service_unavailable", "shutting_down")
+    assert "shut down before this response was complete" in error["message"]
+    assert state.models["m"].pending == 0
+    assert state.models["m"].reloader.slot.inflight() == {}

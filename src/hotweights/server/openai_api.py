@@ -123,6 +123,7 @@ async def _complete(
                 max_prompt_tokens=config.max_prompt_tokens,
             ),
             state.executor,
+            state.cut,
         )
         started = await anext(steps)  # tokenising and limits fail here, before any byte
         if not isinstance(started, Started):

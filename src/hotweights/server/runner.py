@@ -3,6 +3,7 @@ the demo, the benchmarks)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import signal
@@ -23,6 +24,10 @@ from hotweights.server.app import create_app
 from hotweights.server.state import ServedModel, ServerState
 
 log = logging.getLogger("hotweights.server")
+
+# How long before uvicorn cancels what is left of a shutdown the responses still
+# generating are told to stop (each at its next token, with an error).
+CUT_MARGIN_S = 1.0
 
 
 def default_model_name(source: str) -> str:
@@ -111,7 +116,9 @@ def build_app(state: ServerState) -> FastAPI:
 class GracefulServer(uvicorn.Server):
     """uvicorn with a readiness step: on SIGTERM, /ready turns 503 and new requests are
     refused for `shutdown_delay` seconds before the listener closes; requests in flight
-    (streams included) then get up to the drain timeout to finish."""
+    (streams included) then get up to the drain timeout to finish. Those still generating
+    a moment before that grace ends stop at their next token with an error (an SSE error
+    event, or a 503) rather than being cut off without a word when uvicorn cancels them."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
@@ -128,6 +135,13 @@ class GracefulServer(uvicorn.Server):
         timer = threading.Timer(delay, super().handle_exit, args=(sig, frame))
         timer.daemon = True
         timer.start()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        grace = self.config.timeout_graceful_shutdown
+        if grace:
+            margin = min(CUT_MARGIN_S, grace / 2)
+            asyncio.get_running_loop().call_later(grace - margin, self.state.cut.set)
+        await super().shutdown(sockets)
 
 
 def freeze_startup_heap(state: ServerState) -> None:
@@ -173,7 +187,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """A real uvicorn server on a background thread, for tests, the demo and benchmarks."""
 
-    def __init__(self, state: ServerState, port: int | None = None) -> None:
+    def __init__(self, state: ServerState, port: int | None = None, grace: int = 5) -> None:
         self.state = state
         self.port = port or free_port(state.config.host)
         self.url = f"http://{state.config.host}:{self.port}"
@@ -182,7 +196,7 @@ class ServerThread:
             host=state.config.host,
             port=self.port,
             log_level="warning",
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=grace,
         )
         self.server = GracefulServer(config, state)
         self._thread = threading.Thread(target=self.server.run, name="hotweights-uvicorn")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,10 @@ class ServerState:
     """Keeps the models in line with the repository, when serving one."""
     stopping: bool = False
     """Set when shutdown begins: /ready turns false and new requests get 503."""
+    cut: threading.Event = field(default_factory=threading.Event)
+    """Set just before a shutdown's grace period ends: responses still generating stop at
+    their next token with `ShuttingDown` (an error event in a stream) instead of being
+    dropped mid-way."""
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(

@@ -3,7 +3,8 @@
 Each step (one `next()`) runs on a worker thread inside `lease.use()`, so a version is
 never unloaded in the middle of a step, and a version retired at its drain deadline stops
 the stream with `ModelRetired` at the next step. Closing the async iterator (the client
-went away) stops the worker before its next step.
+went away) stops the worker before its next step; so does `cut` (the server is shutting
+down), with `ShuttingDown`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 from hotweights.core import Lease
+from hotweights.errors import ShuttingDown
 
 ModelT = TypeVar("ModelT")
 ItemT = TypeVar("ItemT")
@@ -27,6 +29,7 @@ async def leased_steps(
     lease: Lease[ModelT],
     start: Callable[[ModelT], Iterator[ItemT]],
     executor: Executor,
+    cut: threading.Event | None = None,
 ) -> AsyncGenerator[ItemT, None]:
     """Yield the items of `start(model)`, computing each on `executor` under the lease."""
     loop = asyncio.get_running_loop()
@@ -43,6 +46,8 @@ async def leased_steps(
             with lease.use() as model:
                 iterator = start(model)
             while not stop.is_set():
+                if cut is not None and cut.is_set():
+                    raise ShuttingDown("the server shut down before this response was complete")
                 with lease.use():
                     item = next(iterator, _END)
                 if item is _END:
