@@ -83,6 +83,8 @@ class Sample:
     rss_mb: float
     fds: int
     threads: int
+    helper_rss_mb: float
+    """The server's child processes (the load process) together."""
 
 
 def _generation(fingerprint: object) -> int | None:
@@ -228,6 +230,7 @@ async def sampler(
                         round(process.memory_info().rss / 2**20, 2),
                         process.num_fds(),
                         process.num_threads(),
+                        round(_children_rss(process) / 2**20, 2),
                     )
                 )
         except psutil.Error:
@@ -237,6 +240,16 @@ async def sampler(
             return
         except TimeoutError:
             pass
+
+
+def _children_rss(process: psutil.Process) -> int:
+    total = 0
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # gone meanwhile
+            continue
+    return total
 
 
 def trend(points: list[tuple[float, float]]) -> dict[str, float | None]:
@@ -328,6 +341,7 @@ def summarise(
         "rss_mb": trend([(s.t, s.rss_mb) for s in samples]),
         "open_fds": trend([(s.t, float(s.fds)) for s in samples]),
         "threads": trend([(s.t, float(s.threads)) for s in samples]),
+        "helper_rss_mb": trend([(s.t, s.helper_rss_mb) for s in samples]),
     }
 
 
@@ -349,7 +363,12 @@ def markdown(result: dict[str, Any]) -> str:
         "| server process | first | last | min | max | slope /min | slope /min, 2nd half |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key, name in (("rss_mb", "RSS (MiB)"), ("open_fds", "open FDs"), ("threads", "threads")):
+    for key, name in (
+        ("rss_mb", "RSS (MiB)"),
+        ("open_fds", "open FDs"),
+        ("threads", "threads"),
+        ("helper_rss_mb", "load process RSS (MiB)"),
+    ):
         t = result[key]
         lines.append(
             f"| {name} | {t['first']} | {t['last']} | {t['min']} | {t['max']} "

@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--load-in",
         choices=LOAD_IN,
-        help="read checkpoints in a helper process (default: requests keep the GIL) or a thread",
+        help="read checkpoints in a helper process (requests keep the GIL) or on a thread; "
+        "auto (default): the process under availability, the thread under resource",
     )
     serve.add_argument(
         "--model-root",

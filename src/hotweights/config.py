@@ -18,7 +18,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[Device, ...] = get_args(Device)
-LoadIn = Literal["process", "thread"]
+LoadIn = Literal["auto", "process", "thread"]
 LOAD_IN: tuple[LoadIn, ...] = get_args(LoadIn)
 
 ENV_PREFIX = "HOTWEIGHTS_"
@@ -67,9 +67,11 @@ class Config:
     """Accept pickle-based weights (.bin, .pt). Unsafe with untrusted files."""
     trust_remote_code: bool = False
     """Run Python code shipped in model directories. Unsafe with untrusted files."""
-    load_in: LoadIn = "process"
+    load_in: LoadIn = "auto"
     """Read checkpoints in a helper process (weights handed over in shared memory), so a
-    reload does not take the GIL from requests; or on the reloader's thread."""
+    reload does not take the GIL from requests, or on the reloader's thread. `auto`: the
+    process under `availability` (requests run during the load); the thread under
+    `resource` (none run while it loads, and it costs no extra process's memory)."""
     model_roots: tuple[str, ...] = ()
     """Directories reload paths must lie in; defaults to the served directory's parent."""
     api_key: str | None = None
@@ -142,6 +144,12 @@ class Config:
                 f"listening on {self.host} exposes the admin endpoints beyond this machine: "
                 "set an admin token (--admin-token or HOTWEIGHTS_ADMIN_TOKEN)"
             )
+
+    def loads_in(self) -> Literal["process", "thread"]:
+        """Where checkpoints are read, `auto` resolved by the swap policy."""
+        if self.load_in != "auto":
+            return self.load_in
+        return "process" if self.policy == "availability" else "thread"
 
     def with_source(self, source: str) -> Config:
         return dataclasses.replace(self, source=source)

@@ -93,7 +93,7 @@ def _transformers_loader(config: Config) -> Loader[Any]:
         device=config.device,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
-        load_in=config.load_in,
+        load_in=config.loads_in(),
     )
 
 
