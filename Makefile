@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check bench bench-micro clean
+.PHONY: install demo test lint typecheck check bench bench-micro soak clean
 
 install: $(STAMP)
 
@@ -37,10 +37,14 @@ check: lint typecheck test
 bench: install  ## hotweights vs TorchServe, MLServer, Ray Serve: reloads under load
 	$(PY) bench/reload_under_load.py
 
-bench-micro: install  ## admission cost, HTTP overhead, publish-to-reload and sha256 speed
+bench-micro: install  ## admission cost, HTTP overhead, publish-to-reload, sha256, load placement
 	$(PY) bench/core_overhead.py
 	$(PY) bench/serve_overhead.py
 	$(PY) bench/repository.py
+	$(PY) bench/load_interference.py
+
+soak: install  ## 10 minutes of steady load with a publish every 30 s: failures, RSS, descriptors
+	$(PY) bench/soak.py --duration 600 --reload-every 30 --rate 4
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
