@@ -42,17 +42,11 @@ def main() -> int:
     import torch
 
     from hotweights.backends import GenerationParams, LoadedLM, TransformersLoader
-    from hotweights.demo.tinylm import TinyShape, save_tiny_model
+    from hotweights.demo.tinylm import save_tiny_model
+    from peers.model import bench_shape
 
     torch.set_num_threads(1)
-    shape = TinyShape(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-    )
+    shape = bench_shape()
     with tempfile.TemporaryDirectory(prefix="hotweights-interference-") as tmp:
         source = str(save_tiny_model(Path(tmp) / "model", seed=1, shape=shape))
         serving = TransformersLoader()

@@ -168,16 +168,10 @@ def _version(number: int, dirs: dict[str, Path]) -> ModelVersion:
 
 
 def _build_models(root: Path, layers: int) -> dict[str, Any]:
-    from hotweights.demo.tinylm import TinyShape, save_tiny_model
+    from hotweights.demo.tinylm import save_tiny_model
+    from peers.model import bench_shape
 
-    shape = TinyShape(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-    )
+    shape = bench_shape(layers)
     for seed in SEEDS.values():
         path = root / str(seed)
         if not (path / "model.safetensors").exists():
