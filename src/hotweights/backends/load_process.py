@@ -129,8 +129,8 @@ class LoadProcess:
         except (EOFError, OSError) as exc:
             process.join(timeout=5)
             with self._lock:
-                if self._process is process:
-                    self._process, self._conn = None, None
+                if self._process is process:  # not replaced meanwhile: the next load starts one
+                    self._process, self._conn, self._busy = None, None, False
             conn.close()
             raise LoadError(
                 f"the load process for {request.root} ended before answering "
