@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,45 @@ def test_a_client_that_disconnects_releases_its_lease(serve: Serve, tmp_path: Pa
     assert reloader.wait_drained(10)
     assert loader.models[0].unloaded
     assert reloader.slot.inflight() == {2: 0}
+
+
+def test_a_non_stream_client_that_disconnects_stops_its_generation(
+    serve: Serve, tmp_path: Path
+) -> None:
+    gate = StepGate(at=2)
+    steps: list[int] = []
+
+    def record(step: int) -> None:
+        steps.append(step)
+        gate(step)
+
+    loader = FakeTextLoader(before_step=record)
+    server = serve(loader, tmp_path / "1", drain_timeout=60)
+    served = server.state.models["m"]
+    reloader = served.reloader
+    body = json.dumps(_chat(False, 1000)).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert gate.reached.wait(10)
+        assert served.pending == 1
+    # The client hung up (its connection closed) while step 2 is held. The server notices
+    # and gives the request up: nothing waits for it any more.
+    for _ in range(1000):
+        if served.pending == 0:
+            break
+        threading.Event().wait(0.01)
+    assert served.pending == 0, "the server did not notice the disconnect"
+    loader.before_step = None
+    assert _reload(server, tmp_path / "2").status_code == 200
+    gate.release()
+    assert reloader.wait_drained(10)
+    assert max(steps) == 2, f"generated {max(steps) + 1} tokens for nobody"
+    assert loader.models[0].unloaded
 
 
 def test_a_stream_past_the_drain_deadline_ends_with_an_error_event(

@@ -12,9 +12,9 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
@@ -39,6 +39,7 @@ def require_api_key(
 router = APIRouter(dependencies=[Depends(require_api_key)])
 GENERATION_HEADER = "x-hotweights-generation"
 _PIN = re.compile(r"(g?)([0-9]{1,18})", re.ASCII)  # model@N or model@gN
+T = TypeVar("T")
 CLIENT_CLOSED = 499  # the client went away mid-stream (nginx's convention)
 
 
@@ -134,7 +135,17 @@ async def _complete(
             response: Response = LeasedStream(stream, steps, lease, served, reply.headers)
             steps = None  # the stream owns it now
             return response
-        text, finished = await reply.collect(steps)
+        collected = await _unless_disconnected(request, reply.collect(steps))
+        if collected is None:  # nobody to answer; the worker stopped at its next token
+            state.metrics.request(
+                served.name,
+                endpoint,
+                lease.generation,
+                CLIENT_CLOSED,
+                time.monotonic() - started_at,
+            )
+            return Response(status_code=CLIENT_CLOSED)
+        text, finished = collected
         state.metrics.generated(served.name, lease.generation, finished.completion_tokens)
         state.metrics.request(
             served.name, endpoint, lease.generation, 200, time.monotonic() - started_at
@@ -150,6 +161,29 @@ async def _complete(
             await steps.aclose()
             lease.release()
             served.done()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None once the client has closed its connection (then `work` is
+    cancelled, and awaited, so whatever it iterates can be closed after)."""
+    working = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watching, working):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(watching, working, return_exceptions=True)
+    if working.cancelled():
+        return None
+    return working.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _admit(served: ServedModel, pin: str) -> Lease[Any]:
