@@ -41,8 +41,9 @@ def main() -> int:
 
     import torch
 
-    from hotweights.backends import GenerationParams, LoadedLM, TransformersLoader
+    from hotweights.backends import LoadedLM, TransformersLoader
     from hotweights.demo.tinylm import save_tiny_model
+    from hotweights.generation import GenerationParams
     from peers.model import bench_shape
 
     torch.set_num_threads(1)

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hotweights.backends import GenerationParams, TransformersLoader
+from hotweights.backends import TransformersLoader
 from hotweights.config import Config
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
+from hotweights.generation import GenerationParams
 from hotweights.server.runner import ServerThread, build_state
 
 SHAPE = TinyShape(

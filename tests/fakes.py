@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hotweights.backends.sampling import GenerationParams, TokenChunk
+from hotweights.generation import GenerationParams, TokenChunk
 
 Phase = str
 

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from hotweights import __version__
-from hotweights.config import DEVICES, DTYPES, LOAD_IN, Config
+from hotweights.backends.transformers_lm import DEVICES, DTYPES
+from hotweights.config import LOAD_IN_SETTINGS, Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
 from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
@@ -60,9 +61,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=DEVICES)
     serve.add_argument(
         "--load-in",
-        choices=LOAD_IN,
+        choices=LOAD_IN_SETTINGS,
         help="read checkpoints in a helper process (requests keep the GIL) or on a thread; "
         "auto (default): the process under availability, the thread under resource",
+    )
+    engine = serve.add_argument_group("batched generation")
+    engine.add_argument(
+        "--max-batch-size", type=int, help="sequences one version's engine steps together (32)"
+    )
+    engine.add_argument(
+        "--kv-cache-memory",
+        help="each engine's key/value cache, e.g. 512MiB or 2GB (auto: a full batch of the "
+        "longest sequences, at most a quarter of available memory)",
+    )
+    engine.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_false",
+        default=None,
+        help="one decode loop per request instead of the batched engine",
     )
     serve.add_argument(
         "--model-root",
@@ -150,6 +167,9 @@ SERVE_SETTINGS = (
     "allow_pickle",
     "trust_remote_code",
     "load_in",
+    "max_batch_size",
+    "kv_cache_memory",
+    "batching",
 )
 
 

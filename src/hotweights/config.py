@@ -8,18 +8,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from hotweights.backends.transformers_lm import DEVICES, DTYPES, LOAD_IN, Device, Dtype, LoadIn
 from hotweights.core.policy import SwapPolicy
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-DTYPES: tuple[Dtype, ...] = get_args(Dtype)
-Device = Literal["cpu", "cuda"]
-DEVICES: tuple[Device, ...] = get_args(Device)
-LoadIn = Literal["auto", "process", "thread"]
-LOAD_IN: tuple[LoadIn, ...] = get_args(LoadIn)
+LoadInSetting = Literal["auto", LoadIn]
+LOAD_IN_SETTINGS: tuple[LoadInSetting, ...] = ("auto", *LOAD_IN)
 
 ENV_PREFIX = "HOTWEIGHTS_"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -67,7 +64,7 @@ class Config:
     """Accept pickle-based weights (.bin, .pt). Unsafe with untrusted files."""
     trust_remote_code: bool = False
     """Run Python code shipped in model directories. Unsafe with untrusted files."""
-    load_in: LoadIn = "auto"
+    load_in: LoadInSetting = "auto"
     """Read checkpoints in a helper process (weights handed over in shared memory), so a
     reload does not take the GIL from requests, or on the reloader's thread. `auto`: the
     process under `availability` (requests run during the load); the thread under
@@ -89,13 +86,19 @@ class Config:
     default_max_tokens: int = 256
     """`max_tokens` for chat requests that do not set it."""
     generation_workers: int = 4
-    """Threads that run generation off the event loop."""
+    """Threads that render and encode prompts off the event loop (and generate, for a model
+    served by the per-request loop)."""
+    max_batch_size: int = 32
+    """Sequences one version's engine steps together; more requests wait for a row."""
+    kv_cache_memory: str = "auto"
+    """Each engine's key/value cache, e.g. `512MiB` or `2GB`; `auto`: what a full batch of
+    the longest sequences needs, at most a quarter of available memory."""
+    batching: bool = True
+    """Generate through one batched engine per version; false: one decode loop per request."""
     shutdown_delay: float = 2.0
     """On SIGTERM, seconds /ready answers 503 before the listener closes (for load balancers)."""
     log_level: str = "info"
     """Log level for hotweights and uvicorn."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    """Settings for experiments; ignored by hotweights itself."""
 
     @classmethod
     def load(
@@ -106,8 +109,6 @@ class Config:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for spec in fields(cls):
-            if spec.name == "extra":
-                continue
             raw = env.get(ENV_PREFIX + spec.name.upper())
             if raw is not None:
                 values[spec.name] = _parse(spec, raw)
@@ -126,8 +127,11 @@ class Config:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.load_in not in LOAD_IN:
-            raise ValueError(f"load_in must be one of {LOAD_IN}, got {self.load_in!r}")
+        if self.load_in not in LOAD_IN_SETTINGS:
+            raise ValueError(f"load_in must be one of {LOAD_IN_SETTINGS}, got {self.load_in!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        self.kv_cache_bytes()  # raises for a size it cannot read
         if self.watch not in ("auto", "events", "poll"):
             raise ValueError(f"watch must be auto, events or poll, got {self.watch!r}")
         if self.verify not in ("digest", "size", "none"):
@@ -145,14 +149,15 @@ class Config:
                 "set an admin token (--admin-token or HOTWEIGHTS_ADMIN_TOKEN)"
             )
 
-    def loads_in(self) -> Literal["process", "thread"]:
+    def kv_cache_bytes(self) -> int | None:
+        """`kv_cache_memory` in bytes; None for `auto`."""
+        return parse_size(self.kv_cache_memory, "kv_cache_memory")
+
+    def loads_in(self) -> LoadIn:
         """Where checkpoints are read, `auto` resolved by the swap policy."""
         if self.load_in != "auto":
             return self.load_in
         return "process" if self.policy == "availability" else "thread"
-
-    def with_source(self, source: str) -> Config:
-        return dataclasses.replace(self, source=source)
 
     def roots(self) -> tuple[Path, ...]:
         """The resolved directories reload paths must lie in."""
@@ -163,6 +168,40 @@ class Config:
         if self.source:
             return (Path(self.source).resolve().parent,)
         return ()
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+}
+
+
+def parse_size(text: str, name: str) -> int | None:
+    """`512MiB`, `2GB`, `1048576` in bytes; None for `auto`. Raises `ValueError` naming
+    `name` for anything else."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = value[len(number) :].strip()
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"{name} must be a size like 512MiB or 2GB, or auto; got {text!r}"
+        ) from None
+    if size <= 0:
+        raise ValueError(f"{name} must be positive, got {text!r}")
+    return int(size)
 
 
 def _parse(spec: dataclasses.Field[Any], raw: str) -> Any:

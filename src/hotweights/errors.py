@@ -125,3 +125,8 @@ class ShuttingDown(HotweightsError):
 
 class Overloaded(HotweightsError):
     """A model's admission queue is full; the client should retry later."""
+
+
+class EngineFailed(HotweightsError):
+    """A batched generation pass failed; every request in that pass ends with this error,
+    and the engine goes on with the next ones."""

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hotweights.backends import GenerationParams, LoadedLM, TransformersLoader, inspect_model_dir
+from hotweights.backends import LoadedLM, TransformersLoader, inspect_model_dir
 from hotweights.backends.safetensors_header import read_header
 from hotweights.errors import LoadError
+from hotweights.generation import GenerationParams
 
 pytestmark = pytest.mark.llm
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from hotweights.backends import GenerationParams, LoadedLM, TransformersLoader
+from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.errors import LoadError
+from hotweights.generation import GenerationParams
 
 pytestmark = pytest.mark.llm
 

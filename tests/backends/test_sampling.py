@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 
-from hotweights.backends import GenerationParams, sample_next_token
+from hotweights.backends import sample_next_token
 from hotweights.errors import InvalidRequest
+from hotweights.generation import GenerationParams
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from hotweights.backends import GenerationParams, LoadedLM, TokenChunk, TransformersLoader
+from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.backends.loaded_lm import fallback_chat_prompt
 from hotweights.demo.tinylm import build_model, build_tokenizer, save_pretrained
 from hotweights.errors import InvalidRequest, ModelRetired, ValidationError
+from hotweights.generation import GenerationParams
 from tests.backends.stop_reference import first_stop_reference
 
 pytestmark = pytest.mark.llm
@@ -166,29 +167,6 @@ def test_generation_stops_at_the_models_last_position(lively_lm: LoadedLM) -> No
         lively_lm.stream("a" * limit, greedy())
     with pytest.raises(InvalidRequest, match="empty"):
         lively_lm.stream("", greedy())
-
-
-def test_checkpoint_runs_before_every_token(lively_lm: LoadedLM) -> None:
-    calls: list[int] = []
-    completion = lively_lm.generate(PROMPT, greedy(6), checkpoint=lambda: calls.append(1))
-    assert len(calls) == completion.completion_tokens == 6
-
-
-def test_a_raising_checkpoint_stops_the_stream_with_its_error(lively_lm: LoadedLM) -> None:
-    calls = 0
-
-    def retire_on_third_step() -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise ModelRetired("g1 was retired at its drain deadline")
-
-    received: list[TokenChunk] = []
-    stream = lively_lm.stream(PROMPT, greedy(24), checkpoint=retire_on_third_step)
-    with pytest.raises(ModelRetired, match="drain deadline"):
-        received.extend(stream)
-    assert calls == 3
-    assert all(chunk.completion_tokens <= 2 for chunk in received)
 
 
 def test_chat_template_and_token_counts(lively_lm: LoadedLM) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hotweights.core import HotReloadCoordinator, ModelVersion, Outcome, ReloadEvent, ReloadLog
+from hotweights.core import ModelVersion, Outcome, ReloadEvent, ReloadLog, VersionHistory
 from hotweights.core.version import VersionState
 
 
@@ -17,7 +17,7 @@ def _validating(source: str) -> ModelVersion:
 
 @given(max_history=st.integers(1, 10), n=st.integers(0, 40))
 def test_history_is_bounded_and_most_recent_first(max_history: int, n: int) -> None:
-    coordinator = HotReloadCoordinator(max_history)
+    coordinator = VersionHistory(max_history)
     for i in range(n):
         assert coordinator.go_live(_validating(f"/m/{i}")) == i + 1
     history = coordinator.history()
@@ -69,7 +69,7 @@ def test_replace_updates_a_retained_event_only() -> None:
 
 
 def test_rollback_target_skips_the_current_source() -> None:
-    coordinator = HotReloadCoordinator()
+    coordinator = VersionHistory()
     assert coordinator.rollback_target() is None
     for source in ("/m/1", "/m/2", "/m/2"):
         coordinator.go_live(_validating(source))

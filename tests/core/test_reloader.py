@@ -69,7 +69,7 @@ def test_a_failure_in_any_phase_leaves_the_old_version_serving(
     assert event.error_message is not None
     assert event.error_message.startswith(f"{phase}:")
     assert reloader.generation == 1
-    assert [v.source for v in reloader.coordinator.history()] == ["/m/good"]
+    assert [v.source for v in reloader.history.history()] == ["/m/good"]
     with reloader.slot.acquire() as lease:
         assert (lease.generation, lease.model()) == (1, "/m/good")
     # A model that loaded but failed later is unloaded once; the good one never.

@@ -57,7 +57,7 @@ def test_a_stuck_lease_is_retired_at_the_deadline(
         pytest.fail("use() must not enter on a retired version")
     stuck.release()
     assert reloader.log.get(event.id).phases["drain"] >= 0.05  # type: ignore[union-attr]
-    assert reloader.coordinator.history()[1].state is VersionState.RETIRED
+    assert reloader.history.history()[1].state is VersionState.RETIRED
 
 
 def test_unload_waits_for_a_step_already_running(

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hotweights.backends import LoadedLM, TransformersLoader
+from hotweights.backends import LoadedLM
 from hotweights.config import Config
 from hotweights.demo.tinylm import save_tiny_model
+from hotweights.engine.loader import BatchingLoader
 from hotweights.server.runner import build_state, freeze_startup_heap
 
 pytestmark = pytest.mark.llm
@@ -24,7 +25,7 @@ def test_freeze_before_the_first_load_leaves_the_collector_only_the_models(
     config = Config.load({"source": str(source), "model_name": "m"}, environ={})
     state = build_state(config)
     loader = state.models["m"].reloader.loader
-    assert isinstance(loader, TransformersLoader)
+    assert isinstance(loader, BatchingLoader)
     try:
         freeze_startup_heap(state)
         assert "transformers.models.auto" in sys.modules
@@ -33,11 +34,14 @@ def test_freeze_before_the_first_load_leaves_the_collector_only_the_models(
 
         first: LoadedLM = loader.load(str(source))
         loader.validate(first)
+        loader.warmup(first)
+        assert first.engine is not None, first.engine_note
         module = weakref.ref(first.model)
         # What an unload's full collection still walks: objects made since the freeze.
         assert len(gc.get_objects()) < frozen // 4
         loader.unload(first)
-        assert module() is None, "the model outlived its unload"
+        assert module() is None, "the model (or its engine) outlived its unload"
+        assert first.engine is None
 
         # A model loaded after the freeze is not frozen: a later version is freed too.
         second = loader.load(str(source))

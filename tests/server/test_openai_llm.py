@@ -12,8 +12,9 @@ import httpx
 import openai
 import pytest
 
-from hotweights.backends import GenerationParams, LoadedLM, TokenChunk, TransformersLoader
+from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.demo.tinylm import save_tiny_model
+from hotweights.generation import GenerationParams, TokenChunk
 from tests.server.conftest import Serve
 
 pytestmark = pytest.mark.llm

@@ -1,8 +1,9 @@
 """Backends turn a source (a model directory) into a runnable model.
 
 The Hugging Face transformers causal-LM backend: `TransformersLoader` loads a directory
-as a `LoadedLM`, which streams text for `GenerationParams`. Importing this package does not
-import torch or transformers; they are imported when a model is first loaded.
+as a `LoadedLM`, which streams text for `hotweights.generation.GenerationParams`.
+Importing this package does not import torch or transformers; they are imported when a
+model is first loaded.
 """
 
 from __future__ import annotations
@@ -15,33 +16,22 @@ from hotweights.backends.files import (
     fingerprint,
     inspect_model_dir,
 )
-from hotweights.backends.loaded_lm import Checkpoint, LoadedLM, fallback_chat_prompt
+from hotweights.backends.loaded_lm import LoadedLM, fallback_chat_prompt
 from hotweights.backends.safetensors_header import SafetensorsHeader, TensorEntry, read_header
-from hotweights.backends.sampling import (
-    Completion,
-    FinishReason,
-    GenerationParams,
-    TokenChunk,
-    sample_next_token,
-)
+from hotweights.backends.sampling import sample_next_token
 from hotweights.backends.transformers_lm import DEVICES, DTYPES, Device, Dtype, TransformersLoader
 
 __all__ = [
     "DEVICES",
     "DTYPES",
-    "Checkpoint",
-    "Completion",
     "Device",
     "Dtype",
-    "FinishReason",
-    "GenerationParams",
     "IncrementalDecoder",
     "LoadedLM",
     "ModelFiles",
     "SafetensorsHeader",
     "StopMatcher",
     "TensorEntry",
-    "TokenChunk",
     "TransformersLoader",
     "WeightFormat",
     "estimate_bytes",

@@ -1,34 +1,27 @@
 """A loaded causal language model and its tokenizer, ready to generate text.
 
 `LoadedLM` is what `TransformersLoader.load` returns and what the server's leases hand
-out. Generation is a manual decode loop with a KV cache: one forward pass per token, each
-under `torch.inference_mode()`, so a stream can be stepped from any thread and stopped
-between any two tokens.
+out. It generates two ways: through its batched engine (`engine`, started by the loader's
+warmup: every request of the version stepped together), or, for a model the engine cannot
+run, with a per-request decode loop (`stream`: one forward pass per token, under
+`torch.inference_mode()`, stepped from any thread and stopped between any two tokens).
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
-from hotweights.backends.sampling import (
-    Completion,
-    FinishReason,
-    GenerationParams,
-    TokenChunk,
-    sample_next_token,
-)
+from hotweights.backends.sampling import sample_next_token
 from hotweights.errors import InvalidRequest, ModelRetired
+from hotweights.generation import Completion, Engine, FinishReason, GenerationParams, TokenChunk
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-Checkpoint = Callable[[], None]
-"""Called before every forward pass; raises (e.g. `ModelRetired`) to stop a stream."""
 
 
 def fallback_chat_prompt(messages: Sequence[Mapping[str, str]]) -> str:
@@ -77,14 +70,20 @@ class LoadedLM:
         """Ids the tokenizer can produce, special tokens included."""
         positions = getattr(config, "max_position_embeddings", None)
         self.max_positions: int | None = positions if isinstance(positions, int) else None
-        self._eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        """Every id that ends a completion."""
         parameters = inspect.signature(model.forward).parameters
         # transformers 5 renamed `past_key_values` to `cache` (the old name warns).
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._trim_logits = "logits_to_keep" in parameters
         self._model: PreTrainedModel | None = model
         self._tokenizer: PreTrainedTokenizerBase | None = tokenizer
         self._tokenizer_lock = threading.Lock()
+        self.engine: Engine | None = None
+        """The batched engine once the loader started it; None while the per-request loop
+        serves (before warmup, or when the engine cannot run this model)."""
+        self.engine_note = "not started"
+        """Why `engine` is None, or `batched`."""
 
     @property
     def unloaded(self) -> bool:
@@ -94,20 +93,28 @@ class LoadedLM:
     def model(self) -> PreTrainedModel:
         """The transformers model; raises `ModelRetired` once unloaded."""
         if self._model is None:
-            raise self._retired()
+            raise self.retired()
         return self._model
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer; raises `ModelRetired` once unloaded."""
         if self._tokenizer is None:
-            raise self._retired()
+            raise self.retired()
         return self._tokenizer
 
     def release(self) -> None:
-        """Drop the model and tokenizer. Idempotent; called by the loader's `unload`."""
+        """Stop the engine (what still runs on it ends with `ModelRetired`), then drop the
+        model and tokenizer. Idempotent; called by the loader's `unload`."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.stop()
         self._model = None
         self._tokenizer = None
+
+    def retired(self) -> ModelRetired:
+        """The error for work on this model once it was unloaded."""
+        return ModelRetired(f"{self.architecture} from {self.source} was unloaded")
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt for `messages` (`role`, `content`), with the assistant turn opened.
@@ -144,18 +151,20 @@ class LoadedLM:
         """How many tokens `text` is as a prompt (as `stream` encodes it)."""
         return len(self.encode(text))
 
-    def stream(
-        self, prompt: str, params: GenerationParams, checkpoint: Checkpoint | None = None
-    ) -> Iterator[TokenChunk]:
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[TokenChunk]:
         """Generate from `prompt`, yielding text pieces as they are decoded.
 
         Encodes the prompt now: raises `ModelRetired` if unloaded and `InvalidRequest` if
-        the prompt is empty or too long for the model. The returned iterator calls
-        `checkpoint` before every forward pass and raises whatever it raises; it also
-        raises `ModelRetired` at the next token if the model is unloaded meanwhile. The
+        the prompt is empty or too long for the model. The returned iterator raises
+        `ModelRetired` at the next token if the model is unloaded meanwhile. The
         last chunk carries the finish reason. Text never contains a stop string or
         anything after it, and never a partial UTF-8 character before the end.
         """
+        return self._run(self.prompt_ids(prompt), params)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """`prompt` encoded; raises `InvalidRequest` if it is empty or too long for the
+        model's positions."""
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty: it encodes to no tokens")
@@ -164,26 +173,22 @@ class LoadedLM:
                 f"the prompt is {len(prompt_ids)} tokens; {self.architecture} from "
                 f"{self.source} reads at most {self.max_positions} positions"
             )
-        return self._run(prompt_ids, params, checkpoint)
+        return prompt_ids
 
-    def generate(
-        self, prompt: str, params: GenerationParams, checkpoint: Checkpoint | None = None
-    ) -> Completion:
+    def generate(self, prompt: str, params: GenerationParams) -> Completion:
         """The whole completion of `prompt`: `stream` collected. Raises as `stream` does."""
         pieces: list[str] = []
         finish: FinishReason = "length"
         counts = (0, 0)
-        for chunk in self.stream(prompt, params, checkpoint):
+        for chunk in self.stream(prompt, params):
             pieces.append(chunk.text)
             finish = chunk.finish_reason or finish
             counts = (chunk.prompt_tokens, chunk.completion_tokens)
         return Completion("".join(pieces), finish, *counts)
 
-    def _run(
-        self, prompt_ids: list[int], params: GenerationParams, checkpoint: Checkpoint | None
-    ) -> Iterator[TokenChunk]:
-        generator = self._generator(params.seed)
-        decoder = IncrementalDecoder(self._decode)
+    def _run(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenChunk]:
+        generator = self.generator(params.seed)
+        decoder = IncrementalDecoder(self.decode)
         stops = StopMatcher(params.stop)
         prompt_tokens, produced = len(prompt_ids), 0
         limit = params.max_tokens
@@ -194,11 +199,9 @@ class LoadedLM:
         step_ids = prompt_ids
         tail = ""
         while produced < limit:
-            if checkpoint is not None:
-                checkpoint()
             token, cache = self._step(step_ids, cache, params, generator)
             produced += 1
-            if token in self._eos_ids:
+            if token in self.eos_ids:
                 finish = "stop"
                 break
             text, stopped = stops.feed(decoder.push(token))
@@ -232,15 +235,16 @@ class LoadedLM:
         model = self.model
         with torch.inference_mode():
             inputs = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, n)
-            kwargs: dict[str, Any] = {"use_cache": True, self._cache_arg: cache}
+            kwargs: dict[str, Any] = {"use_cache": True, self.cache_arg: cache}
             if self._trim_logits:
                 kwargs["logits_to_keep"] = 1
             output = model(input_ids=inputs, **kwargs)
             logits = output.logits[0, -1, : self.tokenizer_size]  # (tokenizer vocab,)
             token = sample_next_token(logits, params, generator)
-            return token, getattr(output, self._cache_arg)
+            return token, getattr(output, self.cache_arg)
 
-    def _generator(self, seed: int | None) -> torch.Generator:
+    def generator(self, seed: int | None) -> torch.Generator:
+        """A random generator of one request's own: seeded, or from the OS."""
         import torch
 
         generator = torch.Generator(device=self.device)
@@ -250,16 +254,14 @@ class LoadedLM:
             generator.manual_seed(seed % 2**64)
         return generator
 
-    def _decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens skipped. Thread-safe."""
         tokenizer = self.tokenizer
         with self._tokenizer_lock:
             text = tokenizer.decode(
                 list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
         return str(text)
-
-    def _retired(self) -> ModelRetired:
-        return ModelRetired(f"{self.architecture} from {self.source} was unloaded")
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
 from hotweights.backends.load_process import LoadProcess, LoadRequest, read_pretrained
 from hotweights.backends.loaded_lm import LoadedLM
-from hotweights.backends.sampling import GenerationParams
 from hotweights.errors import HotweightsError, LoadError, ValidationError
+from hotweights.generation import GenerationParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -3,7 +3,6 @@ its leases, and the reloader with its swap policies. Imports no third-party pack
 
 from __future__ import annotations
 
-from hotweights.core.coordinator import HotReloadCoordinator
 from hotweights.core.events import (
     PHASES,
     TRIGGERS,
@@ -13,6 +12,7 @@ from hotweights.core.events import (
     ReloadLog,
     Trigger,
 )
+from hotweights.core.history import VersionHistory
 from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
 from hotweights.core.memory import MemoryCheck, available_memory
 from hotweights.core.observers import (
@@ -34,7 +34,6 @@ __all__ = [
     "TRIGGERS",
     "DrainReport",
     "Fingerprinting",
-    "HotReloadCoordinator",
     "Lease",
     "Loader",
     "MemoryCheck",
@@ -55,6 +54,7 @@ __all__ = [
     "SwapPolicy",
     "Trigger",
     "VersionChanged",
+    "VersionHistory",
     "VersionState",
     "available_memory",
 ]

@@ -18,8 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from hotweights.core.coordinator import DEFAULT_MAX_HISTORY, HotReloadCoordinator
 from hotweights.core.events import DEFAULT_MAX_EVENTS, Outcome, ReloadEvent, ReloadLog, Trigger
+from hotweights.core.history import DEFAULT_MAX_HISTORY, VersionHistory
 from hotweights.core.loader import Loader
 from hotweights.core.memory import MemoryCheck
 from hotweights.core.observers import (
@@ -31,7 +31,7 @@ from hotweights.core.observers import (
 )
 from hotweights.core.phases import Attempt, PhaseFailed, PhaseRunner
 from hotweights.core.policy import RetryPolicy, SwapPolicy
-from hotweights.core.slot import ModelSlot
+from hotweights.core.slot import Lease, ModelSlot
 from hotweights.core.version import ModelVersion, VersionState
 from hotweights.errors import NoPreviousVersion, ReloaderClosed
 
@@ -96,7 +96,7 @@ class Reloader(Generic[ModelT]):
         self.policy: SwapPolicy = policy
         self.drain_timeout = drain_timeout
         self.retry = retry or RetryPolicy()
-        self.coordinator = HotReloadCoordinator(max_history)
+        self.history = VersionHistory(max_history)
         self.log = ReloadLog(max_events)
         self.observers = ObserverList()
         self.slot: ModelSlot[ModelT] = ModelSlot(
@@ -162,7 +162,7 @@ class Reloader(Generic[ModelT]):
     def rollback(self, *, description: str = "") -> ReloadTicket:
         """Make the most recent earlier version (by source) live again, as a new
         generation. Raises `NoPreviousVersion` when the history holds none."""
-        target = self.coordinator.rollback_target()
+        target = self.history.rollback_target()
         if target is None:
             raise NoPreviousVersion(f"model {self.name!r} has no earlier version to roll back to")
         text = description or f"rollback to g{target.generation}"
@@ -172,11 +172,43 @@ class Reloader(Generic[ModelT]):
         """Call `observer` with every `Notice`; returns a function that unsubscribes."""
         return self.observers.add(observer)
 
-    # -- state --------------------------------------------------------------------------
+    # -- what the server may ask ---------------------------------------------------------
+
+    async def acquire_async(self) -> Lease[ModelT]:
+        """Lease the live version (see `ModelSlot.acquire_async`)."""
+        return await self.slot.acquire_async()
+
+    def acquire_resident(self, choose: Callable[[ModelVersion], bool]) -> Lease[ModelT] | None:
+        """Lease the newest resident version `choose` accepts (see `ModelSlot`)."""
+        return self.slot.acquire_resident(choose)
+
+    @property
+    def live_version(self) -> ModelVersion | None:
+        return self.slot.live_version
+
+    def resident(self) -> list[ModelVersion]:
+        """Versions with a loaded model: the live one and those still draining."""
+        return self.slot.resident()
+
+    def inflight(self) -> dict[int, int]:
+        """Leases held now, by generation."""
+        return self.slot.inflight()
+
+    def versions(self) -> list[ModelVersion]:
+        """The versions that went live, oldest first (bounded)."""
+        return self.history.history()
+
+    def last_live(self) -> ModelVersion | None:
+        """The version that went live last, even if it is no longer resident."""
+        return self.history.current_version()
+
+    def models(self) -> list[tuple[ModelVersion, ModelT]]:
+        """The resident versions with their loaded models, newest first (for status)."""
+        return self.slot.resident_models()
 
     @property
     def generation(self) -> int:
-        return self.coordinator.generation
+        return self.history.generation
 
     def status(self) -> dict[str, object]:
         """A JSON-ready snapshot: live version, in-flight leases, reload in progress."""
@@ -187,7 +219,7 @@ class Reloader(Generic[ModelT]):
         return {
             "model": self.name,
             "policy": self.policy,
-            "generation": self.coordinator.generation,
+            "generation": self.history.generation,
             "live": live.to_dict() if live else None,
             "inflight": {str(gen): n for gen, n in self.slot.inflight().items()},
             "resident": [version.generation for version in self.slot.resident()],
@@ -233,7 +265,7 @@ class Reloader(Generic[ModelT]):
                 if self._pending is None:
                     return
                 job, self._pending = self._pending, None
-                job.old_generation = self.coordinator.generation
+                job.old_generation = self.history.generation
                 self._running = job
             self.observers.notify(ReloadStarted(self.name, job.id, job.source, job.trigger))
             retiring: int | None = None
@@ -300,7 +332,7 @@ class Reloader(Generic[ModelT]):
         source back so something serves again."""
         text = f"restore g{previous.generation} after a failed reload"
         job = _Job(next(self._ids), previous.source, "rollback", text)
-        job.old_generation = self.coordinator.generation
+        job.old_generation = self.history.generation
         try:
             version, model, attempt = self._bring_up(job)
         except PhaseFailed as failure:
@@ -339,7 +371,7 @@ class Reloader(Generic[ModelT]):
         return sum(version.size_bytes or 0 for version in self.slot.resident())
 
     def _go_live(self, version: ModelVersion, model: ModelT) -> int | None:
-        self.coordinator.go_live(version)
+        self.history.go_live(version)
         self._version_changed(version, VersionState.VALIDATING, VersionState.LIVE)
         old = self.slot.publish(version, model)
         log.info("%s: %s is live", self.name, version.label)
@@ -409,7 +441,7 @@ class Reloader(Generic[ModelT]):
             target=job.source,
             outcome=outcome,
             old_generation=(
-                self.coordinator.generation if job.old_generation is None else job.old_generation
+                self.history.generation if job.old_generation is None else job.old_generation
             ),
             new_generation=version.generation if version is not None else None,
             description=job.description,

@@ -277,6 +277,12 @@ class ModelSlot(Generic[ModelT]):
             entries = sorted(self._residents.items(), reverse=True)
         return [entry.version for _, entry in entries]
 
+    def resident_models(self) -> list[tuple[ModelVersion, ModelT]]:
+        """`resident`, each with its loaded model."""
+        with self._lock:
+            entries = sorted(self._residents.items(), reverse=True)
+        return [(entry.version, entry.model) for _, entry in entries if entry.model is not None]
+
     def publish(self, version: ModelVersion, model: ModelT) -> int | None:
         """Make `version` (already LIVE, with its generation) the one new leases get.
         Returns the generation that stopped being live (now DRAINING), if any; the caller

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from hotweights.errors import NotReady
+from hotweights.generation import BatchedModel
 from hotweights.server.deps import Admin, server_state
 from hotweights.server.metrics import CONTENT_TYPE
 from hotweights.server.outcomes import answer
@@ -36,7 +37,7 @@ async def ready(request: Request) -> dict[str, object]:
     state = server_state(request)
     if state.stopping:
         raise NotReady("the server is shutting down")
-    live = {name: m.reloader.slot.live_version for name, m in state.models.items()}
+    live = {name: m.reloader.live_version for name, m in state.models.items()}
     missing = sorted(name for name, version in live.items() if version is None)
     if missing or not live:
         raise NotReady(f"no live version yet for: {', '.join(missing) or 'any model'}")
@@ -69,7 +70,7 @@ async def reload(
     if body.path is not None:
         target = state.check_reload_path(body.path)
     else:
-        live = served.reloader.slot.live_version or served.reloader.coordinator.current_version()
+        live = served.reloader.live_version or served.reloader.last_live()
         if live is None:
             raise NotReady("nothing was ever live: give a path to reload")
         target = live.source
@@ -100,7 +101,7 @@ async def versions(state: Admin, name: str | None = None) -> dict[str, Any]:
     return {
         "model": reloader.name,
         "generation": reloader.generation,
-        "versions": [version.to_dict() for version in reloader.coordinator.history()],
+        "versions": [version.to_dict() for version in reloader.versions()],
     }
 
 
@@ -135,10 +136,28 @@ async def reload_event(state: Admin, event_id: int, name: str | None = None) -> 
 @router.get("/admin/status")
 async def status(state: Admin) -> dict[str, Any]:
     return {
-        "models": {name: m.reloader.status() for name, m in state.models.items()},
+        "models": {
+            name: {**m.reloader.status(), "engines": _engines(m)}
+            for name, m in state.models.items()
+        },
         "config": {
             "policy": state.config.policy,
             "drain_timeout": state.config.drain_timeout,
             "admission_timeout": state.config.admission_timeout,
+            "max_batch_size": state.config.max_batch_size,
+            "kv_cache_memory": state.config.kv_cache_memory,
+            "batching": state.config.batching,
         },
     }
+
+
+def _engines(served: ServedModel) -> dict[str, dict[str, Any]]:
+    """How each resident generation generates: batched (with its load) or per-request."""
+    engines: dict[str, dict[str, Any]] = {}
+    for version, model in served.reloader.models():
+        if isinstance(model, BatchedModel):
+            load = model.engine.load() if model.engine is not None else {}
+            engines[str(version.generation)] = {"mode": model.engine_note, **load}
+        else:
+            engines[str(version.generation)] = {"mode": "per-request"}
+    return engines

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from hotweights.errors import (
+    EngineFailed,
     EscapesRoot,
     Forbidden,
     HotweightsError,
@@ -43,6 +44,7 @@ STATUS: tuple[tuple[type[HotweightsError], int, str, str], ...] = (
     (ReloaderClosed, 503, "service_unavailable", "shutting_down"),
     (ShuttingDown, 503, "service_unavailable", "shutting_down"),
     (ModelRetired, 503, "service_unavailable", "version_retired"),
+    (EngineFailed, 500, "server_error", "generation_failed"),
     (Unauthorized, 401, "authentication_error", "missing_token"),
     (Forbidden, 403, "permission_error", "forbidden"),
     (NoPreviousVersion, 409, "invalid_request_error", "no_previous_version"),

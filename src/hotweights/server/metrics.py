@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from hotweights.core import Notice, Reloader, ReloadFinished
+from hotweights.engine.batching import StepObserver, StepStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -37,9 +39,9 @@ class _LiveState(Collector):
             labels=["model", "generation"],
         )
         for name, reloader in self._reloaders().items():
-            version = reloader.slot.live_version
+            version = reloader.live_version
             live.add_metric([name], version.generation if version else 0)
-            for generation, count in reloader.slot.inflight().items():
+            for generation, count in reloader.inflight().items():
                 inflight.add_metric([name, str(generation)], count)
         yield live
         yield inflight
@@ -82,6 +84,33 @@ class Metrics:
             buckets=PHASE_BUCKETS,
             registry=self.registry,
         )
+        self.first_token = Histogram(
+            "hotweights_time_to_first_token_seconds",
+            "Admission to the first generated text",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "hotweights_engine_batch_size",
+            "Sequences in each engine pass",
+            ["model", "kind"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "hotweights_engine_pass_seconds",
+            "Seconds each engine pass (one forward over the batch) took",
+            ["model", "kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "hotweights_engine_waiting",
+            "Sequences waiting for a row of the engine, after its last pass",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveState(reloaders))
 
     def observe(self, notice: Notice) -> None:
@@ -102,6 +131,19 @@ class Metrics:
     ) -> None:
         self.requests.labels(model, endpoint, str(generation), str(status)).inc()
         self.latency.labels(model, endpoint).observe(seconds)
+
+    def engine_step(self, model: str) -> StepObserver:
+        """An observer of `model`'s engine passes (called on the engine threads)."""
+        batch = {kind: self.batch.labels(model, kind) for kind in ("prefill", "decode")}
+        seconds = {kind: self.step_seconds.labels(model, kind) for kind in ("prefill", "decode")}
+        waiting = self.waiting.labels(model)
+
+        def observe(stats: StepStats) -> None:
+            batch[stats.kind].observe(stats.batch)
+            seconds[stats.kind].observe(stats.seconds)
+            waiting.set(stats.waiting)
+
+        return observe
 
     def generated(self, model: str, generation: int, tokens: int) -> None:
         if tokens:

@@ -23,10 +23,11 @@ from starlette.types import Receive, Scope, Send
 
 from hotweights.core import Lease
 from hotweights.errors import HotweightsError, InvalidRequest, NotReady, UnknownModel
+from hotweights.generation import BatchedModel, GenerationParams
 from hotweights.server.errors import classify, error_body
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.state import ServedModel, ServerState
-from hotweights.server.steps import leased_steps
+from hotweights.server.steps import engine_steps, leased_steps
 from hotweights.server.textgen import Finished, Prompt, Started, TextPiece, start_generation
 
 
@@ -53,7 +54,7 @@ async def list_models(request: Request) -> dict[str, object]:
     state = _state(request)
     data = []
     for name, served in sorted(state.models.items()):
-        live = served.reloader.slot.live_version
+        live = served.reloader.live_version
         data.append(
             {
                 "id": name,
@@ -97,6 +98,13 @@ async def _complete(
     max_tokens = min(body.requested_max_tokens() or default_max, config.max_tokens_limit)
     started_at = time.monotonic()
     try:
+        params = GenerationParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            max_tokens=max_tokens,
+            stop=body.stops(),
+            seed=body.seed,
+        )
         if state.stopping:
             raise NotReady("the server is shutting down")
         served.admit(config.max_pending)
@@ -110,22 +118,9 @@ async def _complete(
         state.metrics.request(served.name, endpoint, 0, classify(exc)[0], elapsed)
         raise
     steps: AsyncGenerator[Any, None] | None = None
+    owner = True
     try:
-        steps = leased_steps(
-            lease,
-            lambda model: start_generation(
-                model,
-                prompt,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                max_tokens=max_tokens,
-                stop=body.stops(),
-                seed=body.seed,
-                max_prompt_tokens=config.max_prompt_tokens,
-            ),
-            state.executor,
-            state.cut,
-        )
+        steps = _generation(lease, prompt, params, state)
         started = await anext(steps)  # tokenising and limits fail here, before any byte
         if not isinstance(started, Started):
             raise TypeError(f"generation began with {started!r}")
@@ -133,7 +128,7 @@ async def _complete(
         if body.stream:
             stream = reply.sse(steps, body.include_usage(), state, started_at)
             response: Response = LeasedStream(stream, steps, lease, served, reply.headers)
-            steps = None  # the stream owns it now
+            owner = False  # the stream releases the lease when it ends
             return response
         collected = await _unless_disconnected(request, reply.collect(steps))
         if collected is None:  # nobody to answer; the worker stopped at its next token
@@ -157,10 +152,29 @@ async def _complete(
         )
         raise
     finally:
-        if steps is not None:
-            await steps.aclose()
+        if owner:
+            if steps is not None:
+                await steps.aclose()
             lease.release()
             served.done()
+
+
+def _generation(
+    lease: Lease[Any], prompt: Prompt, params: GenerationParams, state: ServerState
+) -> AsyncGenerator[Any, None]:
+    """The request's items: from its version's engine, or its model's own loop."""
+    model = lease.model
+    limit = state.config.max_prompt_tokens
+    if isinstance(model, BatchedModel) and model.engine is not None:
+        return engine_steps(
+            lease, model, model.engine, prompt, params, limit, state.executor, state.cut
+        )
+    return leased_steps(
+        lease,
+        lambda text_model: start_generation(text_model, prompt, params, limit),
+        state.executor,
+        state.cut,
+    )
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -190,19 +204,19 @@ async def _admit(served: ServedModel, pin: str) -> Lease[Any]:
     """Lease the live version, or with `model@N` the resident version from directory `N`
     (`model@gN`: generation N), live or still draining."""
     if not pin:
-        return await served.reloader.slot.acquire_async()
+        return await served.reloader.acquire_async()
     match = _PIN.fullmatch(pin)
     if match is not None and match.group(1):
         generation = int(match.group(2))
-        lease = served.reloader.slot.acquire_resident(lambda v: v.generation == generation)
+        lease = served.reloader.acquire_resident(lambda v: v.generation == generation)
     elif match is not None:
         number = str(int(match.group(2)))  # "007" names directory 7
-        lease = served.reloader.slot.acquire_resident(lambda v: Path(v.source).name == number)
+        lease = served.reloader.acquire_resident(lambda v: Path(v.source).name == number)
     else:
         raise InvalidRequest(f"model@{pin}: a version is a directory number N or a generation gN")
     if lease is None:
         resident = ", ".join(
-            f"{Path(v.source).name} (g{v.generation})" for v in served.reloader.slot.resident()
+            f"{Path(v.source).name} (g{v.generation})" for v in served.reloader.resident()
         )
         raise UnknownModel(
             f"version {pin} of model {served.name!r} is not resident (live or draining); "

@@ -13,7 +13,7 @@ async def answer(ticket: ReloadTicket | None, wait: bool, served: ServedModel) -
     """The event once it ends (`wait`), else 202 with its id. A failed reload raises
     `ReloadFailed` (422, with the cause). No ticket means nothing needed to change."""
     if ticket is None:
-        live = served.reloader.slot.live_version
+        live = served.reloader.live_version
         return JSONResponse(
             {"outcome": "unchanged", "model": served.name, "live": live.to_dict() if live else None}
         )

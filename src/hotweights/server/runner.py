@@ -87,14 +87,22 @@ def build_state(
 
 def _transformers_loader(config: Config) -> Loader[Any]:
     from hotweights.backends import TransformersLoader
+    from hotweights.engine.loader import BatchingLoader, EngineSettings
 
-    return TransformersLoader(
+    inner = TransformersLoader(
         dtype=config.dtype,
         device=config.device,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
         load_in=config.loads_in(),
     )
+    settings = EngineSettings(
+        max_batch=config.max_batch_size,
+        kv_cache_bytes=config.kv_cache_bytes(),
+        max_sequence_tokens=config.max_prompt_tokens + config.max_tokens_limit,
+        batched=config.batching,
+    )
+    return BatchingLoader(inner, settings)
 
 
 def load_initial(state: ServerState) -> None:
@@ -214,7 +222,7 @@ class ServerThread:
         """Wait until every model has a live version; raise if a load failed first."""
         deadline = time.monotonic() + timeout
         for served in self.state.models.values():
-            while served.reloader.slot.live_version is None:
+            while served.reloader.live_version is None:
                 # A repository falls back to older versions; a lone source has no fallback.
                 failed = [e for e in served.reloader.log.recent() if not e.succeeded]
                 if failed and self.state.sync is None:

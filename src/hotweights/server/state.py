@@ -12,6 +12,7 @@ from typing import Any
 
 from hotweights.config import Config
 from hotweights.core import Reloader
+from hotweights.engine.loader import BatchingLoader
 from hotweights.errors import Forbidden, InvalidRequest, Overloaded, Unauthorized, UnknownModel
 from hotweights.server.audit import AuditTrail
 from hotweights.server.metrics import Metrics
@@ -67,6 +68,9 @@ class ServerState:
         if self.config.audit_file:
             self.audit = AuditTrail(Path(self.config.audit_file))
         for served in self.models.values():
+            loader = served.reloader.loader
+            if isinstance(loader, BatchingLoader):
+                loader.on_step = self.metrics.engine_step(served.name)
             served.reloader.subscribe(self.metrics.observe)
             if self.audit is not None:
                 served.reloader.subscribe(self.audit)

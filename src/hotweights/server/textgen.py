@@ -1,27 +1,19 @@
-"""What the server needs from a text model, and the item stream it turns a request into.
+"""The item stream the server turns a request into, and the prompt checks before it.
 
-A served model is anything with `apply_chat_template`, `count_tokens` and `stream` (the
-transformers backend's `LoadedLM`, or a fake in tests). `start_generation` renders the
-prompt, enforces the prompt-size limit, and yields `Started`, then `TextPiece`s, then one
-`Finished`: all of it runs on a generation worker, never on the event loop.
+A request yields `Started` (its prompt size), then `TextPiece`s, then one `Finished`. For a
+model served by the per-request loop, `start_generation` produces them on a generation
+worker; for a batched model, `prepare_batched` renders and encodes the prompt (on a worker)
+and the version's engine produces the rest (see `steps.engine_steps`). The prompt is
+refused before `Started` when it is too long for the server or the engine's cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
-from hotweights.backends.sampling import GenerationParams, TokenChunk
 from hotweights.errors import PayloadTooLarge
-
-
-class TextModel(Protocol):
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str: ...
-
-    def count_tokens(self, text: str) -> int: ...
-
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[TokenChunk]: ...
+from hotweights.generation import BatchedModel, Engine, GenerationParams, TextModel
 
 
 @dataclass(frozen=True)
@@ -48,32 +40,21 @@ class Finished:
     completion_tokens: int
 
 
-def start_generation(
-    model: TextModel,
-    prompt: Prompt,
-    *,
-    temperature: float | None,
-    top_p: float | None,
-    max_tokens: int,
-    stop: tuple[str, ...],
-    seed: int | None,
-    max_prompt_tokens: int,
-) -> Iterator[Started | TextPiece | Finished]:
-    """Generate for one request; raises `PayloadTooLarge` or `InvalidRequest` before the
-    first item when the prompt or the parameters are refused."""
-    params = GenerationParams(
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        max_tokens=max_tokens,
-        stop=stop,
-        seed=seed,
-    )
-    text = model.apply_chat_template(prompt.messages) if prompt.messages else prompt.text or ""
-    prompt_tokens = model.count_tokens(text)
+def _check_size(prompt_tokens: int, max_prompt_tokens: int) -> None:
     if prompt_tokens > max_prompt_tokens:
         raise PayloadTooLarge(
             f"the prompt is {prompt_tokens} tokens; this server accepts at most {max_prompt_tokens}"
         )
+
+
+def start_generation(
+    model: TextModel, prompt: Prompt, params: GenerationParams, max_prompt_tokens: int
+) -> Iterator[Started | TextPiece | Finished]:
+    """Generate for one request with the model's own loop; raises `PayloadTooLarge` or
+    `InvalidRequest` before the first item when the prompt is refused."""
+    text = model.apply_chat_template(prompt.messages) if prompt.messages else prompt.text or ""
+    prompt_tokens = model.count_tokens(text)
+    _check_size(prompt_tokens, max_prompt_tokens)
     chunks = model.stream(text, params)
     yield Started(prompt_tokens)
     for chunk in chunks:
@@ -83,3 +64,22 @@ def start_generation(
             yield Finished(chunk.finish_reason, chunk.completion_tokens)
             return
     raise RuntimeError("the model's token stream ended without a finish reason")
+
+
+def prepare_batched(
+    model: BatchedModel, engine: Engine, prompt: Prompt, max_prompt_tokens: int
+) -> list[int]:
+    """The prompt's token ids for `engine`; raises `PayloadTooLarge` when it is longer than
+    the server accepts or than one row of the engine's cache holds (with room for one
+    generated token), `InvalidRequest` when it is empty."""
+    columns = engine.columns
+    text = model.apply_chat_template(prompt.messages) if prompt.messages else prompt.text or ""
+    ids = model.prompt_ids(text)
+    _check_size(len(ids), max_prompt_tokens)
+    if len(ids) >= columns:
+        raise PayloadTooLarge(
+            f"the prompt is {len(ids)} tokens; this model's engine holds at most {columns} per "
+            f"sequence, its completion included (raise --kv-cache-memory or lower "
+            f"--max-batch-size)"
+        )
+    return ids

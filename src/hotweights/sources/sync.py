@@ -170,7 +170,7 @@ class RepositorySync:
 
     def _live(self, model: str, reloader: Reloader[Any] | None) -> tuple[str | None, int | None]:
         """The live source, and its version number if it is a version of `model` here."""
-        version = reloader.slot.live_version if reloader is not None else None
+        version = reloader.live_version if reloader is not None else None
         if version is None:
             return None, None
         located = self.repository.locate(version.source)

@@ -10,7 +10,7 @@ from hotweights.core.version import ModelVersion, VersionState
 DEFAULT_MAX_HISTORY = 32
 
 
-class HotReloadCoordinator:
+class VersionHistory:
     """Counts versions that went live and remembers the most recent of them.
 
     Thread-safe. `generation` is a plain attribute read (atomic in CPython), cheap enough

@@ -1,0 +1,162 @@
+"""Generation's shared vocabulary: parameters, the pieces a token stream yields, and what
+the server needs from a text model.
+
+Server, engine and backends all use these; none of them owns them. Pure Python.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from hotweights.errors import InvalidRequest
+
+FinishReason = Literal["stop", "length"]
+"""`stop`: an eos token or a stop string ended the text; `length`: `max_tokens` did."""
+
+MAX_STOP_STRINGS = 4
+MAX_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample one completion. Raises `InvalidRequest` for out-of-range values."""
+
+    temperature: float = 1.0
+    """Softmax temperature in [0, 2]; 0 picks the most likely token (greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens holding this much
+    probability, in (0, 1]."""
+    max_tokens: int = 16
+    """Most tokens to generate, at least 1."""
+    stop: Sequence[str] = ()
+    """Up to 4 non-empty strings; the text ends before the first one that appears, which
+    is not part of the output. Stored as a tuple."""
+    seed: int | None = None
+    """Seeds this request's own random generator: same seed, same prompt, same text."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            raise InvalidRequest("stop must be a list of strings, not a string")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(
+                f"temperature must be between 0 and {MAX_TEMPERATURE}, got {self.temperature!r}"
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(
+                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
+            )
+        if not all(isinstance(stop, str) and stop for stop in self.stop):
+            raise InvalidRequest(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise InvalidRequest(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One piece of a token stream.
+
+    Every chunk but the last has non-empty `text` and `finish_reason` None; the last has
+    `finish_reason` set and may have empty text. Counts are totals so far.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens sampled so far, the eos or stop-completing token included."""
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole completion, as `LoadedLM.generate` returns it."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class TextModel(Protocol):
+    """What the server needs of a served model: a prompt from chat messages, its token
+    count, and a per-request token stream (run on a worker thread, one step at a time).
+    A model that also has a batched engine is a `BatchedModel`."""
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[TokenChunk]: ...
+
+
+Deliver = Callable[[TokenChunk | BaseException], None]
+"""Called on an engine's thread with each chunk of a sequence, then its last chunk (with a
+finish reason) or the exception that ends it. Must be quick and must not raise."""
+
+
+class Ticket(Protocol):
+    """A sequence submitted to an engine."""
+
+    def cancel(self) -> None:
+        """Stop generating at the engine's next pass; nothing more is delivered after the
+        pass in progress. Thread-safe, idempotent."""
+        ...
+
+
+class Engine(Protocol):
+    """Generates for all of one version's requests together (see `hotweights.engine`)."""
+
+    columns: int
+    """Tokens one sequence may hold, prompt and completion."""
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        deliver: Deliver,
+        cut: threading.Event | None = None,
+    ) -> Ticket:
+        """Queue a sequence; raises `ModelRetired` once the engine is stopping. A set
+        `cut` ends the sequence with `ShuttingDown` at the next pass."""
+        ...
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End what runs with `ModelRetired` and stop. Idempotent."""
+        ...
+
+    def load(self) -> dict[str, int]:
+        """Sequences `running` and `waiting` now."""
+        ...
+
+
+@runtime_checkable
+class BatchedModel(Protocol):
+    """A text model that may have a running engine (None: use its `stream`)."""
+
+    engine: Engine | None
+    engine_note: str
+    """How it generates: `batched (...)`, or `per-request (why)`."""
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+
+    def prompt_ids(self, prompt: str) -> list[int]: ...
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

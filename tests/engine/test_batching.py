@@ -1,0 +1,234 @@
+"""The batched engine against the per-request loop, on a real tiny model."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hotweights.backends import LoadedLM, TransformersLoader
+from hotweights.demo.tinylm import TinyShape, save_tiny_model
+from hotweights.engine import kv as kv_module
+from hotweights.engine.batching import BatchEngine, EngineLimits, StepStats
+from hotweights.engine.loader import BatchingLoader, EngineSettings
+from hotweights.errors import ModelRetired, ShuttingDown
+from hotweights.generation import GenerationParams, TokenChunk
+
+pytestmark = pytest.mark.llm
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedLM]:
+    shape = TinyShape(hidden_size=64, num_hidden_layers=2, max_position_embeddings=512)
+    source = save_tiny_model(tmp_path_factory.mktemp("m") / "1", seed=3, shape=shape)
+    loader = TransformersLoader()
+    model = loader.load(str(source))
+    yield model
+    loader.unload(model)
+
+
+class Collector:
+    """Collects what an engine delivers to each of many sequences."""
+
+    def __init__(self, count: int, ending: int | None = None) -> None:
+        self.texts: dict[int, str] = {}
+        self.errors: dict[int, BaseException] = {}
+        self.chunks: dict[int, list[TokenChunk]] = {i: [] for i in range(count)}
+        self._left = count if ending is None else ending
+        """Sequences still to end before `done` is set."""
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+
+    def deliver(self, index: int) -> object:
+        def deliver(item: TokenChunk | BaseException) -> None:
+            if isinstance(item, BaseException):
+                self.errors[index] = item
+                self._end()
+                return
+            self.chunks[index].append(item)
+            if item.finish_reason is not None:
+                self.texts[index] = "".join(chunk.text for chunk in self.chunks[index])
+                self._end()
+
+        return deliver
+
+    def _end(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self.done.set()
+
+
+def _submit_all(
+    engine: BatchEngine, lm: LoadedLM, prompts: list[str], params: list[GenerationParams]
+) -> Collector:
+    collected = Collector(len(prompts))
+    for index, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
+        engine.submit(lm.prompt_ids(prompt), param, collected.deliver(index))  # type: ignore[arg-type]
+    assert collected.done.wait(120)
+    return collected
+
+
+def test_many_prompts_at_once_equal_their_outputs_alone(lm: LoadedLM) -> None:
+    """Different lengths, greedy and seeded sampling, stops and limits, joining and leaving
+    a batch smaller than the load, in a cache small enough to shift and compact."""
+    rng = random.Random(0)
+    prompts = [f"p{i} " + "abc" * rng.randint(0, 30) for i in range(48)]
+    params = [
+        GenerationParams(
+            temperature=rng.choice([0.0, 0.0, 0.8]),
+            top_p=rng.choice([1.0, 0.9]),
+            seed=i,
+            max_tokens=rng.randint(1, 50),
+            stop=rng.choice([(), ("a",), ("bc", "zz")]),
+        )
+        for i in range(48)
+    ]
+    alone = [lm.generate(prompt, param) for prompt, param in zip(prompts, params, strict=True)]
+    passes: list[StepStats] = []
+    engine = BatchEngine(
+        lm, EngineLimits(max_batch=6, columns=150, prefill_tokens=200), on_step=passes.append
+    )
+    try:
+        collected = _submit_all(engine, lm, prompts, params)
+    finally:
+        engine.stop()
+    assert collected.errors == {}
+    for index, completion in enumerate(alone):
+        assert collected.texts[index] == completion.text, (index, prompts[index])
+        last = collected.chunks[index][-1]
+        assert (last.finish_reason, last.completion_tokens) == (
+            completion.finish_reason,
+            completion.completion_tokens,
+        )
+    decode_batches = [p.batch for p in passes if p.kind == "decode"]
+    assert max(decode_batches) == 6  # the batch really filled
+    assert sum(decode_batches) < sum(c.completion_tokens for c in alone)  # fewer passes
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_finish(lm: LoadedLM) -> None:
+    reached, gate = threading.Event(), threading.Event()
+    passes: list[StepStats] = []
+
+    def hold(stats: StepStats) -> None:
+        passes.append(stats)
+        if len(passes) == 1:  # the prefill of both, before either token is delivered
+            reached.set()
+            gate.wait(30)
+
+    engine = BatchEngine(lm, EngineLimits(max_batch=4, columns=200), on_step=hold)
+    params = GenerationParams(temperature=0, max_tokens=40)
+    ids = lm.prompt_ids("Once upon a time")
+    collected = Collector(2, ending=1)  # the cancelled one never ends
+    try:
+        doomed = engine.submit(ids, params, collected.deliver(0))  # type: ignore[arg-type]
+        engine.submit(ids, params, collected.deliver(1))  # type: ignore[arg-type]
+        assert reached.wait(30)
+        assert passes[0].batch == 2
+        doomed.cancel()
+        gate.set()
+        assert collected.done.wait(30)
+        assert engine.load() == {"running": 0, "waiting": 0}
+    finally:
+        engine.stop()
+    assert collected.chunks[0] == []
+    assert 0 not in collected.errors
+    assert collected.texts[1] == lm.generate("Once upon a time", params).text
+    assert {p.batch for p in passes[1:]} == {1}
+
+
+def test_stop_ends_every_sequence_with_model_retired(lm: LoadedLM) -> None:
+    started = threading.Event()
+
+    def note(stats: StepStats) -> None:
+        started.set()
+
+    engine = BatchEngine(lm, EngineLimits(max_batch=2, columns=300), on_step=note)
+    collected = Collector(3)
+    params = GenerationParams(temperature=0, max_tokens=250)
+    for index in range(3):  # two run, one waits for a row
+        engine.submit(lm.prompt_ids("tell"), params, collected.deliver(index))  # type: ignore[arg-type]
+    assert started.wait(30)
+    engine.stop(timeout=30)
+    assert collected.done.wait(30)
+    assert set(collected.errors) == {0, 1, 2}
+    assert all(isinstance(error, ModelRetired) for error in collected.errors.values())
+    with pytest.raises(ModelRetired):
+        engine.submit(lm.prompt_ids("late"), params, lambda item: None)
+
+
+def test_a_cut_ends_a_sequence_with_shutting_down(lm: LoadedLM) -> None:
+    cut = threading.Event()
+    cut.set()
+    engine = BatchEngine(lm, EngineLimits(max_batch=2, columns=100))
+    try:
+        collected = Collector(1)
+        params = GenerationParams(temperature=0, max_tokens=50)
+        engine.submit(lm.prompt_ids("hi"), params, collected.deliver(0), cut)  # type: ignore[arg-type]
+        assert collected.done.wait(30)
+    finally:
+        engine.stop()
+    assert isinstance(collected.errors.get(0), ShuttingDown)
+
+
+def test_completions_are_cut_to_what_a_row_holds(lm: LoadedLM) -> None:
+    engine = BatchEngine(lm, EngineLimits(max_batch=2, columns=80))
+    try:
+        ids = lm.prompt_ids("x" * 70)
+        collected = Collector(1)
+        engine.submit(ids, GenerationParams(temperature=0, max_tokens=50), collected.deliver(0))  # type: ignore[arg-type]
+        assert collected.done.wait(30)
+    finally:
+        engine.stop()
+    last = collected.chunks[0][-1]
+    assert last.completion_tokens <= 80 - len(ids)
+
+
+def test_the_loader_starts_an_engine_and_unload_stops_it(tmp_path: Path) -> None:
+    source = save_tiny_model(tmp_path / "1", seed=1)
+    loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=4, kv_cache_bytes=2**22))
+    model = loader.load(str(source))
+    loader.validate(model)
+    loader.warmup(model)
+    engine = model.engine
+    assert isinstance(engine, BatchEngine), model.engine_note
+    assert model.engine_note.startswith("batched (4 sequences")
+    # Weights plus a cache of exactly the budget's rows and columns.
+    assert loader.estimate_bytes(str(source)) - loader.inner.estimate_bytes(str(source)) == (
+        engine.kv_bytes
+    )
+    loader.unload(model)
+    assert model.engine is None
+    with pytest.raises(ModelRetired):
+        engine.submit([1, 2], GenerationParams(), lambda item: None)
+
+
+def test_a_model_the_engine_cannot_run_falls_back_to_the_per_request_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> object:
+        raise RuntimeError("this architecture's attention cannot read a shared cache")
+
+    monkeypatch.setattr(kv_module, "_rows_cache", broken)
+    source = save_tiny_model(tmp_path / "1", seed=1)
+    loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=4, kv_cache_bytes=2**22))
+    model = loader.load(str(source))
+    loader.warmup(model)
+    assert model.engine is None
+    assert model.engine_note.startswith("per-request (the batched check failed")
+    assert "shared cache" in model.engine_note
+    assert model.generate("Hi", GenerationParams(max_tokens=3)).completion_tokens >= 1
+    loader.unload(model)
+
+
+def test_a_budget_too_small_for_a_batch_falls_back_with_the_reason(tmp_path: Path) -> None:
+    source = save_tiny_model(tmp_path / "1", seed=1)
+    loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=64, kv_cache_bytes=4096))
+    model = loader.load(str(source))
+    loader.warmup(model)
+    assert model.engine is None
+    assert "--kv-cache-memory" in model.engine_note
+    loader.unload(model)
