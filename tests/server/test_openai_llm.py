@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,9 @@ import pytest
 
 from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.demo.tinylm import save_tiny_model
-from hotweights.generation import GenerationParams, TokenChunk
+from hotweights.engine.batching import BatchEngine
+from hotweights.engine.loader import BatchingLoader, EngineSettings
+from hotweights.generation import Deliver, GenerationParams, TokenChunk
 from tests.server.conftest import Serve
 
 pytestmark = pytest.mark.llm
@@ -42,6 +43,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def batched() -> BatchingLoader:
+    """The loader `hotweights serve` builds: batched engines, with a small cache."""
+    return BatchingLoader(TransformersLoader(), EngineSettings(max_batch=8, kv_cache_bytes=2**23))
+
+
 def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -56,7 +62,7 @@ MESSAGES: Any = [{"role": "user", "content": "Which version are you?"}]
 
 
 def test_chat_and_completions_streamed_and_not(serve: Serve, models: dict[str, Path]) -> None:
-    server = serve(TransformersLoader(), models["v1"], model_name="tiny")
+    server = serve(batched(), models["v1"], model_name="tiny")
     client = _client(server.url)
     chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5)
     assert _generation(chat.system_fingerprint) == 1
@@ -74,7 +80,12 @@ def test_chat_and_completions_streamed_and_not(serve: Serve, models: dict[str, P
     )
     assert {_generation(c.system_fingerprint) for c in chunks} == {1}
     assert chunks[-1].usage is not None
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    seeded = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=8, seed=11, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in seeded if c.choices)
+    sampled = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, seed=11)
+    assert streamed == sampled.choices[0].message.content
     greedy = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=5, temperature=0
     )
@@ -84,7 +95,6 @@ def test_chat_and_completions_streamed_and_not(serve: Serve, models: dict[str, P
     assert "".join(c.choices[0].delta.content or "" for c in again if c.choices) == (
         greedy.choices[0].message.content
     )
-    assert isinstance(streamed, str)
     text = client.completions.create(model="tiny", prompt="Once upon", max_tokens=4)
     assert text.object == "text_completion"
     assert _generation(text.system_fingerprint) == 1
@@ -97,32 +107,42 @@ def test_chat_and_completions_streamed_and_not(serve: Serve, models: dict[str, P
         client.chat.completions.create(model="other", messages=MESSAGES)
 
 
-class HeldLoader(TransformersLoader):
-    """Holds each generation of the first version it loads at token `at`, until released."""
+class HeldLoader(BatchingLoader):
+    """Holds the engine of the first version it warms up at a sequence's token `at`, until
+    released: the engine's thread waits, with every sequence on it."""
 
     def __init__(self, at: int) -> None:
-        super().__init__()
+        super().__init__(TransformersLoader(), EngineSettings(max_batch=8, kv_cache_bytes=2**23))
         self.at = at
         self.armed = threading.Event()  # not during validate and warmup
         self.reached = threading.Event()
         self.release = threading.Event()
         self._held = False
 
-    def load(self, source: str) -> LoadedLM:
-        lm = super().load(source)
-        if not self._held:
-            self._held = True
-            original: Callable[..., Iterator[TokenChunk]] = lm.stream
+    def warmup(self, model: LoadedLM) -> None:
+        super().warmup(model)
+        engine = model.engine
+        if self._held or not isinstance(engine, BatchEngine):
+            return
+        self._held = True
+        submit = engine.submit
 
-            def held(prompt: str, params: GenerationParams) -> Iterator[TokenChunk]:
-                for index, chunk in enumerate(original(prompt, params)):
-                    if index == self.at and self.armed.is_set() and not chunk.finish_reason:
-                        self.reached.set()
-                        self.release.wait(30)
-                    yield chunk
+        def held(
+            ids: list[int], params: GenerationParams, deliver: Deliver, cut: Any = None
+        ) -> Any:
+            count = 0
 
-            setattr(lm, "stream", held)  # noqa: B010 - an instance override, for this test
-        return lm
+            def hold(item: TokenChunk | BaseException) -> None:
+                nonlocal count
+                if self.armed.is_set() and count == self.at:
+                    self.reached.set()
+                    self.release.wait(30)
+                count += 1
+                deliver(item)
+
+            return submit(ids, params, hold, cut)
+
+        setattr(engine, "submit", held)  # noqa: B010 - an instance override, for this test
 
 
 def test_a_stream_on_g1_finishes_on_g1_while_g2_goes_live(
@@ -159,7 +179,7 @@ def test_a_stream_on_g1_finishes_on_g1_while_g2_goes_live(
 def test_a_corrupt_version_answers_with_its_cause_and_the_old_one_serves(
     serve: Serve, models: dict[str, Path], broken: str, cause: str
 ) -> None:
-    server = serve(TransformersLoader(), models["v1"], model_name="tiny")
+    server = serve(batched(), models["v1"], model_name="tiny")
     response = httpx.post(
         f"{server.url}/admin/reload", json={"path": str(models[broken])}, timeout=60
     )
@@ -175,7 +195,7 @@ def test_a_corrupt_version_answers_with_its_cause_and_the_old_one_serves(
 
 
 def test_reload_rollback_versions_and_log(serve: Serve, models: dict[str, Path]) -> None:
-    server = serve(TransformersLoader(), models["v1"], model_name="tiny")
+    server = serve(batched(), models["v1"], model_name="tiny")
     url = server.url
     client = _client(url)
     first = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
