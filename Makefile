@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check bench bench-micro soak clean
+.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput soak clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-micro: install  ## admission cost, HTTP overhead, publish-to-reload, sha25
 	$(PY) bench/serve_overhead.py
 	$(PY) bench/repository.py
 	$(PY) bench/load_interference.py
+
+# Batched generation next to `transformers serve --continuous-batching` (installed into a
+# cached environment on first run), same model and load; then 16 streams across 3 reloads.
+bench-throughput: install  ## tokens/s, TTFT, inter-token latency vs transformers serve
+	$(PY) bench/throughput.py
 
 soak: install  ## 10 minutes of steady load with a publish every 30 s: failures, RSS, descriptors
 	$(PY) bench/soak.py --duration 600 --reload-every 30 --rate 4

@@ -351,10 +351,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"soak: {result['duration_s']:g} s at {result['rate']:g} req/s, a publish every "
         f"{result['reload_every_s']:g} s ({result['date']})",
         "",
-        "| requests | streamed | failed | saw two generations | wrong answer | p50 | p99 | max |",
-        "|---|---|---|---|---|---|---|---|",
+        "| requests | streamed | failed | saw two generations | wrong answer | answers checked "
+        "| unattributed | starts skipped | p50 | p99 | max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {req['total']} | {req['streamed']} | {req['failed']} | {req['saw_two_generations']} "
-        f"| {req['wrong_answer_for_generation']} | {req['latency_p50_s']} s "
+        f"| {req['wrong_answer_for_generation']} | {req['answers_checked']} "
+        f"| {req['unattributed']} | {result['skipped_starts']} | {req['latency_p50_s']} s "
         f"| {req['latency_p99_s']} s | {req['latency_max_s']} s |",
         "",
         f"reloads: {rel['published']} published, {rel['live']} live; publish to live: median "

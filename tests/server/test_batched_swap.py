@@ -125,3 +125,43 @@ def test_32_streams_finish_on_g1_while_g2_goes_live_beside_it(serve: Serve, tmp_
         assert next(iter(seen["fingerprints"])).startswith("hw-g1-"), (index, seen)
     assert reloader.wait_drained(60)
     assert [version.generation for version in reloader.resident()] == [2]
+
+
+def test_a_client_that_hangs_up_frees_its_row_and_its_lease(serve: Serve, tmp_path: Path) -> None:
+    v1 = save_tiny_model(tmp_path / "1", seed=1)
+    loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=4, kv_cache_bytes=2**22))
+    server = serve(loader, v1, model_name="tiny")
+    reloader = server.state.models["tiny"].reloader
+    [(_, model)] = reloader.models()
+    engine = model.engine
+    assert isinstance(engine, BatchEngine)
+    ended = threading.Event()
+    original = engine._free
+
+    def observed(sequence: Any) -> None:
+        original(sequence)
+        if engine.load()["running"] == 0:
+            ended.set()
+
+    setattr(engine, "_free", observed)  # noqa: B010
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "a long answer please"}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as reply:
+        lines = reply.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        assert reloader.inflight() == {1: 1}
+    # The connection is closed: the engine drops the sequence at its next pass.
+    assert ended.wait(30)
+    assert engine.load() == {"running": 0, "waiting": 0}
+    answer = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "tiny", "prompt": "still here", "max_tokens": 2},
+        timeout=60,
+    )
+    assert answer.status_code == 200

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
 from hotweights.backends.sampling import sample_next_token
 from hotweights.engine.kv import SlotKV, kv_shape
-from hotweights.errors import EngineFailed, ShuttingDown
+from hotweights.errors import EngineFailed, PayloadTooLarge, ShuttingDown
 from hotweights.generation import Deliver, FinishReason, GenerationParams, TokenChunk
 
 if TYPE_CHECKING:
@@ -156,10 +156,15 @@ class BatchEngine:
     ) -> Ticket:
         """Queue a sequence. Its first chunk comes after the next prefill pass.
 
-        Raises `ModelRetired` once the engine is stopping. The completion is cut to what
-        the cache and the model's positions hold (`finish_reason` `length`): the caller
-        refuses prompts too long for `max_prompt_tokens` before this.
+        Raises `ModelRetired` once the engine is stopping, `PayloadTooLarge` for a prompt
+        that leaves no room in a row for one generated token. The completion is cut to what
+        a row and the model's positions hold (`finish_reason` `length`).
         """
+        if len(prompt_ids) >= self.columns:
+            raise PayloadTooLarge(
+                f"the prompt is {len(prompt_ids)} tokens; this engine holds at most "
+                f"{self.columns} per sequence, its completion included"
+            )
         limit = min(params.max_tokens, self.columns - len(prompt_ids))
         if self._lm.max_positions is not None:
             limit = min(limit, self._lm.max_positions - len(prompt_ids))

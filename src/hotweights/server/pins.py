@@ -1,0 +1,39 @@
+"""Which resident version a request is admitted to: the live one, or with `model@N` the
+version from directory `N` (`model@gN`: generation `N`), live or still draining."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from hotweights.core import Lease
+from hotweights.errors import InvalidRequest, UnknownModel
+from hotweights.server.state import ServedModel
+
+_PIN = re.compile(r"(g?)([0-9]{1,18})", re.ASCII)  # model@N or model@gN
+
+
+async def admit(served: ServedModel, pin: str) -> Lease[Any]:
+    """Lease the live version, or with `model@N` the resident version from directory `N`
+    (`model@gN`: generation N), live or still draining."""
+    if not pin:
+        return await served.reloader.acquire_async()
+    match = _PIN.fullmatch(pin)
+    if match is not None and match.group(1):
+        generation = int(match.group(2))
+        lease = served.reloader.acquire_resident(lambda v: v.generation == generation)
+    elif match is not None:
+        number = str(int(match.group(2)))  # "007" names directory 7
+        lease = served.reloader.acquire_resident(lambda v: Path(v.source).name == number)
+    else:
+        raise InvalidRequest(f"model@{pin}: a version is a directory number N or a generation gN")
+    if lease is None:
+        resident = ", ".join(
+            f"{Path(v.source).name} (g{v.generation})" for v in served.reloader.resident()
+        )
+        raise UnknownModel(
+            f"version {pin} of model {served.name!r} is not resident (live or draining); "
+            f"resident: {resident or 'none'}"
+        )
+    return lease
