@@ -24,7 +24,6 @@ import asyncio
 import json
 import platform
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,8 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from peers.procs import ensure_venv, free_port, spawn, stop_group, tree_rss, wait_http  # noqa: E402
+from peers.loadgen import RssSampler  # noqa: E402
+from peers.procs import ensure_venv, free_port, spawn, stop_group, wait_http  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "hotweights" / "bench-peers"
 PROMPTS = [
@@ -186,38 +186,18 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
     }
 
 
-class PeakRss:
-    """Samples a process tree's RSS on a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
-            self._stop.wait(0.1)
-
-
 def sweep(name: str, base: str, model: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     asyncio.run(closed_loop(base, model, 4, 1, 8, False))  # warm: compile paths, fill pools
     rows: dict[str, Any] = {}
     for stream in (False, True):
         for concurrency in args.concurrency:
             per_client = max(2, args.min_requests // concurrency)
-            with PeakRss(pid) as rss:
+            with RssSampler(pid, time.monotonic, interval=0.1) as rss:
                 results, wall = asyncio.run(
                     closed_loop(base, model, concurrency, per_client, args.tokens, stream)
                 )
-            row = summarize(results, wall) | {"peak_rss_mb": rss.peak / 2**20}
+            peak = max((size for _, size in rss.samples), default=0)
+            row = summarize(results, wall) | {"peak_rss_mb": peak / 2**20, "cpu": rss.cpu}
             key = f"{'stream' if stream else 'plain'}-{concurrency}"
             rows[key] = row
             print(
