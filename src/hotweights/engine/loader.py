@@ -154,14 +154,16 @@ class BatchingLoader:
 
 
 def _read_config(source: str) -> dict[str, Any]:
+    """`config.json` of `source`, a multimodal model's `text_config` merged over it; {} when
+    it cannot be read (the load reports that)."""
     try:
         config = json.loads((Path(source) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(config, dict):
+        return {}
     text = config.get("text_config")
-    return (
-        {**config, **text} if isinstance(text, dict) else config if isinstance(config, dict) else {}
-    )
+    return {**config, **text} if isinstance(text, dict) else config
 
 
 def _declared_dtype(config: dict[str, Any], setting: str) -> str:
