@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hotweights.generation import GenerationParams, TokenChunk
+from hotweights.errors import InvalidRequest
+from hotweights.generation import GenerationParams, TokenChunk, TokenLogprob
 
 Phase = str
 
@@ -118,6 +120,8 @@ class FakeLoader:
 class FakeTextModel:
     """A text model for server tests: answers `<source>:<i>` tokens, one per step.
 
+    Its vocabulary is `FAKE_VOCAB` ids, each as likely as any other, so every log-probability
+    it reports is `-log(FAKE_VOCAB)`; a prompt's tokens are its words (or the ids given).
     `before_step(i)` (if set) runs before step i, so a test can hold a stream mid-way.
     Raises `UseAfterUnload` if a step runs after its loader unloaded it.
     """
@@ -133,17 +137,51 @@ class FakeTextModel:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[TokenChunk]:
-        prompt_tokens = self.count_tokens(prompt)
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(f"t{token}" for token in ids)
+
+    def stream(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenChunk]:
+        words = prompt.split() if isinstance(prompt, str) else [f"t{t}" for t in prompt]
+        if any(token >= FAKE_VOCAB for token in params.logit_bias):
+            raise InvalidRequest(f"logit_bias: the fake's tokens are 0 to {FAKE_VOCAB - 1}")
+        return self._steps(words, params)
+
+    def _steps(self, words: list[str], params: GenerationParams) -> Iterator[TokenChunk]:
+        prompt_tokens = len(words)
+        scored: tuple[TokenLogprob, ...] | None = None
+        if params.prompt_logprobs is not None:
+            scored = tuple(
+                _fake_entry(i, word, params.prompt_logprobs, first=i == 0)
+                for i, word in enumerate(words)
+            )
+        if params.max_tokens == 0:
+            yield TokenChunk("", prompt_tokens, 0, "length", prompt_logprobs=scored)
+            return
         for i in range(params.max_tokens):
             if self.before_step is not None:
                 self.before_step(i)
             if self.unloaded:
                 raise UseAfterUnload(f"text model {self.source} used after unload")
             last = i == params.max_tokens - 1
+            text = f"{self.source}:{i} "
+            entries = () if params.logprobs is None else (_fake_entry(i, text, params.logprobs),)
             yield TokenChunk(
-                f"{self.source}:{i} ", prompt_tokens, i + 1, "length" if last else None
+                text,
+                prompt_tokens,
+                i + 1,
+                "length" if last else None,
+                entries,
+                prompt_logprobs=scored if i == 0 else None,
             )
+
+
+FAKE_VOCAB = 1000
+FAKE_LOGPROB = -math.log(FAKE_VOCAB)
+
+
+def _fake_entry(token_id: int, text: str, top: int, first: bool = False) -> TokenLogprob:
+    alternatives = tuple((f"alt{k}", FAKE_LOGPROB) for k in range(top))
+    return TokenLogprob(token_id, text, None if first else FAKE_LOGPROB, alternatives)
 
 
 @dataclass

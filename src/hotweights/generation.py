@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from hotweights.errors import InvalidRequest
@@ -19,6 +19,9 @@ FinishReason = Literal["stop", "length"]
 
 MAX_STOP_STRINGS = 4
 MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -31,25 +34,38 @@ class GenerationParams:
     """Nucleus sampling: sample from the smallest set of tokens holding this much
     probability, in (0, 1]."""
     max_tokens: int = 16
-    """Most tokens to generate, at least 1."""
+    """Most tokens to generate; 0 generates nothing (the prompt alone, scored if
+    `prompt_logprobs` is set)."""
     stop: Sequence[str] = ()
     """Up to 4 non-empty strings; the text ends before the first one that appears, which
     is not part of the output. Stored as a tuple."""
     seed: int | None = None
     """Seeds this request's own random generator: same seed, same prompt, same text."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated, in [-2, 2]."""
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """Added to the logits of these token ids before sampling, each in [-100, 100]."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely
+    alternatives (0 to 20); None reports none."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token (the first has none); None skips the prompt."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             raise InvalidRequest("stop must be a list of strings, not a string")
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "logit_bias", dict(self.logit_bias))
         if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
             raise InvalidRequest(
                 f"temperature must be between 0 and {MAX_TEMPERATURE}, got {self.temperature!r}"
             )
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            raise InvalidRequest(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(
                 f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
@@ -58,14 +74,62 @@ class GenerationParams:
             raise InvalidRequest(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise InvalidRequest(f"seed must be an integer, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequest(
+                    f"{name} must be between -{MAX_PENALTY} and {MAX_PENALTY}, got {value!r}"
+                )
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or token < 0:
+                raise InvalidRequest(f"logit_bias keys must be token ids, got {token!r}")
+            if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequest(
+                    f"logit_bias values must be between -{MAX_LOGIT_BIAS} and "
+                    f"{MAX_LOGIT_BIAS}, got {bias!r} for token {token}"
+                )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS):
+                raise InvalidRequest(
+                    f"{name} must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {value!r}"
+                )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a bias change the logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a prompt or a completion with its log-probability.
+
+    Log-probabilities are those of the model's own distribution at that position (a
+    log-softmax of its logits), before temperature, top_p, penalties and logit_bias: what
+    vLLM reports by default (`raw_logprobs`).
+    """
+
+    token_id: int
+    token: str
+    """The token decoded alone, special tokens included (a byte-level piece of a
+    multi-byte character decodes to U+FFFD)."""
+    logprob: float | None
+    """None for a prompt's first token, which nothing predicts."""
+    top: tuple[tuple[str, float], ...] = ()
+    """The most likely tokens at this position, most likely first, as many as asked."""
 
 
 @dataclass(frozen=True)
 class TokenChunk:
     """One piece of a token stream.
 
-    Every chunk but the last has non-empty `text` and `finish_reason` None; the last has
-    `finish_reason` set and may have empty text. Counts are totals so far.
+    Every chunk but the last has `finish_reason` None and new `text` or new `logprobs`;
+    the last has `finish_reason` set and may have empty text. Counts are totals so far.
+    `logprobs` holds one entry per token sampled since the previous chunk, in order, so
+    a whole stream has exactly `completion_tokens` entries when they were asked for (the
+    text of a token may arrive in a later chunk than its entry: text is held back until
+    it decodes cleanly and cannot be part of a stop string).
     """
 
     text: str
@@ -73,6 +137,9 @@ class TokenChunk:
     completion_tokens: int
     """Tokens sampled so far, the eos or stop-completing token included."""
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """Every prompt token's entry, on the first chunk of a stream that asked for them."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +165,13 @@ class TextModel(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[TokenChunk]: ...
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens skipped."""
+        ...
+
+    def stream(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenChunk]:
+        """Raises `InvalidRequest` for a prompt or parameters the model cannot take."""
+        ...
 
 
 Deliver = Callable[[TokenChunk | BaseException], None]
@@ -151,7 +224,9 @@ class BatchedModel(Protocol):
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
-    def prompt_ids(self, prompt: str) -> list[int]: ...
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def _is_number(value: object) -> bool:

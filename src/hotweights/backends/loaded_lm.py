@@ -14,8 +14,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
-from hotweights.backends.sampling import sample_next_token
+from hotweights.backends.sequence import TokenSequence
 from hotweights.errors import InvalidRequest, ModelRetired
 from hotweights.generation import Completion, Engine, FinishReason, GenerationParams, TokenChunk
 
@@ -79,6 +78,7 @@ class LoadedLM:
         self._model: PreTrainedModel | None = model
         self._tokenizer: PreTrainedTokenizerBase | None = tokenizer
         self._tokenizer_lock = threading.Lock()
+        self._token_texts: dict[int, str] = {}
         self.engine: Engine | None = None
         """The batched engine once the loader started it; None while the per-request loop
         serves (before warmup, or when the engine cannot run this model)."""
@@ -151,21 +151,36 @@ class LoadedLM:
         """How many tokens `text` is as a prompt (as `stream` encodes it)."""
         return len(self.encode(text))
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[TokenChunk]:
-        """Generate from `prompt`, yielding text pieces as they are decoded.
+    def stream(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenChunk]:
+        """Generate from `prompt` (text, or token ids), yielding text pieces as they are
+        decoded.
 
         Encodes the prompt now: raises `ModelRetired` if unloaded and `InvalidRequest` if
-        the prompt is empty or too long for the model. The returned iterator raises
-        `ModelRetired` at the next token if the model is unloaded meanwhile. The
-        last chunk carries the finish reason. Text never contains a stop string or
-        anything after it, and never a partial UTF-8 character before the end.
+        the prompt is empty or too long for the model, or `params` name a token it does
+        not have. The returned iterator raises `ModelRetired` at the next token if the
+        model is unloaded meanwhile. The last chunk carries the finish reason. Text never
+        contains a stop string or anything after it, and never a partial UTF-8 character
+        before the end.
         """
-        return self._run(self.prompt_ids(prompt), params)
+        prompt_ids = self.prompt_ids(prompt)
+        limit = params.max_tokens
+        if self.max_positions is not None:
+            limit = min(limit, self.max_positions - len(prompt_ids))
+        return self._run(TokenSequence(self, prompt_ids, params, limit))
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """`prompt` encoded; raises `InvalidRequest` if it is empty or too long for the
-        model's positions."""
-        prompt_ids = self.encode(prompt)
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """`prompt` encoded (or, given as token ids, checked); raises `InvalidRequest` if it
+        is empty, names an id the model cannot read, or is too long for its positions."""
+        if isinstance(prompt, str):
+            prompt_ids = self.encode(prompt)
+        else:
+            prompt_ids = [int(token) for token in prompt]
+            outside = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise InvalidRequest(
+                    f"the prompt has token id {outside[0]}; this model reads ids 0 to "
+                    f"{self.vocab_size - 1}"
+                )
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty: it encodes to no tokens")
         if self.max_positions is not None and len(prompt_ids) >= self.max_positions:
@@ -186,47 +201,29 @@ class LoadedLM:
             counts = (chunk.prompt_tokens, chunk.completion_tokens)
         return Completion("".join(pieces), finish, *counts)
 
-    def _run(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenChunk]:
-        generator = self.generator(params.seed)
-        decoder = IncrementalDecoder(self.decode)
-        stops = StopMatcher(params.stop)
-        prompt_tokens, produced = len(prompt_ids), 0
-        limit = params.max_tokens
-        if self.max_positions is not None:
-            limit = min(limit, self.max_positions - prompt_tokens)
-        finish: FinishReason = "length"
+    def _run(self, sequence: TokenSequence) -> Iterator[TokenChunk]:
         cache: Any = None
-        step_ids = prompt_ids
-        tail = ""
-        while produced < limit:
-            token, cache = self._step(step_ids, cache, params, generator)
-            produced += 1
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            text, stopped = stops.feed(decoder.push(token))
-            if stopped:
-                finish, tail = "stop", text
-                break
-            if text:
-                yield TokenChunk(text, prompt_tokens, produced)
+        step_ids = sequence.prompt_ids
+        every_position = sequence.scores_prompt
+        while True:
+            logits, cache = self._step(step_ids, cache, every_position)
+            if every_position:
+                sequence.score(logits[:-1])
+                every_position = False
+            if sequence.limit <= 0:
+                yield sequence.end_scored()
+                return
+            token = sequence.choose(logits[-1])
+            chunk = sequence.advance(token)
+            if chunk is not None:
+                yield chunk
+            if sequence.finished:
+                return
             step_ids = [token]
-        if not stops.stopped:
-            tail, stopped = stops.feed(decoder.flush())
-            if stopped:
-                finish = "stop"
-            else:
-                tail += stops.flush()
-        yield TokenChunk(tail, prompt_tokens, produced, finish)
 
-    def _step(
-        self,
-        ids: list[int],
-        cache: Any,
-        params: GenerationParams,
-        generator: torch.Generator,
-    ) -> tuple[int, Any]:
-        """One forward pass over `ids` after `cache`; returns the sampled id and the cache.
+    def _step(self, ids: list[int], cache: Any, every_position: bool) -> tuple[torch.Tensor, Any]:
+        """One forward pass over `ids` after `cache`: the logits of the last position (or
+        with `every_position` of each), (positions, tokenizer vocab) float32, and the cache.
 
         Reads the model afresh so a suspended stream never keeps an unloaded model alive.
         """
@@ -236,12 +233,12 @@ class LoadedLM:
         with torch.inference_mode():
             inputs = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, n)
             kwargs: dict[str, Any] = {"use_cache": True, self.cache_arg: cache}
-            if self._trim_logits:
+            if self._trim_logits and not every_position:
                 kwargs["logits_to_keep"] = 1
             output = model(input_ids=inputs, **kwargs)
-            logits = output.logits[0, -1, : self.tokenizer_size]  # (tokenizer vocab,)
-            token = sample_next_token(logits, params, generator)
-            return token, getattr(output, self.cache_arg)
+            last = slice(None) if every_position else slice(-1, None)
+            logits = output.logits[0, last, : self.tokenizer_size].float()
+            return logits, getattr(output, self.cache_arg)
 
     def generator(self, seed: int | None) -> torch.Generator:
         """A random generator of one request's own: seeded, or from the OS."""
@@ -253,6 +250,16 @@ class LoadedLM:
         else:
             generator.manual_seed(seed % 2**64)
         return generator
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens included; cached. Thread-safe."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            tokenizer = self.tokenizer
+            with self._tokenizer_lock:
+                text = str(tokenizer.decode([token_id], skip_special_tokens=False))
+            self._token_texts[token_id] = text
+        return text
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens skipped. Thread-safe."""

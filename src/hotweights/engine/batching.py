@@ -22,13 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
-from hotweights.backends.sampling import sample_next_token
+from hotweights.backends.sequence import TokenSequence
 from hotweights.engine.kv import SlotKV, kv_shape
 from hotweights.errors import EngineFailed, PayloadTooLarge, ShuttingDown
-from hotweights.generation import Deliver, FinishReason, GenerationParams, TokenChunk
+from hotweights.generation import Deliver, GenerationParams, TokenChunk
 
 if TYPE_CHECKING:
     import torch
@@ -57,15 +56,9 @@ class StepStats:
 
 @dataclass(eq=False)
 class _Sequence:
-    prompt_ids: list[int]
-    params: GenerationParams
-    limit: int
+    tokens: TokenSequence
     deliver: Deliver
     cut: threading.Event | None
-    decoder: IncrementalDecoder
-    stops: StopMatcher
-    generator: Any = None
-    produced: int = 0
     start: int = 0
     pending: int | None = None
     """The last sampled token, not yet in the cache."""
@@ -157,8 +150,9 @@ class BatchEngine:
         """Queue a sequence. Its first chunk comes after the next prefill pass.
 
         Raises `ModelRetired` once the engine is stopping, `PayloadTooLarge` for a prompt
-        that leaves no room in a row for one generated token. The completion is cut to what
-        a row and the model's positions hold (`finish_reason` `length`).
+        that leaves no room in a row for one generated token, `InvalidRequest` for a
+        `logit_bias` outside the vocabulary. The completion is cut to what a row and the
+        model's positions hold (`finish_reason` `length`).
         """
         if len(prompt_ids) >= self.columns:
             raise PayloadTooLarge(
@@ -168,16 +162,9 @@ class BatchEngine:
         limit = min(params.max_tokens, self.columns - len(prompt_ids))
         if self._lm.max_positions is not None:
             limit = min(limit, self._lm.max_positions - len(prompt_ids))
-        sequence = _Sequence(
-            prompt_ids=prompt_ids,
-            params=params,
-            limit=max(limit, 1),
-            deliver=deliver,
-            cut=cut,
-            decoder=IncrementalDecoder(self._lm.decode),
-            stops=StopMatcher(params.stop),
-            generator=None if params.temperature == 0 else self._lm.generator(params.seed),
-        )
+        limit = max(limit, 1) if params.max_tokens else 0
+        tokens = TokenSequence(self._lm, prompt_ids, params, limit)
+        sequence = _Sequence(tokens=tokens, deliver=deliver, cut=cut)
         with self._lock:
             if self._stopping:
                 raise self._lm.retired()
@@ -237,7 +224,7 @@ class BatchEngine:
             if head.cancelled:
                 self._waiting.popleft()
                 continue
-            longest_next = max(longest, len(head.prompt_ids))
+            longest_next = max(longest, len(head.tokens.prompt_ids))
             if joining and longest_next * (len(joining) + 1) > self.limits.prefill_tokens:
                 break
             joining.append(self._waiting.popleft())
@@ -257,7 +244,7 @@ class BatchEngine:
         torch = self._torch
         kv = self._kv
         used = len(self._running)
-        queries = max(len(s.prompt_ids) for s in joining)
+        queries = max(len(s.tokens.prompt_ids) for s in joining)
         starts = kv.make_room(queries, used, [s.start for s in self._running])
         for sequence, start in zip(self._running, starts, strict=True):
             sequence.start = start
@@ -266,17 +253,28 @@ class BatchEngine:
         ids = torch.full((len(joining), queries), self._pad, dtype=torch.long)
         positions = torch.zeros((len(joining), queries), dtype=torch.long)
         for i, sequence in enumerate(joining):
-            length = len(sequence.prompt_ids)
-            ids[i, queries - length :] = torch.tensor(sequence.prompt_ids, dtype=torch.long)
+            length = len(sequence.tokens.prompt_ids)
+            ids[i, queries - length :] = torch.tensor(sequence.tokens.prompt_ids, dtype=torch.long)
             positions[i, queries - length :] = torch.arange(length)
             sequence.row, sequence.start = used + i, kv.end - length
             kv.valid[sequence.row] = False
             kv.valid[sequence.row, sequence.start : kv.end] = True
         self._running.extend(joining)
+        scoring = any(s.tokens.scores_prompt for s in joining)
         began = time.perf_counter()
-        logits = self._forward(ids, positions, rows, first, 0)
+        logits = self._forward(ids, positions, rows, first, 0, every_position=scoring)
         self._observe("prefill", len(joining), ids.numel(), began)
-        self._sample(joining, logits)
+        if scoring:
+            for i, sequence in enumerate(joining):
+                length = len(sequence.tokens.prompt_ids)
+                if sequence.tokens.scores_prompt:
+                    sequence.tokens.score(logits[i, queries - length : queries - 1])
+            logits = logits[:, -1]
+        for sequence in joining:
+            if sequence.tokens.limit == 0:  # scored, nothing to generate
+                self._free(sequence)
+                self._end(sequence, sequence.tokens.end_scored())
+        self._sample([(s, i) for i, s in enumerate(joining) if not s.tokens.finished], logits)
 
     def _decode(self) -> None:
         torch = self._torch
@@ -293,12 +291,20 @@ class BatchEngine:
         logits = self._forward(ids, positions, slice(0, len(running)), first, kv.end - first)
         kv.end += 1
         self._observe("decode", len(running), len(running), began)
-        self._sample(list(running), logits)
+        self._sample(list(zip(running, range(len(running)), strict=True)), logits)
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, first: int, write_at: int
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: slice,
+        first: int,
+        write_at: int,
+        *,
+        every_position: bool = False,
     ) -> torch.Tensor:
-        """One pass over `rows`; returns the last position's logits, (rows, vocab)."""
+        """One pass over `rows`; returns the last position's logits, (rows, vocab), or with
+        `every_position` every query position's, (rows, queries, vocab)."""
         kv = self._kv
         device = kv.device
         queries = ids.shape[1]
@@ -309,49 +315,30 @@ class BatchEngine:
             position_ids=positions.to(device),
             attention_mask=mask,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
             **{self._lm.cache_arg: cache},
         )
-        logits: torch.Tensor = output.logits[:, -1, : self._lm.tokenizer_size]
-        return logits.float()  # (rows, vocab)
+        logits: torch.Tensor = output.logits[..., : self._lm.tokenizer_size].float()
+        return logits if every_position else logits[:, -1]
 
-    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+    def _sample(self, sequences: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
+        """Pick and account for each sequence's next token from its row (`index`) of the
+        pass's `logits` (rows, vocab)."""
         greedy = self._torch.argmax(logits, dim=-1).tolist()  # (rows,)
-        for i, sequence in enumerate(sequences):
+        for sequence, index in sequences:
             if sequence.cancelled:
                 self._free(sequence)
                 continue
-            if sequence.generator is None:
-                token = int(greedy[i])
-            else:
-                token = sample_next_token(logits[i], sequence.params, sequence.generator)
-            self._advance(sequence, token)
-
-    def _advance(self, sequence: _Sequence, token: int) -> None:
-        """Account for one sampled token: deliver its text, or end the sequence."""
-        sequence.produced += 1
-        finish: FinishReason | None = None
-        text = ""
-        if token in self._lm.eos_ids:
-            finish = "stop"
-        else:
-            text, stopped = sequence.stops.feed(sequence.decoder.push(token))
-            if stopped:
-                finish = "stop"
-            elif sequence.produced >= sequence.limit:
-                finish = "length"
-        prompt_tokens = len(sequence.prompt_ids)
-        if finish is None:
+            tokens = sequence.tokens
+            token = tokens.choose(logits[index], int(greedy[index]))
+            chunk = tokens.advance(token)
+            if tokens.finished and chunk is not None:
+                self._free(sequence)
+                self._end(sequence, chunk)
+                continue
             sequence.pending = token
-            if text:
-                self._send(sequence, TokenChunk(text, prompt_tokens, sequence.produced))
-            return
-        if not sequence.stops.stopped:
-            tail, stopped = sequence.stops.feed(sequence.decoder.flush())
-            text += tail if stopped else tail + sequence.stops.flush()
-            finish = "stop" if stopped else finish
-        self._free(sequence)
-        self._end(sequence, TokenChunk(text, prompt_tokens, sequence.produced, finish))
+            if chunk is not None:
+                self._send(sequence, chunk)
 
     def _free(self, sequence: _Sequence) -> None:
         """Give `sequence`'s row back, moving the last running row into it."""

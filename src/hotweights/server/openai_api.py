@@ -23,8 +23,8 @@ from hotweights.server.pins import admit
 from hotweights.server.replies import CLIENT_CLOSED, LeasedStream, Reply
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.state import ServerState
-from hotweights.server.steps import engine_steps, leased_steps
-from hotweights.server.textgen import Prompt, Started, start_generation
+from hotweights.server.steps import engine_steps, leased_choices
+from hotweights.server.textgen import Began, Choice, Prompt
 
 
 def require_api_key(
@@ -66,20 +66,51 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in body.messages
     ]
-    prompt = Prompt(messages=messages, text=None)
-    return await _complete(request, body, prompt, "chat")
+    return await _complete(request, body, [Prompt(messages=messages)], "chat")
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    prompt = Prompt(messages=None, text=body.prompt_text())
-    return await _complete(request, body, prompt, "completions")
+    prompts = [
+        Prompt(text=prompt) if isinstance(prompt, str) else Prompt(ids=prompt)
+        for prompt in body.prompts()
+    ]
+    return await _complete(request, body, prompts, "completions")
+
+
+def _choices(
+    body: ChatCompletionRequest | CompletionRequest, prompts: int, max_tokens: int
+) -> list[Choice]:
+    """`n` sequences per prompt, index `prompt * n + i`; with a seed, choice `i` of a
+    prompt samples with `seed + i`, so the choices differ and each is reproducible."""
+    if isinstance(body, ChatCompletionRequest):
+        logprobs, prompt_logprobs = body.logprobs_count(), None
+    else:
+        logprobs = body.logprobs
+        prompt_logprobs = body.logprobs if body.echo else None
+    choices = []
+    for prompt in range(prompts):
+        for i in range(body.n):
+            params = GenerationParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                max_tokens=max_tokens,
+                stop=body.stops(),
+                seed=None if body.seed is None else body.seed + i,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                logit_bias=body.bias(),
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+            )
+            choices.append(Choice(prompt, params))
+    return choices
 
 
 async def _complete(
     request: Request,
     body: ChatCompletionRequest | CompletionRequest,
-    prompt: Prompt,
+    prompts: list[Prompt],
     endpoint: str,
 ) -> Response:
     state = _state(request)
@@ -87,16 +118,11 @@ async def _complete(
     served = state.resolve(name)
     config = state.config
     default_max = config.default_max_tokens if endpoint == "chat" else 16
-    max_tokens = min(body.requested_max_tokens() or default_max, config.max_tokens_limit)
+    requested = body.requested_max_tokens()
+    max_tokens = min(default_max if requested is None else requested, config.max_tokens_limit)
     started_at = time.monotonic()
     try:
-        params = GenerationParams(
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            max_tokens=max_tokens,
-            stop=body.stops(),
-            seed=body.seed,
-        )
+        choices = _choices(body, len(prompts), max_tokens)
         if state.stopping:
             raise NotReady("the server is shutting down")
         served.admit(config.max_pending)
@@ -112,11 +138,15 @@ async def _complete(
     steps: AsyncGenerator[Any, None] | None = None
     owner = True
     try:
-        steps = _generation(lease, prompt, params, state)
-        started = await anext(steps)  # tokenising and limits fail here, before any byte
-        if not isinstance(started, Started):
-            raise TypeError(f"generation began with {started!r}")
-        reply = Reply(served, lease, endpoint, started.prompt_tokens, body.model)
+        steps = _generation(lease, prompts, choices, state)
+        began = await anext(steps)  # tokenising and limits fail here, before any byte
+        if not isinstance(began, Began):
+            raise TypeError(f"generation began with {began!r}")
+        echo = isinstance(body, CompletionRequest) and body.echo
+        asked = choices[0].params.logprobs is not None
+        reply = Reply(
+            served, lease, endpoint, began, choices, body.model, echo=echo, logprobs=asked
+        )
         if body.stream:
             stream = reply.sse(steps, body.include_usage(), state, started_at)
             response: Response = LeasedStream(stream, steps, lease, served, reply.headers)
@@ -132,12 +162,12 @@ async def _complete(
                 time.monotonic() - started_at,
             )
             return Response(status_code=CLIENT_CLOSED)
-        text, finished = collected
-        state.metrics.generated(served.name, lease.generation, finished.completion_tokens)
+        generated = sum(answer.completion_tokens for answer in collected)
+        state.metrics.generated(served.name, lease.generation, generated)
         state.metrics.request(
             served.name, endpoint, lease.generation, 200, time.monotonic() - started_at
         )
-        return JSONResponse(reply.complete(text, finished), headers=reply.headers)
+        return JSONResponse(reply.complete(collected), headers=reply.headers)
     except HotweightsError as exc:
         state.metrics.request(
             served.name, endpoint, lease.generation, classify(exc)[0], time.monotonic() - started_at
@@ -152,18 +182,13 @@ async def _complete(
 
 
 def _generation(
-    lease: Lease[Any], prompt: Prompt, params: GenerationParams, state: ServerState
+    lease: Lease[Any], prompts: list[Prompt], choices: list[Choice], state: ServerState
 ) -> AsyncGenerator[Any, None]:
     """The request's items: from its version's engine, or its model's own loop."""
     model = lease.model
     limit = state.config.max_prompt_tokens
     if isinstance(model, BatchedModel) and model.engine is not None:
         return engine_steps(
-            lease, model, model.engine, prompt, params, limit, state.executor, state.cut
+            lease, model, model.engine, prompts, choices, limit, state.executor, state.cut
         )
-    return leased_steps(
-        lease,
-        lambda text_model: start_generation(text_model, prompt, params, limit),
-        state.executor,
-        state.cut,
-    )
+    return leased_choices(lease, prompts, choices, limit, state.executor, state.cut)

@@ -7,7 +7,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -15,9 +16,10 @@ from starlette.types import Receive, Scope, Send
 
 from hotweights.core import Lease
 from hotweights.errors import HotweightsError
+from hotweights.generation import TokenChunk, TokenLogprob
 from hotweights.server.errors import classify, error_body
 from hotweights.server.state import ServedModel, ServerState
-from hotweights.server.textgen import Finished, TextPiece
+from hotweights.server.textgen import Began, Choice, Started, Step
 
 GENERATION_HEADER = "x-hotweights-generation"
 CLIENT_CLOSED = 499  # the client went away mid-stream (nginx's convention)
@@ -51,41 +53,56 @@ class LeasedStream(StreamingResponse):
 
 
 class Reply:
-    """Shapes one request's answer in the OpenAI formats."""
+    """Shapes one request's answer in the OpenAI formats: one choice per sequence, by
+    index, with its log-probabilities when they were asked for."""
 
     def __init__(
         self,
         served: ServedModel,
         lease: Lease[Any],
         endpoint: str,
-        prompt_tokens: int,
+        began: Began,
+        choices: list[Choice],
         model_name: str,
+        *,
+        echo: bool = False,
+        logprobs: bool = False,
     ) -> None:
         self.served = served
         self.lease = lease
         self.endpoint = endpoint
-        self.prompt_tokens = prompt_tokens
+        self.began = began
+        self.choices = choices
         self.model_name = model_name
+        self.echo = echo
+        self.logprobs = logprobs
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.fingerprint = lease.version.system_fingerprint
         self.headers = {GENERATION_HEADER: str(lease.generation)}
+        self._offsets = [0] * len(choices)
+        """Characters of each completion choice's text so far, for `text_offset`."""
 
-    async def collect(self, steps: AsyncIterator[Any]) -> tuple[str, Finished]:
-        parts: list[str] = []
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(started.prompt_tokens for started in self.began.prompts)
+
+    async def collect(self, steps: AsyncIterator[Any]) -> list[Collected]:
+        """Every choice's whole answer."""
+        collected = [Collected() for _ in self.choices]
         async for item in steps:
-            if isinstance(item, TextPiece):
-                parts.append(item.text)
-            elif isinstance(item, Finished):
-                return "".join(parts), item
-        raise RuntimeError("generation ended without a finish")
+            if isinstance(item, Step):
+                collected[item.choice].add(item.chunk)
+        if not all(c.finish_reason is not None for c in collected):
+            raise RuntimeError("generation ended without a finish")
+        return collected
 
-    def _usage(self, finished: Finished) -> dict[str, int]:
+    def usage(self, completion_tokens: int) -> dict[str, int]:
         return {
             "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": finished.completion_tokens,
-            "total_tokens": self.prompt_tokens + finished.completion_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -98,34 +115,128 @@ class Reply:
             "choices": choices,
         }
 
-    def complete(self, text: str, finished: Finished) -> dict[str, Any]:
-        if self.endpoint == "chat":
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finished.reason,
-                "logprobs": None,
-            }
-            body = self._envelope("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finished.reason, "logprobs": None}
-            body = self._envelope("text_completion", [choice])
-        body["usage"] = self._usage(finished)
+    def complete(self, collected: list[Collected]) -> dict[str, Any]:
+        out: list[dict[str, Any]] = []
+        for index, answer in enumerate(collected):
+            if self.endpoint == "chat":
+                out.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": answer.text},
+                        "finish_reason": answer.finish_reason,
+                        "logprobs": self._chat_logprobs(answer.entries),
+                    }
+                )
+                continue
+            text, entries = answer.text, answer.entries
+            if self.echo:
+                text = self._prompt(index).text + text
+                entries = [*answer.prompt_entries, *entries]
+            out.append(
+                {
+                    "index": index,
+                    "text": text,
+                    "finish_reason": answer.finish_reason,
+                    "logprobs": self._completion_logprobs(index, entries),
+                }
+            )
+        body = self._envelope(_object(self.endpoint), out)
+        body["usage"] = self.usage(sum(answer.completion_tokens for answer in collected))
         return body
 
-    def _chunk(self, text: str | None, reason: str | None, first: bool = False) -> bytes:
+    def _prompt(self, index: int) -> Started:
+        return self.began.prompts[self.choices[index].prompt]
+
+    def _chat_logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        content = [
+            {
+                **_chat_token(entry.token, entry.logprob),
+                "top_logprobs": [_chat_token(token, value) for token, value in entry.top],
+            }
+            for entry in entries
+        ]
+        return {"content": content, "refusal": None}
+
+    def _completion_logprobs(
+        self, index: int, entries: Sequence[TokenLogprob]
+    ) -> dict[str, Any] | None:
+        """OpenAI's legacy shape; each token's `top_logprobs` holds the sampled token too,
+        as vLLM's do, and the prompt's first token has nulls."""
+        if not self.logprobs:
+            return None
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        for entry in entries:
+            tokens.append(entry.token)
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(entry.token)
+            if entry.logprob is None:
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(_finite(entry.logprob))
+            top = {token: _finite(value) for token, value in entry.top}
+            top.setdefault(entry.token, _finite(entry.logprob))
+            tops.append(top)
+        return {
+            "tokens": tokens,
+            "token_logprobs": values,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _chunk(
+        self,
+        index: int,
+        text: str | None,
+        reason: str | None,
+        entries: Sequence[TokenLogprob] = (),
+        first: bool = False,
+    ) -> bytes:
         if self.endpoint == "chat":
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason}
+            if entries:
+                choice["logprobs"] = self._chat_logprobs(entries)
             body = self._envelope("chat.completion.chunk", [choice])
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "finish_reason": reason,
+                "logprobs": self._completion_logprobs(index, entries) if entries else None,
+            }
             body = self._envelope("text_completion", [choice])
         return _sse(body)
+
+    def _opening(self) -> list[bytes]:
+        """Each choice's first chunk: the assistant role (chat) or the echoed prompt."""
+        if self.endpoint == "chat":
+            return [self._chunk(i, "", None, first=True) for i in range(len(self.choices))]
+        if self.echo and not self.logprobs:  # with logprobs, it comes with its scores
+            return [self._chunk(i, self._prompt(i).text, None) for i in range(len(self.choices))]
+        return []
+
+    def _pieces(self, step: Step) -> list[bytes]:
+        chunk, index = step.chunk, step.choice
+        pieces = []
+        if chunk.prompt_logprobs is not None and self.echo and self.endpoint != "chat":
+            pieces.append(self._chunk(index, self._prompt(index).text, None, chunk.prompt_logprobs))
+        entries = chunk.logprobs if self.logprobs else ()
+        if chunk.text or entries:
+            pieces.append(self._chunk(index, chunk.text, None, entries))
+        if chunk.finish_reason is not None:
+            text = None if self.endpoint == "chat" else ""
+            pieces.append(self._chunk(index, text, chunk.finish_reason))
+        return pieces
 
     async def sse(
         self,
@@ -135,20 +246,20 @@ class Reply:
         started_at: float,
     ) -> AsyncGenerator[bytes, None]:
         status = 200
-        generated = 0
+        generated = [0] * len(self.choices)
         try:
-            if self.endpoint == "chat":
-                yield self._chunk("", None, first=True)
+            for piece in self._opening():
+                yield piece
             async for item in steps:
-                if isinstance(item, TextPiece):
-                    yield self._chunk(item.text, None)
-                elif isinstance(item, Finished):
-                    generated = item.completion_tokens
-                    yield self._chunk(None if self.endpoint == "chat" else "", item.reason)
-                    if include_usage:
-                        usage = self._envelope(_stream_object(self.endpoint), [])
-                        usage["usage"] = self._usage(item)
-                        yield _sse(usage)
+                if not isinstance(item, Step):
+                    continue
+                generated[item.choice] = item.chunk.completion_tokens
+                for piece in self._pieces(item):
+                    yield piece
+            if include_usage:
+                usage = self._envelope(_stream_object(self.endpoint), [])
+                usage["usage"] = self.usage(sum(generated))
+                yield _sse(usage)
         except HotweightsError as exc:
             status, kind, code = classify(exc)
             yield _sse(error_body(str(exc), kind, code))
@@ -160,11 +271,55 @@ class Reply:
             yield _sse(error_body(f"internal error: {type(exc).__name__}", "server_error"))
         finally:
             name, generation = self.served.name, self.lease.generation
-            state.metrics.generated(name, generation, generated)
+            state.metrics.generated(name, generation, sum(generated))
             state.metrics.request(
                 name, self.endpoint, generation, status, time.monotonic() - started_at
             )
         yield b"data: [DONE]\n\n"
+
+
+@dataclass
+class Collected:
+    """One choice's whole answer, gathered from its chunks."""
+
+    parts: list[str] = field(default_factory=list)
+    entries: list[TokenLogprob] = field(default_factory=list)
+    prompt_entries: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, chunk: TokenChunk) -> None:
+        self.parts.append(chunk.text)
+        self.entries.extend(chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            self.prompt_entries = chunk.prompt_logprobs
+        self.completion_tokens = chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+LOWEST_LOGPROB = -9999.0
+"""What an impossible token's log-probability (-inf) is reported as: JSON has no infinity."""
+
+
+def _finite(value: float) -> float:
+    return max(value, LOWEST_LOGPROB)
+
+
+def _chat_token(token: str, logprob: float | None) -> dict[str, Any]:
+    return {
+        "token": token,
+        "logprob": _finite(logprob if logprob is not None else LOWEST_LOGPROB),
+        "bytes": list(token.encode("utf-8")),
+    }
+
+
+def _object(endpoint: str) -> str:
+    return "chat.completion" if endpoint == "chat" else "text_completion"
 
 
 def _stream_object(endpoint: str) -> str:

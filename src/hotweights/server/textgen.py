@@ -1,10 +1,12 @@
 """The item stream the server turns a request into, and the prompt checks before it.
 
-A request yields `Started` (its prompt size), then `TextPiece`s, then one `Finished`. For a
-model served by the per-request loop, `start_generation` produces them on a generation
-worker; for a batched model, `prepare_batched` renders and encodes the prompt (on a worker)
-and the version's engine produces the rest (see `steps.engine_steps`). The prompt is
-refused before `Started` when it is too long for the server or the engine's cache.
+A request has one or more prompts (a list in `/v1/completions`) and `n` choices per
+prompt. Its generation yields one `Began` (every prompt's size, once all were accepted),
+then `Step`s: a `TokenChunk` of one choice, by the choice's index. For a model served by
+the per-request loop, `start_generation` produces one choice's items on a generation
+worker; for a batched model, `prepare_batched` encodes a prompt (on a worker) and the
+version's engine produces the rest (see `steps.engine_steps`). A prompt is refused before
+`Began` when it is too long for the server or the engine's cache.
 """
 
 from __future__ import annotations
@@ -13,31 +15,45 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hotweights.errors import PayloadTooLarge
-from hotweights.generation import BatchedModel, Engine, GenerationParams, TextModel
+from hotweights.generation import BatchedModel, Engine, GenerationParams, TextModel, TokenChunk
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Either chat messages (rendered with the model's template) or raw text."""
+    """Chat messages (rendered with the model's template), raw text, or token ids."""
 
-    messages: list[dict[str, str]] | None
-    text: str | None
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    ids: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sequence a request generates: which prompt, with what parameters."""
+
+    prompt: int
+    params: GenerationParams
 
 
 @dataclass(frozen=True)
 class Started:
+    """A prompt accepted: its size, and its text as `echo` returns it."""
+
     prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class TextPiece:
     text: str
 
 
 @dataclass(frozen=True)
-class Finished:
-    reason: str
-    completion_tokens: int
+class Began:
+    """Every prompt accepted, in the request's order."""
+
+    prompts: tuple[Started, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    choice: int
+    chunk: TokenChunk
 
 
 def _check_size(prompt_tokens: int, max_prompt_tokens: int) -> None:
@@ -47,34 +63,47 @@ def _check_size(prompt_tokens: int, max_prompt_tokens: int) -> None:
         )
 
 
+def _rendered(model: TextModel | BatchedModel, prompt: Prompt) -> str:
+    if prompt.messages:
+        return model.apply_chat_template(prompt.messages)
+    return prompt.text or ""
+
+
 def start_generation(
     model: TextModel, prompt: Prompt, params: GenerationParams, max_prompt_tokens: int
-) -> Iterator[Started | TextPiece | Finished]:
-    """Generate for one request with the model's own loop; raises `PayloadTooLarge` or
+) -> Iterator[Started | TokenChunk]:
+    """Generate one choice with the model's own loop; raises `PayloadTooLarge` or
     `InvalidRequest` before the first item when the prompt is refused."""
-    text = model.apply_chat_template(prompt.messages) if prompt.messages else prompt.text or ""
-    prompt_tokens = model.count_tokens(text)
-    _check_size(prompt_tokens, max_prompt_tokens)
-    chunks = model.stream(text, params)
-    yield Started(prompt_tokens)
+    if prompt.ids is not None:
+        prompt_tokens, echo = len(prompt.ids), model.decode(prompt.ids)
+        _check_size(prompt_tokens, max_prompt_tokens)
+        chunks = model.stream(prompt.ids, params)
+    else:
+        echo = _rendered(model, prompt)
+        prompt_tokens = model.count_tokens(echo)
+        _check_size(prompt_tokens, max_prompt_tokens)
+        chunks = model.stream(echo, params)
+    yield Started(prompt_tokens, echo)
     for chunk in chunks:
-        if chunk.text:
-            yield TextPiece(chunk.text)
+        yield chunk
         if chunk.finish_reason is not None:
-            yield Finished(chunk.finish_reason, chunk.completion_tokens)
             return
     raise RuntimeError("the model's token stream ended without a finish reason")
 
 
 def prepare_batched(
     model: BatchedModel, engine: Engine, prompt: Prompt, max_prompt_tokens: int
-) -> list[int]:
+) -> tuple[list[int], Started]:
     """The prompt's token ids for `engine`; raises `PayloadTooLarge` when it is longer than
     the server accepts or than one row of the engine's cache holds (with room for one
-    generated token), `InvalidRequest` when it is empty."""
+    generated token), `InvalidRequest` when it is empty or names ids the model lacks."""
     columns = engine.columns
-    text = model.apply_chat_template(prompt.messages) if prompt.messages else prompt.text or ""
-    ids = model.prompt_ids(text)
+    if prompt.ids is not None:
+        ids = model.prompt_ids(prompt.ids)
+        echo = model.decode(ids)
+    else:
+        echo = _rendered(model, prompt)
+        ids = model.prompt_ids(echo)
     _check_size(len(ids), max_prompt_tokens)
     if len(ids) >= columns:
         raise PayloadTooLarge(
@@ -82,4 +111,4 @@ def prepare_batched(
             f"sequence, its completion included (raise --kv-cache-memory or lower "
             f"--max-batch-size)"
         )
-    return ids
+    return ids, Started(len(ids), echo)

@@ -1,0 +1,162 @@
+"""One completion's state, token by token: what both the batched engine and the
+per-request loop do with a position's logits.
+
+`TokenSequence` picks each token (penalties and logit_bias, then greedy or sampled with the
+request's own generator), records log-probabilities when asked, decodes text safely and
+cuts at stop strings, and says when the completion is over. Whoever runs the forward
+passes owns the cache and feeds it logits; the sequence never touches the model. Not
+thread-safe: one sequence belongs to one thread at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
+from hotweights.backends.sampling import adjust_logits, sample_next_token, top_tokens
+from hotweights.errors import InvalidRequest
+from hotweights.generation import FinishReason, GenerationParams, TokenChunk, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Vocabulary(Protocol):
+    """What a sequence needs of its model's tokenizer."""
+
+    eos_ids: frozenset[int]
+    tokenizer_size: int
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def generator(self, seed: int | None) -> torch.Generator: ...
+
+
+class TokenSequence:
+    """The completion of `prompt_ids` under `params`, at most `limit` tokens.
+
+    Raises `InvalidRequest` when `logit_bias` names an id the tokenizer cannot produce.
+    """
+
+    def __init__(
+        self, vocabulary: Vocabulary, prompt_ids: list[int], params: GenerationParams, limit: int
+    ) -> None:
+        outside = [t for t in params.logit_bias if t >= vocabulary.tokenizer_size]
+        if outside:
+            raise InvalidRequest(
+                f"logit_bias names token id {outside[0]}; this model's tokens are 0 to "
+                f"{vocabulary.tokenizer_size - 1}"
+            )
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.limit = limit
+        self.produced = 0
+        self.finished = False
+        self._vocabulary = vocabulary
+        self.generator = None if params.temperature == 0 else vocabulary.generator(params.seed)
+        self._decoder = IncrementalDecoder(vocabulary.decode)
+        self._stops = StopMatcher(params.stop)
+        self._generated: dict[int, int] = {}
+        self._entries: list[TokenLogprob] = []
+        self._prompt_entries: tuple[TokenLogprob, ...] | None = None
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's own logits are wanted (all positions, not just the last)."""
+        return self.params.prompt_logprobs is not None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits: a batch's shared argmax is this sequence's token."""
+        return self.params.temperature == 0 and not self.params.adjusts_logits
+
+    def score(self, logits: torch.Tensor) -> None:
+        """Record the prompt's log-probabilities from `logits` (len(prompt) - 1, vocab): the
+        logits at each prompt position but the last, each predicting the next token."""
+        import torch
+
+        ids = self.prompt_ids
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (prompt - 1, vocab)
+        targets = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()  # (prompt - 1,)
+        tops = top_tokens(logprobs, self.params.prompt_logprobs or 0)
+        text = self._vocabulary.token_text
+        entries = [TokenLogprob(ids[0], text(ids[0]), None)]
+        for token, value, top in zip(ids[1:], chosen, tops, strict=True):
+            entries.append(TokenLogprob(token, text(token), value, self._named(top)))
+        self._prompt_entries = tuple(entries)
+
+    def choose(self, logits: torch.Tensor, greedy: int | None = None) -> int:
+        """The next token from `logits` (vocab,), float32; `greedy` is the raw argmax if the
+        caller already has it. Records the token's log-probability when asked."""
+        import torch
+
+        params = self.params
+        picked = logits
+        if params.adjusts_logits:
+            picked = adjust_logits(logits, params, self._generated)
+        if self.generator is None:
+            token = greedy if greedy is not None and self.plain_greedy else None
+            if token is None:
+                token = int(torch.argmax(picked).item())
+        else:
+            token = sample_next_token(picked, params, self.generator)
+        if params.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (vocab,)
+            top = top_tokens(logprobs[None, :], params.logprobs)[0]
+            entry = TokenLogprob(
+                token,
+                self._vocabulary.token_text(token),
+                float(logprobs[token].item()),
+                self._named(top),
+            )
+            self._entries.append(entry)
+        self._generated[token] = self._generated.get(token, 0) + 1
+        return token
+
+    def advance(self, token: int) -> TokenChunk | None:
+        """Account for `token`, just chosen: the chunk to send now, if any. Sets `finished`
+        when this was the last token; the chunk returned then is the last one."""
+        self.produced += 1
+        finish: FinishReason | None = None
+        text = ""
+        if token in self._vocabulary.eos_ids:
+            finish = "stop"
+        else:
+            text, stopped = self._stops.feed(self._decoder.push(token))
+            if stopped:
+                finish = "stop"
+            elif self.produced >= self.limit:
+                finish = "length"
+        if finish is None:
+            return self._chunk(text, None)
+        if not self._stops.stopped:
+            tail, stopped = self._stops.feed(self._decoder.flush())
+            text += tail if stopped else tail + self._stops.flush()
+            finish = "stop" if stopped else finish
+        self.finished = True
+        return self._chunk(text, finish)
+
+    def end_scored(self) -> TokenChunk:
+        """The only chunk of a sequence that generates nothing (`limit` 0): the prompt's
+        log-probabilities, finish reason `length`."""
+        self.finished = True
+        prompt, self._prompt_entries = self._prompt_entries, None
+        return TokenChunk("", len(self.prompt_ids), 0, "length", prompt_logprobs=prompt)
+
+    def _chunk(self, text: str, finish: FinishReason | None) -> TokenChunk | None:
+        prompt, self._prompt_entries = self._prompt_entries, None
+        entries = tuple(self._entries)
+        if finish is None and not text and not entries and prompt is None:
+            return None
+        self._entries.clear()
+        return TokenChunk(
+            text, len(self.prompt_ids), self.produced, finish, entries, prompt_logprobs=prompt
+        )
+
+    def _named(self, top: list[tuple[int, float]]) -> tuple[tuple[str, float], ...]:
+        text = self._vocabulary.token_text
+        return tuple((text(token), value) for token, value in top)
