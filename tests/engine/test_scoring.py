@@ -110,7 +110,8 @@ def test_generated_logprobs_equal_the_loops_and_a_plain_forward_pass(
             assert entry.token == lm.token_text(entry.token_id)
             assert len(entry.top) == 3
             if params.temperature == 0:  # greedy picks the most likely token
-                assert entry.top[0] == (entry.token, pytest.approx(entry.logprob, abs=1e-6))
+                assert entry.top[0][0] == entry.token
+                assert entry.top[0][1] == pytest.approx(entry.logprob, abs=1e-6)
 
 
 def _greedy_with_penalties(

@@ -66,7 +66,11 @@ def test_completions_name_their_generation(server_url: str, tmp_path: Path) -> N
         ({**CHAT, "logit_bias": {"5000": 1}}, 400, "invalid_request"),
         ({**CHAT, "presence_penalty": 3}, 400, "invalid_request"),
         ({**CHAT, "response_format": {"type": "json_object"}}, 400, "invalid_request"),
-        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_request"),
+        (
+            {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "invalid_request",
+        ),
         ({**CHAT, "tool_choice": "auto"}, 400, "invalid_request"),
         ({**CHAT, "reasoning_effort": "low"}, 400, "invalid_request"),
         ({**CHAT, "no_such_field": 1}, 400, "invalid_request"),

@@ -179,8 +179,9 @@ class Reply:
                 tops.append(None)
                 continue
             values.append(_finite(entry.logprob))
-            top = {token: _finite(value) for token, value in entry.top}
-            top.setdefault(entry.token, _finite(entry.logprob))
+            top: dict[str, float] = {}
+            for token, value in (*entry.top, (entry.token, entry.logprob)):
+                top.setdefault(token, _finite(value))  # ids that decode alike: the likelier
             tops.append(top)
         return {
             "tokens": tokens,
