@@ -22,6 +22,8 @@ MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily: dividing logits by them overflows."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,8 @@ class GenerationParams:
     """How to sample one completion. Raises `InvalidRequest` for out-of-range values."""
 
     temperature: float = 1.0
-    """Softmax temperature in [0, 2]; 0 picks the most likely token (greedy)."""
+    """Softmax temperature in [0, 2]; 0 (or below `GREEDY_BELOW`) picks the most likely
+    token (greedy)."""
     top_p: float = 1.0
     """Nucleus sampling: sample from the smallest set of tokens holding this much
     probability, in (0, 1]."""
@@ -94,6 +97,11 @@ class GenerationParams:
                 raise InvalidRequest(
                     f"{name} must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {value!r}"
                 )
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the most likely token is picked (temperature 0, or too small to divide by)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def adjusts_logits(self) -> bool:

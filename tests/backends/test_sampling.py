@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 
 from hotweights.backends import sample_next_token
+from hotweights.backends.sampling import adjust_logits
 from hotweights.errors import InvalidRequest
 from hotweights.generation import GenerationParams
 
@@ -17,7 +18,6 @@ from hotweights.generation import GenerationParams
         {"temperature": float("nan")},
         {"top_p": 0.0},
         {"top_p": 1.01},
-        {"max_tokens": 0},
         {"max_tokens": 1.5},
         {"max_tokens": True},
         {"stop": ["a", "b", "c", "d", "e"]},
@@ -77,3 +77,59 @@ def test_the_generator_alone_decides_the_draws() -> None:
     torch.manual_seed(12345)  # the global generator plays no part
     assert draws(1) == first
     assert draws(2) != first
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
+    """5e-324 rounds to 0 in float32, which once masked every token (found by fuzzing)."""
+    import torch
+
+    logits = torch.tensor([0.1, 2.0, 0.3])
+    generator = torch.Generator().manual_seed(0)
+    params = GenerationParams(temperature=1.0, top_p=5e-324)
+    assert {sample_next_token(logits, params, generator) for _ in range(20)} == {1}
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
+    import torch
+
+    logits = torch.tensor([0.1, 2.0, 0.3])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, GenerationParams(temperature=1e-300), generator) == 1
+    assert GenerationParams(temperature=1e-6).greedy
+    assert not GenerationParams(temperature=0.01).greedy
+
+
+def test_adjusted_logits_follow_openais_formula() -> None:
+    import torch
+
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    params = GenerationParams(
+        presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 10.0, 3: -100.0}
+    )
+    adjusted = adjust_logits(logits, params, {1: 3, 3: 1})
+    # token 1: 2 - 3 * 0.25 - 0.5; token 3: 4 - 100 - 0.25 - 0.5
+    assert adjusted.tolist() == pytest.approx([11.0, 0.75, 3.0, -96.75])
+    assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # a new tensor
+    assert adjust_logits(logits, GenerationParams(presence_penalty=1.0), {}).tolist() == [
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3},
+        {"logit_bias": {-1: 1.0}},
+        {"logit_bias": {5: 101.0}},
+        {"logprobs": 21},
+        {"prompt_logprobs": -1},
+        {"max_tokens": -1},
+    ],
+)
+def test_out_of_range_scoring_parameters_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest):
+        GenerationParams(**options)

@@ -18,12 +18,14 @@ same cases every run):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -34,6 +36,9 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
 from schemathesis.schemas import APIOperation, BaseSchema
 
+from hotweights.backends import TransformersLoader
+from hotweights.demo.tinylm import save_tiny_model
+from hotweights.engine.loader import BatchingLoader, EngineSettings
 from hotweights.server.runner import ServerThread
 from hotweights.sources import publish
 from tests.fakes import FakeTextLoader
@@ -133,7 +138,10 @@ def _named(operation: Operation, location: str) -> dict[str, Any] | None:
     return {"name": MODEL} if ("name", location) in names else None
 
 
-def _fuzz(operation: Operation, mode: Mode, target: Target) -> None:
+Steer = Callable[[AnyCase, st.DataObject, Target], None]
+
+
+def _fuzz(operation: Operation, mode: Mode, target: Target, steer: Steer | None = None) -> None:
     """Run `mode` on `operation`; raises what hypothesis raises (the shrunk failure)."""
     strategy = operation.as_strategy(
         generation_mode=mode.generation,
@@ -146,7 +154,7 @@ def _fuzz(operation: Operation, mode: Mode, target: Target) -> None:
     @given(case=strategy, data=st.data())
     def fuzz(case: AnyCase, data: st.DataObject) -> None:
         if mode.steered:
-            _steer(case, data, target)
+            (steer or _steer)(case, data, target)
         response = case.call(base_url=target.server.url, timeout=30)
         status = response.status_code
         case.validate_response(response, checks=[not_a_server_error])
@@ -222,3 +230,63 @@ def test_a_reload_path_with_a_nul_byte_is_a_client_error(serve: Serve, tmp_path:
     response = httpx.post(f"{server.url}/admin/reload", json={"path": path}, timeout=30)
     assert response.status_code in (400, 403), response.text
     check_openai_error_shape("POST /admin/reload", response.status_code, response.content)
+
+
+GENERATION = ("POST /v1/chat/completions", "POST /v1/completions")
+GENERATING = {
+    *("model", "messages", "prompt", "temperature", "top_p", "stop", "seed", "stream"),
+    *("stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias"),
+    *("logprobs", "top_logprobs", "echo", "max_tokens", "max_completion_tokens"),
+}
+"""The fields that change what is generated; the rest are refused or have no effect."""
+
+
+def _steer_to_the_engine(case: AnyCase, data: st.DataObject, target: Target) -> None:
+    """Three bodies in four keep only the fields that generate, named at the model."""
+    body = case.body
+    if not isinstance(body, dict) or data.draw(st.integers(0, 3), label="steer") == 0:
+        return
+    kept = {key: value for key, value in body.items() if key in GENERATING}
+    prompt = kept.get("prompt")
+    if isinstance(prompt, list):  # token ids the tiny model has
+        kept["prompt"] = _tiny_ids([_tiny_ids(i) if isinstance(i, list) else i for i in prompt])
+    bias = kept.get("logit_bias")
+    if isinstance(bias, dict):
+        kept["logit_bias"] = {str(abs(hash(key)) % 200): value for key, value in bias.items()}
+    case.body = {**kept, "model": MODEL}
+
+
+def _tiny_ids(items: list[Any]) -> list[Any]:
+    return [
+        item % 200 if isinstance(item, int) and not isinstance(item, bool) else item
+        for item in items
+    ]
+
+
+@pytest.mark.llm
+def test_fuzz_generation_on_a_real_model(serve: Serve, tmp_path: Path) -> None:
+    """The two generation endpoints against a real tiny model on its batched engine, so
+    every field the schema offers (logprobs, echo, n, prompt lists, token ids, penalties,
+    logit_bias) reaches the engine: no 5xx, and OpenAI's error shape on every 4xx."""
+    source = save_tiny_model(tmp_path / "models" / "1", seed=1)
+    loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=8, kv_cache_bytes=2**22))
+    server = serve(loader, source, model_name=MODEL, max_tokens_limit=4, max_prompt_tokens=64)
+    target = Target(server, reload_root=source.parent)
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=10)
+    operations = [op for op in _operations(schema) if op.label in GENERATION]
+    assert len(operations) == len(GENERATION)
+    failures: list[str] = []
+    for operation in operations:
+        for mode in MODES[:2]:
+            try:
+                _fuzz(operation, mode, target, _steer_to_the_engine)
+            except (Exception, FailureGroup) as exc:
+                failures.append(f"{operation.label} [{mode.name}]: {type(exc).__name__}: {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert server.state.models[MODEL].pending == 0
+    answered = httpx.get(f"{server.url}/metrics").text
+    for endpoint in ("chat", "completions"):  # cases got through validation to the engine
+        labels = rf'endpoint="{endpoint}"[^}}]*status="200"'
+        ok = re.search(rf"hotweights_requests_total{{[^}}]*{labels}[^}}]*}} (\S+)", answered)
+        assert ok is not None, answered
+        assert float(ok.group(1)) >= 3, ok.group(0)

@@ -19,19 +19,21 @@ def sample_next_token(
 ) -> int:
     """Pick the next token id from `logits` (shape: (vocab,)) as `params` say.
 
-    Greedy at temperature 0; otherwise temperature-scaled softmax, cut to the top-p
+    Greedy when `params.greedy`; otherwise temperature-scaled softmax, cut to the top-p
     nucleus, sampled with `generator` alone so concurrent requests do not share
     random state. Call under `torch.inference_mode()`.
     """
     import torch
 
-    if params.temperature == 0:
+    if params.greedy:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
     if params.top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,), (vocab,)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass ahead of each
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        outside = before >= params.top_p
+        outside[0] = False  # the most likely token stays, however small top_p is
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (1,)
         return int(order[choice].item())
     return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -56,7 +56,7 @@ class TokenSequence:
         self.produced = 0
         self.finished = False
         self._vocabulary = vocabulary
-        self.generator = None if params.temperature == 0 else vocabulary.generator(params.seed)
+        self.generator = None if params.greedy else vocabulary.generator(params.seed)
         self._decoder = IncrementalDecoder(vocabulary.decode)
         self._stops = StopMatcher(params.stop)
         self._generated: dict[int, int] = {}
@@ -71,7 +71,7 @@ class TokenSequence:
     @property
     def plain_greedy(self) -> bool:
         """Greedy on the raw logits: a batch's shared argmax is this sequence's token."""
-        return self.params.temperature == 0 and not self.params.adjusts_logits
+        return self.params.greedy and not self.params.adjusts_logits
 
     def score(self, logits: torch.Tensor) -> None:
         """Record the prompt's log-probabilities from `logits` (len(prompt) - 1, vocab): the

@@ -330,8 +330,14 @@ class BatchEngine:
                 self._free(sequence)
                 continue
             tokens = sequence.tokens
-            token = tokens.choose(logits[index], int(greedy[index]))
-            chunk = tokens.advance(token)
+            try:
+                token = tokens.choose(logits[index], int(greedy[index]))
+                chunk = tokens.advance(token)
+            except Exception as exc:  # one request's sampling fails that request alone
+                log.exception("sampling a sequence failed")
+                self._free(sequence)
+                self._end(sequence, EngineFailed(f"sampling failed: {type(exc).__name__}: {exc}"))
+                continue
             if tokens.finished and chunk is not None:
                 self._free(sequence)
                 self._end(sequence, chunk)
