@@ -74,6 +74,21 @@ def test_completions_name_their_generation(server_url: str, tmp_path: Path) -> N
         ({**CHAT, "tool_choice": "auto"}, 400, "invalid_request"),
         ({**CHAT, "reasoning_effort": "low"}, 400, "invalid_request"),
         ({**CHAT, "no_such_field": 1}, 400, "invalid_request"),
+        ({**CHAT, "functions": [{"name": "f"}]}, 400, "invalid_request"),
+        ({**CHAT, "function_call": "auto"}, 400, "invalid_request"),
+        ({**CHAT, "modalities": ["text", "audio"]}, 400, "invalid_request"),
+        ({**CHAT, "audio": {"voice": "x"}}, 400, "invalid_request"),
+        ({**CHAT, "prediction": {"type": "content", "content": "x"}}, 400, "invalid_request"),
+        ({**CHAT, "verbosity": "low"}, 400, "invalid_request"),
+        ({**CHAT, "web_search_options": {}}, 400, "invalid_request"),
+        (
+            {
+                **CHAT,
+                "messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}],
+            },
+            400,
+            "invalid_request",
+        ),
         ({**CHAT, "max_tokens": 0}, 400, "invalid_request"),
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request"),
         ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request"),
@@ -87,6 +102,55 @@ def test_bad_requests_get_openai_shaped_errors(
 ) -> None:
     response = httpx.post(f"{server_url}/v1/chat/completions", json=body)
     assert _error(response, status)["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**CHAT, "no_such_field": 1}, "no_such_field"),
+        ({**CHAT, "audio": {"voice": "x"}}, "audio"),
+    ],
+)
+def test_a_refusal_names_its_field(server_url: str, body: dict[str, Any], param: str) -> None:
+    error = _error(httpx.post(f"{server_url}/v1/chat/completions", json=body), 400)
+    assert error["param"] == param
+    assert param in error["message"]
+
+
+def test_fields_that_cannot_change_the_answer_are_accepted(server_url: str) -> None:
+    plain = httpx.post(f"{server_url}/v1/chat/completions", json=CHAT).json()
+    accepted = {
+        **CHAT,
+        "user": "u",
+        "metadata": {"k": "v"},
+        "store": True,
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "parallel_tool_calls": True,
+        "tool_choice": "none",
+        "modalities": ["text"],
+        "response_format": {"type": "text"},
+        "stream_options": None,
+        "messages": [{"role": "user", "content": "hi there", "name": "ann"}],
+    }
+    answer = httpx.post(f"{server_url}/v1/chat/completions", json=accepted)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"] == plain["choices"]
+
+
+def test_prompt_and_choice_limits(server_url: str) -> None:
+    url = f"{server_url}/v1/completions"
+    many = httpx.post(url, json={"model": "m", "prompt": ["a"] * 65})
+    assert "64 prompts" in _error(many, 400)["message"]
+    wide = httpx.post(url, json={"model": "m", "prompt": ["a"] * 33, "n": 2})
+    assert "at most 64" in _error(wide, 400)["message"]
+    fits = httpx.post(url, json={"model": "m", "prompt": ["a b"] * 32, "n": 2, "max_tokens": 1})
+    assert [c["index"] for c in fits.json()["choices"]] == list(range(64))
+    for missing in ("/v1/embeddings", "/v1/responses"):
+        assert httpx.post(f"{server_url}{missing}", json={"model": "m"}).status_code == 404
 
 
 def test_bad_bodies_and_routes(server_url: str) -> None:
