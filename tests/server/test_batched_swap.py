@@ -127,7 +127,11 @@ def test_32_streams_finish_on_g1_while_g2_goes_live_beside_it(serve: Serve, tmp_
     assert [version.generation for version in reloader.resident()] == [2]
 
 
-def test_a_client_that_hangs_up_frees_its_row_and_its_lease(serve: Serve, tmp_path: Path) -> None:
+@pytest.mark.parametrize("choices", [1, 4])
+def test_a_client_that_hangs_up_frees_its_row_and_its_lease(
+    serve: Serve, tmp_path: Path, choices: int
+) -> None:
+    """With `n` choices, every one of its sequences leaves the engine."""
     v1 = save_tiny_model(tmp_path / "1", seed=1)
     loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=4, kv_cache_bytes=2**22))
     server = serve(loader, v1, model_name="tiny")
@@ -150,6 +154,7 @@ def test_a_client_that_hangs_up_frees_its_row_and_its_lease(serve: Serve, tmp_pa
         "max_tokens": 400,
         "temperature": 0,
         "stream": True,
+        "n": choices,
     }
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,10 @@ def server(request: pytest.FixtureRequest, serve: Serve, models: dict[str, Path]
 
 
 @pytest.fixture
-def client(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+def client(server: ServerThread) -> Iterator[openai.OpenAI]:
+    url = f"{server.url}/v1"
+    with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60) as client:
+        yield client
 
 
 def _score(model_dir: Path, text: str) -> list[float]:
@@ -294,10 +297,11 @@ def test_refused_completion_fields(client: openai.OpenAI) -> None:
 
 
 def test_logprobs_come_from_the_generation_that_served(
-    serve: Serve, models: dict[str, Path]
+    serve: Serve, models: dict[str, Path], request: pytest.FixtureRequest
 ) -> None:
     server = serve(_loader(True), models["v1"], model_name="tiny")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    request.addfinalizer(client.close)
 
     def score() -> tuple[int, list[float]]:
         raw = client.completions.with_raw_response.create(
@@ -323,15 +327,20 @@ def langchain_url(serve: Serve, models: dict[str, Path]) -> str:
     return f"{serve(_loader(True), models['v1'], model_name='tiny').url}/v1"
 
 
-def test_langchain_chat_streaming_and_logprobs(langchain_url: str) -> None:
-    """LangChain's ChatOpenAI, unmodified, pointed at the server."""
+def test_langchain_chat_streaming_and_logprobs(
+    langchain_url: str, request: pytest.FixtureRequest
+) -> None:
+    """LangChain's ChatOpenAI, unmodified, pointed at the server (with an HTTP client
+    the test closes, so no socket outlives it)."""
+    http = httpx.Client(timeout=60)
+    request.addfinalizer(http.close)
     chat = ChatOpenAI(
         model="tiny",
         base_url=langchain_url,
-        api_key=SecretStr("unused"),
+        api_key=SecretStr("x"),
         max_completion_tokens=8,
-        temperature=0,
-    )
+        http_client=http,
+    ).bind(temperature=0)
     answer = chat.invoke("Tell me a story.")
     assert isinstance(answer.content, str)
     assert answer.content
@@ -345,10 +354,6 @@ def test_langchain_chat_streaming_and_logprobs(langchain_url: str) -> None:
     assert len(content) == scored.usage_metadata["output_tokens"]  # type: ignore[index]
     assert all(entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2 for entry in content)
     legacy = OpenAI(
-        model="tiny",
-        base_url=langchain_url,
-        api_key=SecretStr("unused"),
-        max_tokens=4,
-        temperature=0,
+        model="tiny", base_url=langchain_url, api_key=SecretStr("x"), max_tokens=4, http_client=http
     )
     assert isinstance(legacy.invoke("Once upon"), str)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,21 @@ def batched() -> BatchingLoader:
     return BatchingLoader(TransformersLoader(), EngineSettings(max_batch=8, kv_cache_bytes=2**23))
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close every client a test opened, so no socket is left for the collector."""
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    _clients.append(client)
+    return client
 
 
 def _generation(fingerprint: str | None) -> int:

@@ -132,14 +132,8 @@ async def engine_steps(
             ids = prepared[choice.prompt][0]
             tickets.append(engine.submit(ids, choice.params, deliverer(index), cut))
         yield Began(tuple(started for _, started in prepared))
-        open_choices = len(choices)
-        while open_choices:
-            index, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield Step(index, item)
-            if item.finish_reason is not None:
-                open_choices -= 1
+        async for step in _steps(queue, len(choices)):
+            yield step
     finally:
         for ticket in tickets:
             ticket.cancel()
@@ -178,7 +172,7 @@ async def leased_choices(
                 raise TypeError(f"generation began with {first!r}")
             started.setdefault(choice.prompt, first)
         yield Began(tuple(started[i] for i in range(len(prompts))))
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, TokenChunk | BaseException]] = asyncio.Queue()
 
         async def pump(index: int, stream: AsyncGenerator[Any, None]) -> None:
             try:
@@ -188,14 +182,8 @@ async def leased_choices(
                 await queue.put((index, exc))
 
         pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        open_choices = len(choices)
-        while open_choices:
-            index, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield Step(index, item)
-            if item.finish_reason is not None:
-                open_choices -= 1
+        async for step in _steps(queue, len(choices)):
+            yield step
     finally:
         for task in pumps:
             task.cancel()
@@ -204,3 +192,18 @@ async def leased_choices(
                 await task
         for stream in streams:
             await stream.aclose()
+
+
+async def _steps(
+    queue: asyncio.Queue[tuple[int, TokenChunk | BaseException]], choices: int
+) -> AsyncGenerator[Step, None]:
+    """The chunks of `choices` sequences as they arrive, until each has finished; an
+    exception in their place ends them all."""
+    open_choices = choices
+    while open_choices:
+        index, item = await queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield Step(index, item)
+        if item.finish_reason is not None:
+            open_choices -= 1
