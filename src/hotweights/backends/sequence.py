@@ -62,16 +62,15 @@ class TokenSequence:
         self._generated: dict[int, int] = {}
         self._entries: list[TokenLogprob] = []
         self._prompt_entries: tuple[TokenLogprob, ...] | None = None
+        self.plain_greedy = params.greedy and not params.adjusts_logits
+        """Greedy on the raw logits: a batch's shared argmax is this sequence's token."""
+        self.needs_logits = not self.plain_greedy or params.logprobs is not None
+        """Whether `choose` reads the logits, or only the shared argmax."""
 
     @property
     def scores_prompt(self) -> bool:
         """Whether the prompt's own logits are wanted (all positions, not just the last)."""
         return self.params.prompt_logprobs is not None
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy on the raw logits: a batch's shared argmax is this sequence's token."""
-        return self.params.greedy and not self.params.adjusts_logits
 
     def score(self, logits: torch.Tensor) -> None:
         """Record the prompt's log-probabilities from `logits` (len(prompt) - 1, vocab): the
@@ -89,9 +88,15 @@ class TokenSequence:
             entries.append(TokenLogprob(token, text(token), value, self._named(top)))
         self._prompt_entries = tuple(entries)
 
-    def choose(self, logits: torch.Tensor, greedy: int | None = None) -> int:
+    def choose(self, logits: torch.Tensor | None, greedy: int | None = None) -> int:
         """The next token from `logits` (vocab,), float32; `greedy` is the raw argmax if the
-        caller already has it. Records the token's log-probability when asked."""
+        caller already has it, and then `logits` may be None unless `needs_logits`.
+        Records the token's log-probability when asked."""
+        if not self.needs_logits and greedy is not None:  # the hot path: plain greedy
+            self._generated[greedy] = self._generated.get(greedy, 0) + 1
+            return greedy
+        if logits is None:
+            raise ValueError("this sequence needs its logits to choose a token")
         import torch
 
         params = self.params

@@ -331,7 +331,8 @@ class BatchEngine:
                 continue
             tokens = sequence.tokens
             try:
-                token = tokens.choose(logits[index], int(greedy[index]))
+                row = logits[index] if tokens.needs_logits else None
+                token = tokens.choose(row, int(greedy[index]))
                 chunk = tokens.advance(token)
             except Exception as exc:  # one request's sampling fails that request alone
                 log.exception("sampling a sequence failed")
