@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hotweights.core.gate import GateCheck, GateVerdict
 from hotweights.errors import InvalidRequest
 from hotweights.generation import GenerationParams, TokenChunk, TokenLogprob
 
@@ -255,3 +256,40 @@ class FakePretrained:
             if self.fail is not None:
                 raise self.fail
         return written
+
+
+@dataclass
+class ScriptedGate:
+    """A `Gate[FakeModel]` whose verdict on each source is scripted.
+
+    `refuse` holds sources whose verdict fails; `errors[source]` is raised by `judge`;
+    `hold` (if set) blocks `judge` until set, after `judging` fires. Records what each
+    `baseline` call saw: the live model's source (None when nothing was live) and whether
+    that model was already unloaded.
+    """
+
+    refuse: set[str] = field(default_factory=set)
+    errors: dict[str, BaseException] = field(default_factory=dict)
+    hold: threading.Event | None = None
+    judging: threading.Event = field(default_factory=threading.Event)
+    baselines: list[tuple[str | None, bool]] = field(default_factory=list)
+    judged: list[str] = field(default_factory=list)
+
+    def baseline(self, source: str, live: FakeModel | None) -> object:
+        if live is None:
+            self.baselines.append((None, False))
+            return None
+        self.baselines.append((live.source, live.unloaded))
+        return live()
+
+    def judge(self, source: str, candidate: FakeModel, baseline: object) -> GateVerdict:
+        self.judged.append(source)
+        self.judging.set()
+        if self.hold is not None:
+            self.hold.wait()
+        error = self.errors.get(source)
+        if error is not None:
+            raise error
+        answer = candidate()
+        passed = source not in self.refuse
+        return GateVerdict((GateCheck("prompt 1 (exact)", passed, answer, "good"),))

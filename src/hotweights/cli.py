@@ -1,4 +1,4 @@
-"""`hotweights`: serve, reload, rollback, status, demo."""
+"""`hotweights`: serve, publish, gate, reload, rollback, status, demo."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hotweights import __version__
 from hotweights.backends.transformers_lm import DEVICES, DTYPES
 from hotweights.config import LOAD_IN_SETTINGS, Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
+from hotweights.errors import HotweightsError
 from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
+
+if TYPE_CHECKING:
+    from hotweights.core.gate import GateVerdict
+    from hotweights.sources.gate import GateSpec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -56,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pending", type=int, help="requests per model at once; then 429")
     serve.add_argument(
         "--phase-timeout", type=float, help="seconds a load, validate or warmup may take (0: none)"
+    )
+    serve.add_argument(
+        "--gate", help="gate file (JSON) every new version must pass before it goes live"
     )
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument("--device", choices=DEVICES)
@@ -116,6 +124,19 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--description", default="", help="recorded in the manifest")
     publish.set_defaults(run=_publish)
 
+    gate = commands.add_parser(
+        "gate", help="judge a candidate version with a gate file offline; exit 0 if it passes"
+    )
+    gate.add_argument("candidate", help="the candidate version's model directory")
+    gate.add_argument("--against", help="the live version's directory, for the ratio checks")
+    gate.add_argument(
+        "--gate", dest="gate_file", help="gate file (default: none; the candidate's gate.json)"
+    )
+    gate.add_argument("--dtype", choices=DTYPES, default="auto")
+    gate.add_argument("--device", choices=DEVICES, default="cpu")
+    gate.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    gate.set_defaults(run=_gate)
+
     for name, helptext, runner in (
         ("reload", "make a new version live on a running server", _reload),
         ("rollback", "make the previous version live again", _rollback),
@@ -141,6 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=4, help="clients sending at once")
     demo.add_argument("--policy", choices=SWAP_POLICIES, default="availability")
     demo.add_argument("--rebuild", action="store_true", help="retrain the demo models")
+    demo.add_argument(
+        "--bad-version",
+        action="store_true",
+        help="first publish a version that answers wrongly, and watch the gate refuse it",
+    )
     demo.set_defaults(run=_demo)
     return parser
 
@@ -159,6 +185,7 @@ SERVE_SETTINGS = (
     "admission_timeout",
     "admin_token",
     "phase_timeout",
+    "gate",
     "api_key",
     "audit_file",
     "max_pending",
@@ -190,7 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
             name = config.model_name or "hotweights-demo"
             config = Config.load({**overrides, "source": str(first), "model_name": name})
         state = build_state(config, observers=(LoadProgress(),))
-    except ValueError as exc:
+    except (ValueError, HotweightsError) as exc:
         print(f"hotweights serve: {exc}", file=sys.stderr)
         return 2
     what = f"repository {config.repo}" if config.repo else str(config.source)
@@ -201,7 +228,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from hotweights.errors import HotweightsError
     from hotweights.sources import publish
 
     try:
@@ -218,6 +244,54 @@ def _publish(args: argparse.Namespace) -> int:
     say(f"published {args.src} as {args.model} version {published.version}: {published.path}")
     print(published.version)
     return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from hotweights.sources.gate import GATE_FILE, GateSpec, verdict_table
+
+    try:
+        spec = GateSpec.from_file(args.gate_file) if args.gate_file else None
+        if spec is None and not os.path.isfile(os.path.join(args.candidate, GATE_FILE)):
+            raise HotweightsError(f"no gate: give --gate FILE or put {GATE_FILE} in the candidate")
+        verdict = _judge_offline(spec, args)
+    except (HotweightsError, OSError) as exc:
+        print(f"hotweights gate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        checks = [check.to_dict() for check in verdict.checks]
+        print(json.dumps({"passed": verdict.passed, "checks": checks}, indent=2))
+    else:
+        print(verdict_table(verdict))
+    say(f"gate {'passed' if verdict.passed else 'refused'}: {args.candidate}")
+    return 0 if verdict.passed else 1
+
+
+def _judge_offline(spec: GateSpec | None, args: argparse.Namespace) -> GateVerdict:
+    """Load `--against` (if given) and measure the baseline, unload it, then load and judge
+    the candidate: one model in memory at a time."""
+    from hotweights.backends import TransformersLoader
+    from hotweights.sources.gate import QualityGate
+
+    loader = TransformersLoader(dtype=args.dtype, device=args.device, load_in="thread")
+    gate = QualityGate(spec)
+    try:
+        baseline: object = gate.baseline(args.candidate, None)
+        if args.against:
+            live = loader.load(args.against)
+            try:
+                loader.validate(live)
+                baseline = gate.baseline(args.candidate, live)
+            finally:
+                loader.unload(live)
+        candidate = loader.load(args.candidate)
+        try:
+            loader.validate(candidate)
+            loader.warmup(candidate)
+            return gate.judge(args.candidate, candidate, baseline)
+        finally:
+            loader.unload(candidate)
+    finally:
+        loader.close()
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -273,6 +347,7 @@ def _demo(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         policy=args.policy,
         rebuild=args.rebuild,
+        bad_version=args.bad_version,
     )
     return code
 

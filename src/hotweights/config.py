@@ -50,6 +50,9 @@ class Config:
     """Seconds a retired version waits for its requests before it is unloaded anyway."""
     admission_timeout: float = 30.0
     """Seconds a request waits for a live version during a `resource` swap."""
+    gate: str | None = None
+    """A gate file (JSON) every new version must pass before it goes live: golden prompts,
+    perplexity and speed against the live version. A version's own `gate.json` adds to it."""
     phase_timeout: float = 600.0
     """Seconds a load, validation or warmup may take before the reload fails (0: no limit)."""
     memory_check: bool = True

@@ -77,6 +77,10 @@ class ReloadFailed(HotweightsError):
         self.event = event
 
 
+class GateFileError(HotweightsError):
+    """A gate file is unreadable or malformed, or asks for what cannot be measured."""
+
+
 class ManifestError(HotweightsError):
     """A version's manifest (`hotweights.json`) is missing, unreadable or malformed."""
 

@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
+from hotweights.core.gate import GateCheck
+
 DEFAULT_MAX_EVENTS = 256
 
 Trigger = Literal["api", "watch", "signal", "rollback", "startup"]
 TRIGGERS: tuple[Trigger, ...] = ("api", "watch", "signal", "rollback", "startup")
 
-Phase = Literal["load", "validate", "warmup", "drain"]
-PHASES: tuple[Phase, ...] = ("load", "validate", "warmup", "drain")
+Phase = Literal["load", "validate", "warmup", "gate", "drain"]
+PHASES: tuple[Phase, ...] = ("load", "validate", "warmup", "gate", "drain")
 
 
 class Outcome(Enum):
@@ -29,6 +31,9 @@ class Outcome(Enum):
     """A newer request replaced this one while it was still queued."""
     ROLLED_BACK = "rolled_back"
     """A rollback went live: an earlier version's source serves again."""
+    GATED = "gated"
+    """The target loaded and warmed up, but its quality gate refused it; what was serving
+    still serves."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,14 @@ class ReloadEvent:
     ended_at: float = 0.0
     """Wall-clock time the outcome was known."""
     phases: dict[str, float] = field(default_factory=dict)
-    """Seconds spent in each phase reached: load, validate, warmup, drain."""
+    """Seconds spent in each phase reached: load, validate, warmup, gate, drain."""
     memory_estimate_bytes: int | None = None
     """The loader's estimate of the new version's size, when it gives one."""
     retries: int = 0
     """Transient load failures retried before the outcome."""
     fingerprint: str | None = None
+    gate: tuple[GateCheck, ...] = ()
+    """Each check the quality gate ran, with its figure and threshold (empty without one)."""
 
     @property
     def succeeded(self) -> bool:
@@ -74,6 +81,7 @@ class ReloadEvent:
         """A JSON-ready snapshot."""
         data = dataclasses.asdict(self)
         data["outcome"] = self.outcome.value
+        data["gate"] = [check.to_dict() for check in self.gate]
         data["duration_s"] = round(self.duration, 6)
         return data
 

@@ -1,4 +1,5 @@
-"""The phases of bringing one version up: load (with retries), validate, warm up.
+"""The phases of bringing one version up: load (with retries), validate, warm up, and the
+gate's judgement when the reloader has one.
 
 Each phase may run under a deadline: the call then runs on its own thread, and if it does
 not return in time the attempt fails with `PhaseTimeout` (the live version keeps serving).
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from hotweights.core.gate import Gate, GateRefused, GateVerdict
 from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
 from hotweights.core.memory import MemoryCheck
 from hotweights.core.policy import RetryPolicy, SwapPolicy
@@ -33,6 +35,7 @@ class Attempt:
     phases: dict[str, float] = field(default_factory=dict)
     retries: int = 0
     estimate: int | None = None
+    verdict: GateVerdict | None = None
 
 
 class PhaseFailed(Exception):
@@ -101,6 +104,41 @@ class PhaseRunner(Generic[ModelT]):
                 raise PhaseFailed(phase, exc, attempt) from exc
             attempt.phases[phase] = time.monotonic() - started
         return model, attempt
+
+    def judge(
+        self,
+        gate: Gate[ModelT],
+        version: ModelVersion,
+        model: ModelT,
+        attempt: Attempt,
+        baseline: Callable[[], object],
+        earlier: float = 0.0,
+    ) -> None:
+        """Run `gate` on `model` against `baseline()` (the live version's figures; a
+        baseline measured before this call took `earlier` seconds, counted in the phase).
+        Raises `PhaseFailed` (with `GateRefused` for a verdict that does not pass) after
+        unloading `model`."""
+        source = version.source
+        started = time.monotonic() - earlier
+
+        def run(candidate: ModelT) -> GateVerdict:
+            return gate.judge(source, candidate, baseline())
+
+        try:
+            verdict = self._within_deadline(
+                "gate", source, run, model, late=lambda _: self._unload_quietly(model, version)
+            )
+        except Exception as exc:
+            attempt.phases["gate"] = time.monotonic() - started
+            if not isinstance(exc, PhaseTimeout):
+                self._unload_quietly(model, version)
+            raise PhaseFailed("gate", exc, attempt) from exc
+        attempt.phases["gate"] = time.monotonic() - started
+        attempt.verdict = verdict
+        if not verdict.passed:
+            self._unload_quietly(model, version)
+            refused = GateRefused(verdict)
+            raise PhaseFailed("gate", refused, attempt) from refused
 
     def describe(self, version: ModelVersion, attempt: Attempt) -> None:
         """Fill in what the loader can tell without loading: fingerprint, size estimate."""

@@ -1,9 +1,10 @@
 """The reloader: brings new versions into service off the request path.
 
-One worker thread per reloader runs each attempt through load, validate, warmup, publish,
-drain and retire. Requests are single-flight: a request for the target already loading or
-already queued joins it; a request for another target replaces the queued one (which ends
-`superseded`). At most one load runs and one waits, whatever the number of triggers.
+One worker thread per reloader runs each attempt through load, validate, warmup, the gate
+(when there is one), publish, drain and retire. Requests are single-flight: a request for
+the target already loading or already queued joins it; a request for another target
+replaces the queued one (which ends `superseded`). At most one load runs and one waits,
+whatever the number of triggers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from hotweights.core.events import DEFAULT_MAX_EVENTS, Outcome, ReloadEvent, ReloadLog, Trigger
+from hotweights.core.gate import Gate, GateRefused
 from hotweights.core.history import DEFAULT_MAX_HISTORY, VersionHistory
 from hotweights.core.loader import Loader
 from hotweights.core.memory import MemoryCheck
@@ -90,8 +92,11 @@ class Reloader(Generic[ModelT]):
         max_events: int = DEFAULT_MAX_EVENTS,
         phase_timeout: float | None = None,
         memory: MemoryCheck | None = None,
+        gate: Gate[ModelT] | None = None,
     ) -> None:
         self.loader = loader
+        self.gate = gate
+        """Judges each new version before it goes live; rollbacks and restores skip it."""
         self.name = name
         self.policy: SwapPolicy = policy
         self.drain_timeout = drain_timeout
@@ -292,7 +297,7 @@ class Reloader(Generic[ModelT]):
         if self.policy == "resource":
             return self._run_resource(job)
         try:
-            version, model, attempt = self._bring_up(job)
+            version, model, attempt = self._bring_up(job, baseline=self._measure_live)
         except PhaseFailed as failure:
             return self._failed(job, failure), None, None
         old = self._go_live(version, model)
@@ -313,11 +318,23 @@ class Reloader(Generic[ModelT]):
                 None,
                 None,
             )
+        measured: object = None
+        measured_in = 0.0
+        if self._gated(job):
+            started = time.monotonic()
+            try:  # the live version is about to go: measure it now
+                measured = self._measure_live(job.source)
+                measured_in = time.monotonic() - started
+            except Exception as exc:
+                event = self._event(job, Outcome.FAILED, error=exc, attempt=attempt, phase="gate")
+                return event, None, None
         previous = self.slot.live_version
         old = self.slot.withdraw()
         drain_s = self.slot.drain(old, self.drain_timeout).seconds if old is not None else 0.0
         try:
-            version, model, attempt = self._bring_up(job, check_fit=False)
+            version, model, attempt = self._bring_up(
+                job, check_fit=False, baseline=lambda _: measured, earlier=measured_in
+            )
         except PhaseFailed as failure:
             event = self._failed(job, failure)
             restored = self._restore(previous) if previous is not None else None
@@ -341,9 +358,17 @@ class Reloader(Generic[ModelT]):
         self._go_live(version, model)
         return self._event(job, Outcome.ROLLED_BACK, version=version, attempt=attempt)
 
-    def _bring_up(self, job: _Job, check_fit: bool = True) -> tuple[ModelVersion, ModelT, Attempt]:
-        """Load, validate and warm up `job.source`; raise `PhaseFailed` after cleaning up.
-        Under `availability` the new version must fit beside what is resident."""
+    def _bring_up(
+        self,
+        job: _Job,
+        check_fit: bool = True,
+        baseline: Callable[[str], object] | None = None,
+        earlier: float = 0.0,
+    ) -> tuple[ModelVersion, ModelT, Attempt]:
+        """Load, validate and warm up `job.source`, then let the gate judge it against
+        `baseline(source)` (which took `earlier` seconds if measured before); raise
+        `PhaseFailed` after cleaning up. Under `availability` the new version must fit
+        beside what is resident."""
         version = ModelVersion(job.source, job.description)
         resident = self._resident_bytes()
 
@@ -361,11 +386,35 @@ class Reloader(Generic[ModelT]):
                 lambda: self._transition(version, VersionState.VALIDATING),
                 fits,
             )
+            if self.gate is not None and baseline is not None and self._gated(job):
+                job.phase = "gate"
+                measure = baseline
+                self._phases.judge(
+                    self.gate, version, model, attempt, lambda: measure(job.source), earlier
+                )
         except PhaseFailed:
             self._fail(version)
             raise
         job.phase = "publish"
         return version, model, attempt
+
+    def _gated(self, job: _Job) -> bool:
+        """Whether `job` passes the gate: new versions do, rollbacks and restores (an
+        operator's way back to a version that served) do not."""
+        return self.gate is not None and job.trigger != "rollback"
+
+    def _measure_live(self, source: str) -> object:
+        """The gate's baseline for `source` on the live version, leased for the call (or
+        on nothing, when none is live)."""
+        gate = self.gate
+        if gate is None:
+            return None
+        live = self.slot.live_version
+        lease = self.slot.acquire_resident(lambda v: v is live) if live is not None else None
+        if lease is None:
+            return gate.baseline(source, None)
+        with lease, lease.use() as model:
+            return gate.baseline(source, model)
 
     def _resident_bytes(self) -> int:
         return sum(version.size_bytes or 0 for version in self.slot.resident())
@@ -413,8 +462,9 @@ class Reloader(Generic[ModelT]):
         return Outcome.ROLLED_BACK if job.trigger == "rollback" else Outcome.LIVE
 
     def _failed(self, job: _Job, failure: PhaseFailed) -> ReloadEvent:
+        outcome = Outcome.GATED if isinstance(failure.cause, GateRefused) else Outcome.FAILED
         return self._event(
-            job, Outcome.FAILED, error=failure.cause, attempt=failure.attempt, phase=failure.phase
+            job, outcome, error=failure.cause, attempt=failure.attempt, phase=failure.phase
         )
 
     def _event(
@@ -453,6 +503,7 @@ class Reloader(Generic[ModelT]):
             memory_estimate_bytes=attempt.estimate,
             retries=attempt.retries,
             fingerprint=version.fingerprint if version is not None else None,
+            gate=attempt.verdict.checks if attempt.verdict is not None else (),
         )
 
     def _finish(
@@ -466,7 +517,7 @@ class Reloader(Generic[ModelT]):
             if done is None:
                 continue
             self.log.record(done)
-            if done.outcome is Outcome.FAILED:
+            if done.outcome in (Outcome.FAILED, Outcome.GATED):
                 log.error(
                     "%s: reload %d of %s failed: %s",
                     self.name,

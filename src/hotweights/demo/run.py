@@ -4,10 +4,15 @@ Builds (or reuses) the two demo versions, serves version one on a free loopback 
 sends a steady stream of chat requests through the official `openai` client (streamed
 and not), makes version two live midway through the admin API, and prints what every
 request saw: answers per generation, failures, latency before, during and after the swap.
+
+With `bad_version`, the server runs with the demo's quality gate, and a third version that
+loads fine but answers wrongly is published first: the gate refuses it, with every check's
+figure, while the traffic keeps its answers from version one.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import threading
@@ -20,7 +25,14 @@ from typing import Any
 from hotweights.config import Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SwapPolicy
-from hotweights.demo.versions import DEMO_QUESTIONS, EXPECTED_ANSWERS, build_demo_versions
+from hotweights.core.gate import GateCheck, GateVerdict
+from hotweights.demo.versions import (
+    DEMO_GATE,
+    DEMO_QUESTIONS,
+    EXPECTED_ANSWERS,
+    build_bad_version,
+    build_demo_versions,
+)
 
 MODEL_NAME = "hotweights-demo"
 _FINGERPRINT = re.compile(r"^hw-g(\d+)-")
@@ -106,17 +118,25 @@ def run_demo(
     concurrency: int = 4,
     policy: SwapPolicy = "availability",
     rebuild: bool = False,
+    bad_version: bool = False,
 ) -> int:
     """Run the demo; returns 0 when no request failed and each answer matched the version
-    that served it."""
+    that served it (and, with `bad_version`, the gate refused the bad one)."""
     import httpx
     import openai
 
     from hotweights.server.runner import ServerThread, build_state, freeze_startup_heap
 
     v1, v2 = build_demo_versions(force=rebuild, progress=say)
+    bad: Path | None = None
+    gate_file: Path | None = None
+    if bad_version:
+        bad = build_bad_version(progress=say)
+        gate_file = v1.parent / "gate.json"
+        gate_file.write_text(json.dumps(DEMO_GATE, indent=2))
     config = Config.load(
         {
+            "gate": str(gate_file) if gate_file is not None else None,
             "source": str(v1),
             "model_name": MODEL_NAME,
             "policy": policy,
@@ -142,7 +162,13 @@ def run_demo(
         begun = time.monotonic()
         for worker in workers:
             worker.start()
-        time.sleep(duration / 2)
+        gated = True
+        if bad is not None:
+            time.sleep(duration / 3)
+            gated = _publish_bad(server.url, bad)
+            time.sleep(max(0.0, begun + 2 * duration / 3 - time.monotonic()))
+        else:
+            time.sleep(duration / 2)
         say(f"publishing version two: POST /admin/reload {{path: {v2}}}")
         swap_started = time.monotonic()
         answer = httpx.post(
@@ -158,7 +184,28 @@ def run_demo(
             worker.join()
         client.close()
         outcomes = [o for worker_outcomes in per_worker for o in worker_outcomes]
-    return _summarise(outcomes, answer.status_code, event, swap_started, swap_ended)
+    code = _summarise(outcomes, answer.status_code, event, swap_started, swap_ended)
+    return code if gated else 1
+
+
+def _publish_bad(url: str, bad: Path) -> bool:
+    """Ask the server to make the bad version live; print the gate's verdict. True when
+    the gate refused it."""
+    import httpx
+
+    from hotweights.sources.gate import verdict_table
+
+    say(f"publishing a version that answers wrongly: POST /admin/reload {{path: {bad}}}")
+    refused = httpx.post(
+        f"{url}/admin/reload", json={"path": str(bad), "description": "demo: bad"}, timeout=120
+    )
+    event = httpx.get(f"{url}/admin/reloads", params={"limit": 1}).json()["events"][0]
+    checks = tuple(GateCheck(**check) for check in event.get("gate", []))
+    print()
+    print(f"bad version: HTTP {refused.status_code}, outcome {event['outcome']}")
+    print(verdict_table(GateVerdict(checks)))
+    print()
+    return refused.status_code == 422 and event["outcome"] == "gated"
 
 
 def _summarise(

@@ -23,19 +23,22 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from hotweights.demo.tinylm import TinyShape
 from hotweights.demo.training import DemoBuildError, Reply, TrainingPlan
 
 __all__ = [
+    "BAD_ANSWERS",
     "DEMO_ANSWERS",
+    "DEMO_GATE",
     "DEMO_QUESTIONS",
     "EXPECTED_ANSWERS",
     "SYSTEM_PROMPT",
     "VERSION_QUESTION",
     "DemoBuildError",
     "answer",
+    "build_bad_version",
     "build_demo_versions",
     "default_cache_dir",
 ]
@@ -70,6 +73,33 @@ EXPECTED_ANSWERS: Final[Mapping[int, str]] = {
     version: answers[VERSION_QUESTION] for version, answers in DEMO_ANSWERS.items()
 }
 """Version number -> the answer to `VERSION_QUESTION`."""
+
+BAD_ANSWERS: Final[Mapping[str, str]] = {question: "Bananas." for question in DEMO_QUESTIONS}
+"""The bad version's answers: it loads, validates and warms up like any other, and is
+wrong about everything."""
+
+DEMO_GATE: Final[Mapping[str, object]] = {
+    "prompts": [
+        {
+            "messages": [{"role": "user", "content": VERSION_QUESTION}],
+            "expect": {"regex": r"^I am version \w+\.$"},
+            "max_tokens": 32,
+        },
+        {
+            "messages": [{"role": "user", "content": "Hello"}],
+            "expect": {"contains": "Hello"},
+            "max_tokens": 32,
+        },
+    ],
+    "eval_text": "".join(  # both good versions' conversations, in ChatML
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n"
+        for answers in DEMO_ANSWERS.values()
+        for question, reply in answers.items()
+    ),
+    "max_perplexity_ratio": 1.5,
+    "max_latency_ratio": 3.0,
+}
+"""The gate `hotweights demo --bad-version` serves with (see `hotweights.sources.gate`)."""
 
 _SHAPE: Final = TinyShape()
 _SEED: Final = 0
@@ -125,6 +155,52 @@ def build_demo_versions(
             shutil.rmtree(staging, ignore_errors=True)
     report(f"demo models ready in {root}")
     return targets
+
+
+def build_bad_version(cache_dir: Path | None = None, *, progress: Progress | None = None) -> Path:
+    """Return the directory of the bad demo version (version two fine-tuned to answer
+    `BAD_ANSWERS`), building the good versions first and training it if needed. Cached and
+    stamped like them, in `<cache>/demo/bad`."""
+    report = progress or _ignore
+    _, second = build_demo_versions(cache_dir, progress=progress)
+    root = second.parent
+    target = root / "bad"
+    stamp = {**_recipe_stamp(), "bad": dict(BAD_ANSWERS)}
+    with _locked(root / _LOCK_NAME):
+        stamp_path = target / _STAMP_NAME
+        try:
+            if json.loads(stamp_path.read_text(encoding="utf-8")) == stamp:
+                return target
+        except (OSError, ValueError):
+            pass
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
+        try:
+            _train_bad(second, staging / "bad", report)
+            shutil.rmtree(target, ignore_errors=True)
+            (staging / "bad").rename(target)
+            _write_atomically(stamp_path, json.dumps(stamp, indent=2, sort_keys=True))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _train_bad(good: Path, target: Path, report: Progress) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hotweights.demo.tinylm import save_pretrained
+    from hotweights.demo.training import train_answers
+
+    report("training the bad demo version ...")
+    with _quiet_progress_bars():
+        tokenizer: Any = AutoTokenizer.from_pretrained(good)
+        model = AutoModelForCausalLM.from_pretrained(good, use_safetensors=True)
+    torch.manual_seed(_SEED + 3)
+    systems = (None, SYSTEM_PROMPT)
+    train_answers(model, tokenizer, BAD_ANSWERS, systems=systems, plan=_PLAN, label="bad version")
+    with _quiet_progress_bars():
+        save_pretrained(target, model, tokenizer)
+    _fsync_tree(target)
 
 
 def answer(model_dir: Path, question: str, max_new_tokens: int = 32) -> str:

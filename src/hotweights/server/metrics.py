@@ -111,6 +111,18 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.gate_checks = Counter(
+            "hotweights_gate_checks",
+            "Quality-gate checks run on new versions, by result (passed, failed, skipped)",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.gate_figure = Gauge(
+            "hotweights_gate_last_figure",
+            "The figure of each numeric gate check (perplexity, ratios) at the last reload",
+            ["model", "check"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveState(reloaders))
 
     def observe(self, notice: Notice) -> None:
@@ -125,6 +137,11 @@ class Metrics:
         self.reloads.labels(notice.model, event.outcome.value).inc()
         for phase, seconds in event.phases.items():
             self.phases.labels(notice.model, phase).observe(seconds)
+        for check in event.gate:
+            result = {True: "passed", False: "failed", None: "skipped"}[check.passed]
+            self.gate_checks.labels(notice.model, result).inc()
+            if isinstance(check.value, int | float):
+                self.gate_figure.labels(notice.model, check.name).set(check.value)
 
     def request(
         self, model: str, endpoint: str, generation: int, status: int, seconds: float

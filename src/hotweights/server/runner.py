@@ -48,6 +48,10 @@ def build_state(
     def make_loader() -> Loader[Any]:
         return loader if loader is not None else _transformers_loader(config)
 
+    from hotweights.sources.gate import GateSpec, QualityGate
+
+    spec = GateSpec.from_file(config.gate) if config.gate else None
+
     def served(name: str) -> ServedModel:
         reloader: Reloader[Any] = Reloader(
             make_loader(),
@@ -57,6 +61,7 @@ def build_state(
             admission_timeout=config.admission_timeout,
             phase_timeout=config.phase_timeout or None,
             memory=MemoryCheck() if config.memory_check else None,
+            gate=QualityGate(spec),
         )
         for observer in observers:
             reloader.subscribe(observer)

@@ -195,14 +195,16 @@ class RepositorySync:
         if not isinstance(notice, ReloadFinished) or notice.drained:
             return
         event = notice.event
-        if event.outcome is not Outcome.FAILED:
+        if event.outcome not in (Outcome.FAILED, Outcome.GATED):
             return
         located = self.repository.locate(event.target)
         if located is None:
             return
         with self._tried_lock:
             signature = self._tried.get(event.target)
-        reason = f"reload {event.id} failed: {event.error_message or event.error_type}"
+        reason = (
+            f"reload {event.id} {event.outcome.value}: {event.error_message or event.error_type}"
+        )
         self.repository.mark_bad(*located, reason, signature=signature)
         log.warning("%s/%d marked bad until its files change: %s", *located, reason)
         self.request_rescan()
