@@ -36,8 +36,36 @@ def test_auto_loads_in_a_process_only_where_requests_run_during_the_load(
         ("policy", "fast", "policy must be one of"),
         ("max_pending", 0, "max_pending must be at least 1"),
         ("host", "0.0.0.0", "set an admin token"),
+        ("canary", "10 percent", "canary must be a share like 10%"),
+        ("canary", "100%", "between 0 and 1"),
+        ("canary", "0", "between 0 and 1"),
     ],
 )
 def test_a_bad_setting_is_named(setting: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Config.load({setting: value}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"canary": "10%", "policy": "resource"}, "a canary needs --policy availability"),
+        ({"canary": "10%", "bake": "soon"}, "bake must be a duration"),
+        ({"canary": "10%", "bake": "0s"}, "bake must be positive"),
+        ({"canary": "10%", "canary_max_latency_ratio": 0.5}, "max_latency_ratio must be >= 1"),
+    ],
+)
+def test_canary_settings_are_checked_together(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Config.load(settings, environ={})
+
+
+def test_canary_settings_become_a_policy() -> None:
+    config = Config.load({}, environ={"HOTWEIGHTS_CANARY": "10%", "HOTWEIGHTS_BAKE": "2m"})
+    policy = config.canary_policy()
+    assert policy is not None
+    assert (policy.share, policy.bake_seconds, policy.max_error_rate) == (0.1, 120.0, 0.05)
+    assert Config.load({"canary": "0.25", "bake": "90"}, environ={}).canary_policy() == type(
+        policy
+    )(share=0.25, bake_seconds=90.0)
+    assert Config.load({}, environ={}).canary_policy() is None

@@ -1,4 +1,4 @@
-"""`hotweights`: serve, publish, gate, reload, rollback, status, demo."""
+"""`hotweights`: serve, publish, gate, reload, rollback, promote, status, demo."""
 
 from __future__ import annotations
 
@@ -64,6 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--gate", help="gate file (JSON) every new version must pass before it goes live"
+    )
+    canary = serve.add_argument_group("canary (availability policy)")
+    canary.add_argument(
+        "--canary", help="bake each new version on this share of new requests first, e.g. 10%%"
+    )
+    canary.add_argument("--bake", help="how long a canary bakes before promotion (60s)")
+    canary.add_argument(
+        "--canary-max-error-rate",
+        type=float,
+        help="roll back above the stable error rate plus this (0.05)",
+    )
+    canary.add_argument(
+        "--canary-max-latency-ratio",
+        type=float,
+        help="roll back above this ratio of the stable p99 or time per token (2.0)",
+    )
+    canary.add_argument(
+        "--canary-min-requests", type=int, help="requests before a canary is judged (20)"
     )
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument("--device", choices=DEVICES)
@@ -139,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, helptext, runner in (
         ("reload", "make a new version live on a running server", _reload),
-        ("rollback", "make the previous version live again", _rollback),
+        ("rollback", "make the previous version live again (or roll a canary back)", _rollback),
+        ("promote", "end a canary's bake now and make it live", _promote),
         ("status", "show the live version, in-flight requests and recent reloads", _status),
     ):
         client = commands.add_parser(name, help=helptext)
@@ -186,6 +205,11 @@ SERVE_SETTINGS = (
     "admin_token",
     "phase_timeout",
     "gate",
+    "canary",
+    "bake",
+    "canary_max_error_rate",
+    "canary_max_latency_ratio",
+    "canary_min_requests",
     "api_key",
     "audit_file",
     "max_pending",
@@ -333,6 +357,10 @@ def _reload(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     return _call(args, "POST", "/admin/rollback", {"description": args.description})
+
+
+def _promote(args: argparse.Namespace) -> int:
+    return _call(args, "POST", "/admin/promote")
 
 
 def _status(args: argparse.Namespace) -> int:

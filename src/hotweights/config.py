@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from hotweights.backends.transformers_lm import DEVICES, DTYPES, LOAD_IN, Device, Dtype, LoadIn
+from hotweights.core.canary import CanaryPolicy
 from hotweights.core.policy import SwapPolicy
 
 LoadInSetting = Literal["auto", LoadIn]
@@ -53,6 +54,17 @@ class Config:
     gate: str | None = None
     """A gate file (JSON) every new version must pass before it goes live: golden prompts,
     perplexity and speed against the live version. A version's own `gate.json` adds to it."""
+    canary: str | None = None
+    """Bake each new version on this share of new requests first (`10%` or `0.1`), beside
+    the live one, before it takes them all (`availability` only); None: no canary."""
+    bake: str = "60s"
+    """How long a canary bakes before it is promoted (`60s`, `2m`, or seconds)."""
+    canary_max_error_rate: float = 0.05
+    """Roll a canary back when its error rate exceeds the stable version's by more than this."""
+    canary_max_latency_ratio: float = 2.0
+    """Roll a canary back when its p99 or time per token exceeds the stable one's by this ratio."""
+    canary_min_requests: int = 20
+    """Requests each version must finish during a bake before the canary is judged."""
     phase_timeout: float = 600.0
     """Seconds a load, validation or warmup may take before the reload fails (0: no limit)."""
     memory_check: bool = True
@@ -135,6 +147,7 @@ class Config:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         self.kv_cache_bytes()  # raises for a size it cannot read
+        self.canary_policy()  # raises for a share, duration or threshold out of range
         if self.watch not in ("auto", "events", "poll"):
             raise ValueError(f"watch must be auto, events or poll, got {self.watch!r}")
         if self.verify not in ("digest", "size", "none"):
@@ -155,6 +168,27 @@ class Config:
     def kv_cache_bytes(self) -> int | None:
         """`kv_cache_memory` in bytes; None for `auto`."""
         return parse_size(self.kv_cache_memory, "kv_cache_memory")
+
+    def canary_policy(self) -> CanaryPolicy | None:
+        """The canary settings as a policy; None without `canary`."""
+        if self.canary is None:
+            return None
+        if self.policy != "availability":
+            raise ValueError("a canary needs --policy availability (two versions resident)")
+        text = self.canary.strip()
+        try:
+            share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise ValueError(
+                f"canary must be a share like 10% or 0.1, got {self.canary!r}"
+            ) from None
+        return CanaryPolicy(
+            share=share,
+            bake_seconds=parse_duration(self.bake, "bake"),
+            max_error_rate=self.canary_max_error_rate,
+            max_latency_ratio=self.canary_max_latency_ratio,
+            min_requests=self.canary_min_requests,
+        )
 
     def loads_in(self) -> LoadIn:
         """Where checkpoints are read, `auto` resolved by the swap policy."""
@@ -205,6 +239,22 @@ def parse_size(text: str, name: str) -> int | None:
     if size <= 0:
         raise ValueError(f"{name} must be positive, got {text!r}")
     return int(size)
+
+
+_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, name: str) -> float:
+    """`60s`, `2m`, `1h` or `90` in seconds; raises `ValueError` naming `name`."""
+    value = text.strip().lower()
+    number = value.rstrip("smh")
+    try:
+        seconds = float(number) * _SECONDS[value[len(number) :]]
+    except (KeyError, ValueError):
+        raise ValueError(f"{name} must be a duration like 60s or 2m, got {text!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"{name} must be positive, got {text!r}")
+    return seconds
 
 
 def _parse(spec: dataclasses.Field[Any], raw: str) -> Any:

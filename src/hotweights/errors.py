@@ -38,6 +38,10 @@ class NoPreviousVersion(HotweightsError):
     """A rollback was asked for but the history holds no earlier version to return to."""
 
 
+class NoCanary(HotweightsError):
+    """A promotion (or the end of a bake) was asked for, but no canary is baking."""
+
+
 class ReloaderClosed(HotweightsError):
     """A reload was requested after the reloader was closed."""
 

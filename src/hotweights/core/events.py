@@ -16,8 +16,8 @@ DEFAULT_MAX_EVENTS = 256
 Trigger = Literal["api", "watch", "signal", "rollback", "startup"]
 TRIGGERS: tuple[Trigger, ...] = ("api", "watch", "signal", "rollback", "startup")
 
-Phase = Literal["load", "validate", "warmup", "gate", "drain"]
-PHASES: tuple[Phase, ...] = ("load", "validate", "warmup", "gate", "drain")
+Phase = Literal["load", "validate", "warmup", "gate", "bake", "drain"]
+PHASES: tuple[Phase, ...] = ("load", "validate", "warmup", "gate", "bake", "drain")
 
 
 class Outcome(Enum):
@@ -34,6 +34,9 @@ class Outcome(Enum):
     GATED = "gated"
     """The target loaded and warmed up, but its quality gate refused it; what was serving
     still serves."""
+    CANARY_FAILED = "canary_failed"
+    """The target served a share of requests as a canary and was rolled back (by its
+    error rate or latency, or by an operator); the stable version serves everything."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class ReloadEvent:
     ended_at: float = 0.0
     """Wall-clock time the outcome was known."""
     phases: dict[str, float] = field(default_factory=dict)
-    """Seconds spent in each phase reached: load, validate, warmup, gate, drain."""
+    """Seconds spent in each phase reached: load, validate, warmup, gate, bake, drain."""
     memory_estimate_bytes: int | None = None
     """The loader's estimate of the new version's size, when it gives one."""
     retries: int = 0
@@ -65,6 +68,9 @@ class ReloadEvent:
     fingerprint: str | None = None
     gate: tuple[GateCheck, ...] = ()
     """Each check the quality gate ran, with its figure and threshold (empty without one)."""
+    canary: dict[str, object] | None = None
+    """For a version that was baked as a canary: its share, the decision and why, and both
+    generations' requests, errors and latencies during the bake."""
 
     @property
     def succeeded(self) -> bool:

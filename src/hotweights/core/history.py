@@ -35,17 +35,25 @@ class VersionHistory:
         maxlen = self._history.maxlen
         return maxlen if maxlen is not None else 0
 
-    def go_live(self, version: ModelVersion) -> int:
-        """Assign `version` the next generation, mark it LIVE and record it; return the
-        generation. `version` must be VALIDATING."""
+    def go_live(self, version: ModelVersion, state: VersionState = VersionState.LIVE) -> int:
+        """Assign `version` the next generation, mark it LIVE (or CANARY: it serves a
+        share of requests) and record it; return the generation. `version` must be
+        VALIDATING."""
         with self._lock:
             generation = self._generation + 1
             version.generation = generation
-            version.transition(VersionState.LIVE)
+            version.transition(state)
             self._history.appendleft(version)
             self._generation = generation
             self._total_live += 1
             return generation
+
+    def withdraw(self, version: ModelVersion) -> None:
+        """Forget `version` (a canary that was rolled back): it stays counted in the
+        generations, but is no longer current nor a rollback target."""
+        with self._lock:
+            if version in self._history:
+                self._history.remove(version)
 
     def current_version(self) -> ModelVersion | None:
         """The version that went live last, or None before the first."""

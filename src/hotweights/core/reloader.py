@@ -1,7 +1,8 @@
 """The reloader: brings new versions into service off the request path.
 
 One worker thread per reloader runs each attempt through load, validate, warmup, the gate
-(when there is one), publish, drain and retire. Requests are single-flight: a request for
+(when there is one), publish (or, with a canary policy, bake beside the live version, then
+promote or roll back), drain and retire. Requests are single-flight: a request for
 the target already loading or already queued joins it; a request for another target
 replaces the queued one (which ends `superseded`). At most one load runs and one waits,
 whatever the number of triggers.
@@ -10,6 +11,8 @@ whatever the number of triggers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -19,6 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from hotweights.core.canary import Bake, CanaryMonitor, CanaryPolicy
 from hotweights.core.events import DEFAULT_MAX_EVENTS, Outcome, ReloadEvent, ReloadLog, Trigger
 from hotweights.core.gate import Gate, GateRefused
 from hotweights.core.history import DEFAULT_MAX_HISTORY, VersionHistory
@@ -35,7 +39,7 @@ from hotweights.core.phases import Attempt, PhaseFailed, PhaseRunner
 from hotweights.core.policy import RetryPolicy, SwapPolicy
 from hotweights.core.slot import Lease, ModelSlot
 from hotweights.core.version import ModelVersion, VersionState
-from hotweights.errors import NoPreviousVersion, ReloaderClosed
+from hotweights.errors import NoCanary, NoPreviousVersion, ReloaderClosed
 
 ModelT = TypeVar("ModelT")
 log = logging.getLogger("hotweights.reload")
@@ -93,10 +97,16 @@ class Reloader(Generic[ModelT]):
         phase_timeout: float | None = None,
         memory: MemoryCheck | None = None,
         gate: Gate[ModelT] | None = None,
+        canary: CanaryPolicy | None = None,
     ) -> None:
         self.loader = loader
         self.gate = gate
         """Judges each new version before it goes live; rollbacks and restores skip it."""
+        if canary is not None and policy != "availability":
+            raise ValueError("a canary needs the availability policy (two versions resident)")
+        self.canary = canary
+        """Bakes each new version on a share of requests before it takes them all."""
+        self._bake: Bake | None = None
         self.name = name
         self.policy: SwapPolicy = policy
         self.drain_timeout = drain_timeout
@@ -166,12 +176,36 @@ class Reloader(Generic[ModelT]):
 
     def rollback(self, *, description: str = "") -> ReloadTicket:
         """Make the most recent earlier version (by source) live again, as a new
-        generation. Raises `NoPreviousVersion` when the history holds none."""
+        generation; during a canary's bake, roll the canary back instead (its ticket).
+        Raises `NoPreviousVersion` when the history holds none."""
+        with contextlib.suppress(NoCanary):
+            return self.end_bake(promote=False, reason=description or "rolled back by an operator")
         target = self.history.rollback_target()
         if target is None:
             raise NoPreviousVersion(f"model {self.name!r} has no earlier version to roll back to")
         text = description or f"rollback to g{target.generation}"
         return self.submit(target.source, trigger="rollback", description=text)
+
+    def promote(self, *, reason: str = "promoted by an operator") -> ReloadTicket:
+        """End the canary's bake now and make it live; the ticket of its reload. Raises
+        `NoCanary` when none is baking."""
+        return self.end_bake(promote=True, reason=reason)
+
+    def end_bake(self, *, promote: bool, reason: str) -> ReloadTicket:
+        """Decide the bake in progress now; raises `NoCanary` if none is baking or it was
+        already decided."""
+        with self._lock:
+            bake, job = self._bake, self._running
+        if bake is None or job is None or not bake.end(promote, reason):
+            raise NoCanary(f"model {self.name!r} has no canary baking")
+        return ReloadTicket(job)
+
+    def record(self, generation: int, *, ok: bool, seconds: float, tokens: int = 0) -> None:
+        """One finished request (the server calls this on the request path): counted
+        toward the canary's judgement while one bakes, ignored otherwise."""
+        bake = self._bake
+        if bake is not None:
+            bake.monitor.record(generation, ok, seconds, tokens)
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Call `observer` with every `Notice`; returns a function that unsubscribes."""
@@ -179,9 +213,10 @@ class Reloader(Generic[ModelT]):
 
     # -- what the server may ask ---------------------------------------------------------
 
-    async def acquire_async(self) -> Lease[ModelT]:
-        """Lease the live version (see `ModelSlot.acquire_async`)."""
-        return await self.slot.acquire_async()
+    async def acquire_async(self, *, stable: bool = False) -> Lease[ModelT]:
+        """Lease the live version, or the canary for its share of requests; with `stable`
+        never the canary (see `ModelSlot.acquire_async`)."""
+        return await self.slot.acquire_async(stable=stable)
 
     def acquire_resident(self, choose: Callable[[ModelVersion], bool]) -> Lease[ModelT] | None:
         """Lease the newest resident version `choose` accepts (see `ModelSlot`)."""
@@ -190,6 +225,11 @@ class Reloader(Generic[ModelT]):
     @property
     def live_version(self) -> ModelVersion | None:
         return self.slot.live_version
+
+    @property
+    def canary_version(self) -> ModelVersion | None:
+        """The version baking as a canary, if one is."""
+        return self.slot.canary_version
 
     def resident(self) -> list[ModelVersion]:
         """Versions with a loaded model: the live one and those still draining."""
@@ -221,7 +261,18 @@ class Reloader(Generic[ModelT]):
             running = _job_status(self._running)
             queued = _job_status(self._pending)
         live = self.slot.live_version
+        bake = self._bake
+        canary = self.slot.canary_version
         return {
+            "canary": (
+                {
+                    "version": canary.to_dict(),
+                    "share": self.canary.share if self.canary else None,
+                    **bake.monitor.figures(),
+                }
+                if canary is not None and bake is not None
+                else None
+            ),
             "model": self.name,
             "policy": self.policy,
             "generation": self.history.generation,
@@ -249,7 +300,10 @@ class Reloader(Generic[ModelT]):
                 return
             self._closed = True
             pending, self._pending = self._pending, None
+            bake = self._bake
             self._wake.notify()
+        if bake is not None:
+            bake.end(False, "the reloader is closing")
         self._stop.set()
         if pending is not None:
             self._finish(pending, self._event(pending, Outcome.SUPERSEDED, error="closed"))
@@ -270,7 +324,8 @@ class Reloader(Generic[ModelT]):
                 if self._pending is None:
                     return
                 job, self._pending = self._pending, None
-                job.old_generation = self.history.generation
+                live = self.slot.live_version
+                job.old_generation = live.generation if live is not None else 0
                 self._running = job
             self.observers.notify(ReloadStarted(self.name, job.id, job.source, job.trigger))
             retiring: int | None = None
@@ -300,8 +355,71 @@ class Reloader(Generic[ModelT]):
             version, model, attempt = self._bring_up(job, baseline=self._measure_live)
         except PhaseFailed as failure:
             return self._failed(job, failure), None, None
+        if self.canary is not None and job.trigger != "rollback" and self.slot.live_version:
+            return self._bake_canary(self.canary, job, version, model, attempt)
         old = self._go_live(version, model)
         return self._event(job, self._success(job), version=version, attempt=attempt), old, None
+
+    def _bake_canary(
+        self,
+        policy: CanaryPolicy,
+        job: _Job,
+        version: ModelVersion,
+        model: ModelT,
+        attempt: Attempt,
+    ) -> tuple[ReloadEvent, int, None]:
+        """Give `version` its share of new requests beside the live one until the bake
+        ends; then promote it (the old version drains) or roll it back (it drains and is
+        unloaded). Returns the event and the generation to drain."""
+        stable = self.slot.live_version
+        if stable is None:  # pragma: no cover - the caller checked, and only it swaps
+            raise RuntimeError("a canary needs a live version")
+        self.history.go_live(version, VersionState.CANARY)
+        self._version_changed(version, VersionState.VALIDATING, VersionState.CANARY)
+        bake = Bake(
+            CanaryMonitor(
+                policy,
+                stable.generation,
+                version.generation,
+                on_breach=lambda reason: bake.end(False, reason),
+            )
+        )
+        self.slot.publish_canary(version, model, policy.share)
+        with self._lock:
+            self._bake = bake
+            closing = self._closed
+        if closing:
+            bake.end(False, "the reloader is closing")
+        job.phase = "bake"
+        log.info(
+            "%s: %s takes %g%% of new requests for %g s",
+            self.name,
+            version.label,
+            policy.share * 100,
+            policy.bake_seconds,
+        )
+        started = time.monotonic()
+        bake.wait(policy.bake_seconds)
+        attempt.phases["bake"] = time.monotonic() - started
+        with self._lock:
+            self._bake = None
+        figures: dict[str, object] = {
+            "share": policy.share,
+            "decision": "promoted" if bake.promote else "rolled back",
+            "reason": bake.reason,
+            **bake.monitor.figures(),
+        }
+        if bake.promote:
+            old = self.slot.promote_canary()
+            log.info("%s: canary %s promoted: %s", self.name, version.label, bake.reason)
+            event = self._event(job, Outcome.LIVE, version=version, attempt=attempt)
+            return dataclasses.replace(event, canary=figures), old, None
+        withdrawn = self.slot.withdraw_canary()
+        self.history.withdraw(version)
+        error = f"canary g{version.generation} rolled back: {bake.reason}"
+        event = self._event(job, Outcome.CANARY_FAILED, error=error, attempt=attempt)
+        event = dataclasses.replace(event, canary=figures, fingerprint=version.fingerprint)
+        return event, withdrawn, None
 
     def _run_resource(self, job: _Job) -> tuple[ReloadEvent, None, ReloadEvent | None]:
         # Refuse what cannot fit even with the live version gone, before taking it down.
@@ -517,7 +635,7 @@ class Reloader(Generic[ModelT]):
             if done is None:
                 continue
             self.log.record(done)
-            if done.outcome in (Outcome.FAILED, Outcome.GATED):
+            if done.outcome in (Outcome.FAILED, Outcome.GATED, Outcome.CANARY_FAILED):
                 log.error(
                     "%s: reload %d of %s failed: %s",
                     self.name,

@@ -6,6 +6,10 @@ under the same lock. A version that stops being live drains: `drain` waits until
 lease is released or its deadline passes, then marks it retired (leases still held raise
 `ModelRetired` on their next use), waits for steps already running to return, and calls
 `unload` exactly once.
+
+During a canary's bake a second version (`publish_canary`) takes a fixed share of new
+admissions, spread evenly (every tenth request for 10%), until it is promoted to live or
+withdrawn to drain.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from hotweights.errors import ModelRetired, NotReady
 
 ModelT = TypeVar("ModelT")
 
+_WHOLE = 1_000_000
 StateCallback = Callable[[ModelVersion, VersionState, VersionState], None]
 
 
@@ -160,30 +165,36 @@ class ModelSlot(Generic[ModelT]):
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._live: _Resident[ModelT] | None = None
+        self._canary: _Resident[ModelT] | None = None
+        self._share = 0
+        self._credit = 0
         self._residents: dict[int, _Resident[ModelT]] = {}
         self._gap = False
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     # -- request path -------------------------------------------------------------------
 
-    def acquire(self, timeout: float | None = None) -> Lease[ModelT]:
-        """Lease the live version. If a swap has taken the live version down (the
-        `resource` policy), wait up to `timeout` (default: the admission timeout) for the
-        next one; raise `NotReady` if none is live or none arrives in time."""
+    def acquire(self, timeout: float | None = None, *, stable: bool = False) -> Lease[ModelT]:
+        """Lease the live version (or, for its share, the canary; never with `stable`).
+        If a swap has taken the live version down (the `resource` policy), wait up to
+        `timeout` (default: the admission timeout) for the next one; raise `NotReady` if
+        none is live or none arrives in time."""
         with self._lock:
-            entry = self._live
+            entry = self._admit(stable)
             if entry is None:
                 entry = self._wait_live(self.admission_timeout if timeout is None else timeout)
             entry.leases += 1
         return Lease(self, entry)
 
-    async def acquire_async(self, timeout: float | None = None) -> Lease[ModelT]:
+    async def acquire_async(
+        self, timeout: float | None = None, *, stable: bool = False
+    ) -> Lease[ModelT]:
         """`acquire` for the event loop: waits without blocking the loop."""
         limit = self.admission_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
             with self._lock:
-                entry = self._live
+                entry = self._admit(stable)
                 if entry is not None:
                     entry.leases += 1
                     return Lease(self, entry)
@@ -220,6 +231,17 @@ class ModelSlot(Generic[ModelT]):
                     return Lease(self, entry)
         return None
 
+    def _admit(self, stable: bool) -> _Resident[ModelT] | None:
+        # Called with the lock held: the live entry, or the canary's turn.
+        canary = self._canary
+        if canary is None or stable or self._live is None:
+            return self._live
+        self._credit += self._share  # in millionths: exact shares, no float drift
+        if self._credit >= _WHOLE:
+            self._credit -= _WHOLE
+            return canary
+        return self._live
+
     def _wait_live(self, timeout: float) -> _Resident[ModelT]:
         # Called with the lock held (through the condition).
         if not self._gap:
@@ -235,7 +257,7 @@ class ModelSlot(Generic[ModelT]):
     def _release(self, entry: _Resident[ModelT]) -> None:
         with self._lock:
             entry.leases -= 1
-            if entry.leases == 0 and entry is not self._live:
+            if entry.leases == 0 and entry is not self._live and entry is not self._canary:
                 entry.drained.set()
 
     def _begin_use(self, lease: Lease[ModelT]) -> ModelT:
@@ -259,6 +281,11 @@ class ModelSlot(Generic[ModelT]):
     @property
     def live_version(self) -> ModelVersion | None:
         entry = self._live
+        return entry.version if entry else None
+
+    @property
+    def canary_version(self) -> ModelVersion | None:
+        entry = self._canary
         return entry.version if entry else None
 
     @property
@@ -301,6 +328,44 @@ class ModelSlot(Generic[ModelT]):
         self._transition(old.version, VersionState.DRAINING)
         return old.version.generation
 
+    def publish_canary(self, version: ModelVersion, model: ModelT, share: float) -> None:
+        """Give `version` (already CANARY, with its generation) `share` of new admissions
+        beside the live version, which stays live."""
+        entry = _Resident(version, model)
+        with self._lock:
+            if self._live is None or self._canary is not None:
+                raise ValueError("a canary needs a live version and no other canary")
+            self._residents[version.generation] = entry
+            self._canary = entry
+            self._share = round(share * _WHOLE)
+            self._credit = 0
+
+    def promote_canary(self) -> int:
+        """Make the canary the live version; returns the generation that stopped being
+        live (now DRAINING), which the caller must `drain`."""
+        with self._lock:
+            canary, old = self._canary, self._live
+            if canary is None or old is None:
+                raise ValueError("no canary to promote")
+            self._live, self._canary = canary, None
+            if old.leases == 0:
+                old.drained.set()
+        self._transition(canary.version, VersionState.LIVE)
+        self._transition(old.version, VersionState.DRAINING)
+        return old.version.generation
+
+    def withdraw_canary(self) -> int:
+        """Stop admitting to the canary; returns its generation (now DRAINING), which the
+        caller must `drain`."""
+        with self._lock:
+            canary, self._canary = self._canary, None
+            if canary is None:
+                raise ValueError("no canary to withdraw")
+            if canary.leases == 0:
+                canary.drained.set()
+        self._transition(canary.version, VersionState.DRAINING)
+        return canary.version.generation
+
     def withdraw(self) -> int | None:
         """Take the live version down and make admissions wait for the next `publish`
         (or `end_gap`). Returns the generation now draining, if there was one."""
@@ -327,7 +392,7 @@ class ModelSlot(Generic[ModelT]):
         started = time.monotonic()
         with self._lock:
             entry = self._residents.get(generation)
-        if entry is None or entry is self._live:
+        if entry is None or entry is self._live or entry is self._canary:
             raise ValueError(f"generation {generation} is not draining")
         entry.drained.wait(timeout)
         with self._lock:

@@ -1,9 +1,9 @@
 """A model version and the state machine of its life.
 
 ```
-LOADING ──► VALIDATING ──► LIVE ──► DRAINING ──► RETIRED
-   │             │
-   └──► FAILED ◄─┘
+LOADING ──► VALIDATING ──────────────► LIVE ──► DRAINING ──► RETIRED
+   │             │      └──► CANARY ──┘            ▲
+   └──► FAILED ◄─┘              └──────────────────┘ (rolled back)
 ```
 """
 
@@ -24,6 +24,8 @@ class VersionState(Enum):
     LOADING = "loading"
     VALIDATING = "validating"
     LIVE = "live"
+    CANARY = "canary"
+    """Serving a share of new requests during its bake, beside the live version."""
     DRAINING = "draining"
     RETIRED = "retired"
     FAILED = "failed"
@@ -31,7 +33,10 @@ class VersionState(Enum):
 
 LEGAL_TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
     VersionState.LOADING: frozenset({VersionState.VALIDATING, VersionState.FAILED}),
-    VersionState.VALIDATING: frozenset({VersionState.LIVE, VersionState.FAILED}),
+    VersionState.VALIDATING: frozenset(
+        {VersionState.LIVE, VersionState.CANARY, VersionState.FAILED}
+    ),
+    VersionState.CANARY: frozenset({VersionState.LIVE, VersionState.DRAINING}),
     VersionState.LIVE: frozenset({VersionState.DRAINING}),
     VersionState.DRAINING: frozenset({VersionState.RETIRED}),
     VersionState.RETIRED: frozenset(),
@@ -85,7 +90,7 @@ class ModelVersion:
                     f"version {self.label}: cannot go from {old.value} to {new.value}"
                 )
             self._state = new
-            if new is VersionState.LIVE:
+            if new in (VersionState.LIVE, VersionState.CANARY) and self.loaded_at is None:
                 self.loaded_at = time.time()
                 self.loaded_at_monotonic = time.monotonic()
             elif new is VersionState.RETIRED:

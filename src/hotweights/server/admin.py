@@ -7,13 +7,15 @@ with the cause while the old version keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from hotweights.errors import NotReady
+from hotweights.core import ReloadTicket
+from hotweights.errors import NoCanary, NotReady
 from hotweights.generation import BatchedModel
 from hotweights.server.deps import Admin, server_state
 from hotweights.server.metrics import CONTENT_TYPE
@@ -87,11 +89,29 @@ async def rollback(
     newest eligible version older than the live one (unpin to follow the latest again)."""
     body = body or RollbackRequest()
     served = _model(state, name)
+    if served.reloader.canary_version is not None:  # end the bake: the canary goes
+        with contextlib.suppress(NoCanary):  # unless the bake ended meanwhile
+            reason = body.description or "rolled back by an operator"
+            return await _bake_ended(served.reloader.end_bake(promote=False, reason=reason))
     if state.sync is not None:
         ticket = await repository_rollback(state.sync, served)
         return await answer(ticket, body.wait, served)
     ticket = served.reloader.rollback(description=body.description)
     return await answer(ticket, body.wait, served)
+
+
+@router.post("/admin/promote", response_model=None)
+@router.post("/admin/models/{name}/promote", response_model=None)
+async def promote(state: Admin, name: str | None = None) -> Response:
+    """End the canary's bake now and make it live (409 when no canary is baking)."""
+    served = _model(state, name)
+    return await _bake_ended(served.reloader.promote())
+
+
+async def _bake_ended(ticket: ReloadTicket) -> Response:
+    """The event of a bake an operator ended: promoted, or rolled back."""
+    event = await ticket.wait_async()
+    return JSONResponse(event.to_dict())
 
 
 @router.get("/admin/versions")

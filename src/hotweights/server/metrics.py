@@ -111,6 +111,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.canary_retries = Counter(
+            "hotweights_canary_retries",
+            "Requests that failed on a canary before their first byte and were answered by "
+            "the stable version",
+            ["model", "generation"],
+            registry=self.registry,
+        )
         self.gate_checks = Counter(
             "hotweights_gate_checks",
             "Quality-gate checks run on new versions, by result (passed, failed, skipped)",
@@ -148,6 +155,9 @@ class Metrics:
     ) -> None:
         self.requests.labels(model, endpoint, str(generation), str(status)).inc()
         self.latency.labels(model, endpoint).observe(seconds)
+
+    def retried(self, model: str, generation: int) -> None:
+        self.canary_retries.labels(model, str(generation)).inc()
 
     def engine_step(self, model: str) -> StepObserver:
         """An observer of `model`'s engine passes (called on the engine threads)."""

@@ -7,6 +7,7 @@ names its generation in `system_fingerprint` and in the `x-hotweights-generation
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any
@@ -22,7 +23,7 @@ from hotweights.server.errors import classify
 from hotweights.server.pins import admit
 from hotweights.server.replies import CLIENT_CLOSED, LeasedStream, Reply
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
-from hotweights.server.state import ServerState
+from hotweights.server.state import ServedModel, ServerState
 from hotweights.server.steps import engine_steps, leased_choices
 from hotweights.server.textgen import Began, Choice, Prompt
 
@@ -34,6 +35,7 @@ def require_api_key(
 
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+log = logging.getLogger("hotweights.server")
 
 
 def _state(request: Request) -> ServerState:
@@ -133,12 +135,61 @@ async def _complete(
             raise
     except HotweightsError as exc:
         elapsed = time.monotonic() - started_at
-        state.metrics.request(served.name, endpoint, 0, classify(exc)[0], elapsed)
+        state.finished(served, endpoint, 0, classify(exc)[0], elapsed)
         raise
-    steps: AsyncGenerator[Any, None] | None = None
     owner = True
     try:
-        steps = _generation(lease, prompts, choices, state)
+        try:
+            response, owner = await _respond(
+                request, body, prompts, choices, endpoint, served, lease, state, started_at
+            )
+        except Exception as exc:
+            if pin or lease.version is not served.reloader.canary_version or _client_error(exc):
+                raise
+            # The canary failed before the first byte: count it against the canary and
+            # answer from the stable version (a bad canary costs latency, not failures).
+            failed_on = lease.generation
+            served.reloader.record(failed_on, ok=False, seconds=time.monotonic() - started_at)
+            state.metrics.retried(served.name, failed_on)
+            log.warning("%s: g%d failed a request (%r); retrying on stable", name, failed_on, exc)
+            lease.release()
+            lease = await served.reloader.acquire_async(stable=True)
+            response, owner = await _respond(
+                request, body, prompts, choices, endpoint, served, lease, state, started_at
+            )
+        return response
+    except Exception as exc:
+        status = classify(exc)[0] if isinstance(exc, HotweightsError) else 500
+        state.finished(served, endpoint, lease.generation, status, time.monotonic() - started_at)
+        raise
+    finally:
+        if owner:
+            lease.release()
+            served.done()
+
+
+def _client_error(exc: Exception) -> bool:
+    """An error the request itself caused (retrying it elsewhere would change nothing)."""
+    return isinstance(exc, HotweightsError) and classify(exc)[0] < 500
+
+
+async def _respond(
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompts: list[Prompt],
+    choices: list[Choice],
+    endpoint: str,
+    served: ServedModel,
+    lease: Lease[Any],
+    state: ServerState,
+    started_at: float,
+) -> tuple[Response, bool]:
+    """Generate on `lease` and answer; raises what failed before the first byte. Returns
+    the response and whether the caller still owns the lease (a stream takes it over and
+    releases it, and the model's pending count, when it ends)."""
+    steps = _generation(lease, prompts, choices, state)
+    handed_over = False
+    try:
         began = await anext(steps)  # tokenising and limits fail here, before any byte
         if not isinstance(began, Began):
             raise TypeError(f"generation began with {began!r}")
@@ -149,36 +200,21 @@ async def _complete(
         )
         if body.stream:
             stream = reply.sse(steps, body.include_usage(), state, started_at)
-            response: Response = LeasedStream(stream, steps, lease, served, reply.headers)
-            owner = False  # the stream releases the lease when it ends
-            return response
+            response = LeasedStream(stream, steps, lease, served, reply.headers)
+            handed_over = True  # the stream closes the steps
+            return response, False
         collected = await unless_disconnected(request, reply.collect(steps))
+        seconds = time.monotonic() - started_at
         if collected is None:  # nobody to answer; the worker stopped at its next token
-            state.metrics.request(
-                served.name,
-                endpoint,
-                lease.generation,
-                CLIENT_CLOSED,
-                time.monotonic() - started_at,
-            )
-            return Response(status_code=CLIENT_CLOSED)
+            state.finished(served, endpoint, lease.generation, CLIENT_CLOSED, seconds)
+            return Response(status_code=CLIENT_CLOSED), True
         generated = sum(answer.completion_tokens for answer in collected)
         state.metrics.generated(served.name, lease.generation, generated)
-        state.metrics.request(
-            served.name, endpoint, lease.generation, 200, time.monotonic() - started_at
-        )
-        return JSONResponse(reply.complete(collected), headers=reply.headers)
-    except HotweightsError as exc:
-        state.metrics.request(
-            served.name, endpoint, lease.generation, classify(exc)[0], time.monotonic() - started_at
-        )
-        raise
+        state.finished(served, endpoint, lease.generation, 200, seconds, generated)
+        return JSONResponse(reply.complete(collected), headers=reply.headers), True
     finally:
-        if owner:
-            if steps is not None:
-                await steps.aclose()
-            lease.release()
-            served.done()
+        if not handed_over:
+            await steps.aclose()
 
 
 def _generation(

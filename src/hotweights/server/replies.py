@@ -273,9 +273,8 @@ class Reply:
         finally:
             name, generation = self.served.name, self.lease.generation
             state.metrics.generated(name, generation, sum(generated))
-            state.metrics.request(
-                name, self.endpoint, generation, status, time.monotonic() - started_at
-            )
+            seconds = time.monotonic() - started_at
+            state.finished(self.served, self.endpoint, generation, status, seconds, sum(generated))
         yield b"data: [DONE]\n\n"
 
 

@@ -62,6 +62,7 @@ def build_state(
             phase_timeout=config.phase_timeout or None,
             memory=MemoryCheck() if config.memory_check else None,
             gate=QualityGate(spec),
+            canary=config.canary_policy(),
         )
         for observer in observers:
             reloader.subscribe(observer)

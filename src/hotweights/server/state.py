@@ -75,6 +75,22 @@ class ServerState:
             if self.audit is not None:
                 served.reloader.subscribe(self.audit)
 
+    def finished(
+        self,
+        served: ServedModel,
+        endpoint: str,
+        generation: int,
+        status: int,
+        seconds: float,
+        tokens: int = 0,
+    ) -> None:
+        """A request ended with `status` after `seconds` (admission to last byte): count it,
+        and tell the model's reloader (a canary's bake judges its successes and server
+        errors; client errors and hang-ups say nothing about a version)."""
+        self.metrics.request(served.name, endpoint, generation, status, seconds)
+        if generation and (status == 200 or status >= 500):
+            served.reloader.record(generation, ok=status == 200, seconds=seconds, tokens=tokens)
+
     def resolve(self, name: str) -> ServedModel:
         """The model a request names; raises `UnknownModel` listing the served ones."""
         served = self.models.get(name)

@@ -195,7 +195,7 @@ class RepositorySync:
         if not isinstance(notice, ReloadFinished) or notice.drained:
             return
         event = notice.event
-        if event.outcome not in (Outcome.FAILED, Outcome.GATED):
+        if event.outcome not in (Outcome.FAILED, Outcome.GATED, Outcome.CANARY_FAILED):
             return
         located = self.repository.locate(event.target)
         if located is None:
