@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput soak clean
+.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput bench-gate soak clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-micro: install  ## admission cost, HTTP overhead, publish-to-reload, sha25
 # cached environment on first run), same model and load; then 16 streams across 3 reloads.
 bench-throughput: install  ## tokens/s, TTFT, inter-token latency vs transformers serve
 	$(PY) bench/throughput.py
+
+bench-gate: install  ## the quality gate's time against a load; how fast a faulty canary is caught
+	$(PY) bench/gate_canary.py
 
 soak: install  ## 10 minutes of steady load with a publish every 30 s: failures, RSS, descriptors
 	$(PY) bench/soak.py --duration 600 --reload-every 30 --rate 4

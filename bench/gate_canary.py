@@ -7,7 +7,10 @@ through `ServerThread` exactly as `hotweights serve` serves them.
    perplexity ratio on a 1.2 k-character text, 5 timed runs of 32 tokens on each version);
    version two and version one are made live in turn (`--reloads` reloads), idle and then
    under a closed loop of `--clients` chat clients. Reported per reload: load, validate,
-   warmup and gate seconds from the reload event, and the gate over the load.
+   warmup and gate seconds from the reload event, and the gate over the load. The same
+   again with the reload benchmarks' model (25 M parameters, 97 MB, two random weight sets,
+   `bench/peers/model.py`) and a gate of the same work that any answer passes (`BENCH_GATE`):
+   the demo models are 0.1 M parameters, whose load costs next to nothing.
 2. Canary detection: the server runs with `--canary 10% --bake 120s` (minimum 20 requests,
    error rate allowed +0.05); version two is made live, but every fifth request on it fails
    before its first byte (an injected fault: its tokenizer raises). Reported: seconds from
@@ -26,6 +29,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +39,17 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 SHARE = "10%"
 FAULT_EVERY = 5
+BENCH_GATE: dict[str, Any] = {
+    "prompts": [
+        {"prompt": "The quick brown fox", "expect": {"regex": "(?s).*"}, "max_tokens": 16},
+        {"messages": [{"role": "user", "content": "Hello"}], "expect": {"regex": "(?s).*"}},
+    ],
+    "eval_text": " ".join(["The quick brown fox jumps over the lazy dog."] * 27),
+    "max_perplexity_ratio": 2.0,
+    "max_latency_ratio": 3.0,
+}
+"""The work of `DEMO_GATE` (2 prompts, a 1.2 k-character text, 5 timed runs of 32 tokens
+on each side), with checks random weights pass."""
 
 
 def main() -> int:
@@ -45,7 +60,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "gate_canary.json")
     args = parser.parse_args()
 
+    from hotweights.demo.tinylm import save_tiny_model
     from hotweights.demo.versions import DEMO_GATE, build_bad_version, build_demo_versions
+    from peers.model import bench_shape
 
     v1, v2 = build_demo_versions()
     build_bad_version()
@@ -53,7 +70,14 @@ def main() -> int:
     gate_file.write_text(json.dumps(DEMO_GATE))
     gate_rows = []
     for clients in (0, args.clients):
-        gate_rows += _gate_case(v1, v2, gate_file, clients, args.reloads)
+        gate_rows += _gate_case("demo", v1, v2, gate_file, clients, args.reloads)
+    with tempfile.TemporaryDirectory(prefix="hotweights-gate-") as tmp:
+        root = Path(tmp)
+        b1, b2 = (save_tiny_model(root / n, seed=int(n), shape=bench_shape()) for n in "12")
+        big_gate = root / "gate.json"
+        big_gate.write_text(json.dumps(BENCH_GATE))
+        for clients in (0, args.clients):
+            gate_rows += _gate_case("97 MB", b1, b2, big_gate, clients, args.reloads)
     canary_rows = [_canary_case(v1, v2, args.clients) for _ in range(args.canaries)]
     result = {
         "machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
@@ -70,7 +94,7 @@ def main() -> int:
 
 
 def _gate_case(
-    v1: Path, v2: Path, gate_file: Path, clients: int, reloads: int
+    model: str, v1: Path, v2: Path, gate_file: Path, clients: int, reloads: int
 ) -> list[dict[str, Any]]:
     import httpx
 
@@ -89,6 +113,7 @@ def _gate_case(
                 phases = event["phases"]
                 rows.append(
                     {
+                        "model": model,
                         "clients": clients,
                         "target": target.name,
                         **{k: round(phases[k], 4) for k in ("load", "validate", "warmup", "gate")},
@@ -221,23 +246,27 @@ def _report(result: dict[str, Any]) -> str:
     lines = [
         f"# Gate and canary ({result['date']}, {result['machine']})",
         "",
-        "Gate against load (demo models, `DEMO_GATE`), per reload:",
+        "Gate against load, per reload (demo: `DEMO_GATE` on the 0.1 M-parameter demo "
+        "versions; 97 MB: `BENCH_GATE` on the reload benchmarks' 25 M-parameter model, two "
+        "random weight sets; the gate's time includes measuring the live version):",
         "",
-        "| clients | target | load s | validate s | warmup s | gate s | gate / load |",
-        "|---|---|---|---|---|---|---|",
+        "| model | clients | target | load s | validate s | warmup s | gate s | gate / load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["gate"]:
         lines.append(
-            f"| {row['clients']} | {row['target']} | {row['load']:.3f} | {row['validate']:.3f} "
+            f"| {row['model']} | {row['clients']} | {row['target']} | {row['load']:.3f} "
+            f"| {row['validate']:.3f} "
             f"| {row['warmup']:.3f} | {row['gate']:.3f} | {row['gate_over_load']:.1f}x |"
         )
-    for clients in sorted({row["clients"] for row in result["gate"]}):
-        rows = [r for r in result["gate"] if r["clients"] == clients]
+    cases = sorted({(row["model"], row["clients"]) for row in result["gate"]})
+    for model, clients in cases:
+        rows = [r for r in result["gate"] if (r["model"], r["clients"]) == (model, clients)]
         gate = statistics.median(r["gate"] for r in rows)
         load = statistics.median(r["load"] for r in rows)
         failed, total = rows[-1].get("failed_requests", 0), rows[-1].get("requests", 0)
         lines.append(
-            f"\nWith {clients} clients: median gate {gate:.3f} s against a median load of "
+            f"\n{model}, {clients} clients: median gate {gate:.3f} s against a median load of "
             f"{load:.3f} s; requests failed: {failed} of {total}."
         )
     header = (

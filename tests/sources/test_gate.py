@@ -103,6 +103,8 @@ def test_a_gate_file_reads_its_eval_text_from_a_file_beside_it(tmp_path: Path) -
     loaded = GateSpec.from_file(tmp_path / "gate.json")
     assert loaded.eval_text == "held-out text\nof two lines"
     assert GateSpec.parse({"eval_text": "inline words"}).eval_text == "inline words"
+    one_long_line = "word " * 400  # no file can have a name this long: it is the text
+    assert GateSpec.parse({"eval_text": one_long_line}, base=tmp_path).eval_text == one_long_line
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(GateFileError, match="not valid JSON"):
         GateSpec.from_file(tmp_path / "broken.json")

@@ -144,14 +144,16 @@ async def _complete(
                 request, body, prompts, choices, endpoint, served, lease, state, started_at
             )
         except Exception as exc:
-            if pin or lease.version is not served.reloader.canary_version or _client_error(exc):
+            if pin or not _on_canary(served, lease) or _client_error(exc):
                 raise
             # The canary failed before the first byte: count it against the canary and
             # answer from the stable version (a bad canary costs latency, not failures).
             failed_on = lease.generation
             served.reloader.record(failed_on, ok=False, seconds=time.monotonic() - started_at)
             state.metrics.retried(served.name, failed_on)
-            log.warning("%s: g%d failed a request (%r); retrying on stable", name, failed_on, exc)
+            log.info(
+                "%s: canary g%d failed a request (%r); answering from stable", name, failed_on, exc
+            )
             lease.release()
             lease = await served.reloader.acquire_async(stable=True)
             response, owner = await _respond(
@@ -166,6 +168,13 @@ async def _complete(
         if owner:
             lease.release()
             served.done()
+
+
+def _on_canary(served: ServedModel, lease: Lease[Any]) -> bool:
+    """Whether an unpinned request's lease is on a canary (baking, or just rolled back):
+    the only way such a request gets a version newer than the live one."""
+    live = served.reloader.live_version
+    return live is not None and lease.generation > live.generation
 
 
 def _client_error(exc: Exception) -> bool:

@@ -347,7 +347,11 @@ def _eval_text(reader: _Reader, value: object, base: Path | None) -> str:
         raise reader.error("eval_text", "must be non-empty text or the path of a text file")
     if "\n" not in value and len(value) < 4096:
         path = Path(value) if base is None else base / value
-        if path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError:  # too long or otherwise no possible file name: the text itself
+            is_file = False
+        if is_file:
             try:
                 return path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
