@@ -1,18 +1,21 @@
-"""What a reload running beside a request costs that request, by where the load runs.
+"""What a reload's load costs the requests beside it, by where the load runs, at two sizes.
 
-One process serves greedy 8-token requests from a 25 M-parameter Qwen3-style model (the
-model of `reload_under_load.py`, built on the spot), one after another, with one torch
-thread, as `hotweights serve` does under load, with the heap frozen as it freezes it.
-Beside them, loads of the same checkpoint
-repeat without pause (then are unloaded): on a thread of this process
-(`TransformersLoader(load_in="thread")`, the way the reloader ran them before), in the helper
-process (`load_in="process"`), or not at all. Reported: request latency p50 and max in each
-case, interleaved rounds, and the ratio to the idle case measured in the same run.
+One process serves greedy requests (`--tokens` tokens each) from a Qwen3-style model built on
+the spot, one after another on a thread, with one torch thread, as `hotweights serve` does
+under load, with the heap frozen as it freezes it. Beside them, single loads of a second copy
+of the checkpoint, one every `--gap` seconds (then unloaded), as reloads happen: on a thread
+of this process (`TransformersLoader(load_in="thread")`: transformers maps the file, then
+the weights are read into private memory) or in the helper process (`load_in="process"`:
+the helper reads the checkpoint and hands the weights over in shared memory). Reported for
+each: one load's median time, and the requests that overlapped a load (their p50 and max,
+and the extra seconds they took over the steady p50, per load), against the requests that
+overlapped none. Two sizes (`--sizes`): the reload benchmark's 25 M-parameter model (97 MB)
+and a wide model of 1.3 GB (330 M parameters: hidden 2048, 7 layers).
 
 Also measured: the cost of one unload's full `gc.collect()`, before and after
 `gc.freeze()` (what `hotweights serve` does before its first load).
 
-    python bench/load_interference.py [--requests 12] [--rounds 2]
+    python bench/load_interference.py [--loads 6] [--gap 1.0] [--sizes 97MB,1.3GB]
 """
 
 from __future__ import annotations
@@ -34,68 +37,28 @@ BENCH = Path(__file__).resolve().parent
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=12, help="requests per case and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--loads", type=int, default=6, help="loads per case and size")
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between two loads")
+    parser.add_argument("--tokens", type=int, default=2, help="tokens per request")
+    parser.add_argument("--sizes", default="97MB,1.3GB")
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "load_interference.json")
     args = parser.parse_args()
 
     import torch
 
-    from hotweights.backends import LoadedLM, TransformersLoader
-    from hotweights.demo.tinylm import save_tiny_model
-    from hotweights.generation import GenerationParams
-    from peers.model import bench_shape
-
     torch.set_num_threads(1)
-    shape = bench_shape()
-    with tempfile.TemporaryDirectory(prefix="hotweights-interference-") as tmp:
-        source = str(save_tiny_model(Path(tmp) / "model", seed=1, shape=shape))
-        serving = TransformersLoader()
-        model: LoadedLM = serving.load(source)
-        serving.validate(model)
-        serving.warmup(model)
-        collect = _collect_cost()
-        gc.freeze()  # as `hotweights serve` does: each unload's collection is then cheap
-        params = GenerationParams(temperature=0.0, max_tokens=8)
-
-        def request() -> float:
-            started = time.perf_counter()
-            for _ in model.stream("The quick brown fox", params):
-                pass
-            return time.perf_counter() - started
-
-        loaders = {
-            "thread": TransformersLoader(load_in="thread"),
-            "process": TransformersLoader(load_in="process"),
-        }
-        loaders["process"].import_libraries()
-        loaders["process"].unload(loaders["process"].load(source))  # the helper is up
-        latencies: dict[str, list[float]] = {"idle": [], "thread": [], "process": []}
-        loads: dict[str, list[float]] = {"thread": [], "process": []}
-        for _ in range(args.rounds):
-            for case in latencies:
-                loader = loaders.get(case)
-                latencies[case] += _beside(request, loader, source, args.requests, loads)
-        loaders["process"].close()
-
-    idle = statistics.median(latencies["idle"])
+    collect = _collect_cost()
+    gc.freeze()  # as `hotweights serve` does: each unload's collection is then cheap
+    sizes = {}
+    for size in args.sizes.split(","):
+        with tempfile.TemporaryDirectory(prefix="hotweights-interference-") as tmp:
+            sizes[size] = _measure(Path(tmp), size, args)
     result: dict[str, Any] = {
         "benchmark": "load_interference",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
         "machine": {"python": platform.python_version(), "cpus": _cpus()},
-        "cases": {
-            case: {
-                "p50_ms": round(1000 * statistics.median(values), 1),
-                "max_ms": round(1000 * max(values), 1),
-                "p50_ratio_to_idle": round(statistics.median(values) / idle, 2),
-                "load_ms_median": (
-                    round(1000 * statistics.median(loads[case]), 1) if case in loads else None
-                ),
-                "requests": len(values),
-            }
-            for case, values in latencies.items()
-        },
+        "sizes": sizes,
         "gc_collect_ms": collect,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,30 +67,88 @@ def main() -> int:
     return 0
 
 
-def _beside(
-    request: Any, loader: Any, source: str, count: int, loads: dict[str, list[float]]
-) -> list[float]:
-    """`count` request latencies while `loader` (None: nothing) loads `source` in a loop."""
-    stop = threading.Event()
-    running = threading.Event()
+def _shape(size: str) -> Any:
+    from hotweights.demo.tinylm import TinyShape
+    from peers.model import bench_shape
 
-    def reload_forever() -> None:
+    if size == "97MB":
+        return bench_shape()
+    if size == "1.3GB":
+        return TinyShape(2048, 5632, 7, 16, 8, 1024)
+    raise SystemExit(f"unknown size {size!r}: 97MB or 1.3GB")
+
+
+def _measure(tmp: Path, size: str, args: argparse.Namespace) -> dict[str, Any]:
+    from hotweights.backends import LoadedLM, TransformersLoader
+    from hotweights.demo.tinylm import save_tiny_model
+    from hotweights.generation import GenerationParams
+
+    served = str(save_tiny_model(tmp / "served", seed=1, shape=_shape(size)))
+    source = str(save_tiny_model(tmp / "next", seed=2, shape=_shape(size)))
+    serving = TransformersLoader()
+    model: LoadedLM = serving.load(served)
+    serving.validate(model)
+    serving.warmup(model)
+    params = GenerationParams(temperature=0.0, max_tokens=args.tokens)
+    spans: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def requests() -> None:
         while not stop.is_set():
             started = time.perf_counter()
-            loaded = loader.load(source)
-            loads[loader.load_in].append(time.perf_counter() - started)
-            running.set()
-            loader.unload(loaded)
+            for _ in model.stream("The quick brown fox", params):
+                pass
+            spans.append((started, time.perf_counter()))
 
-    worker = threading.Thread(target=reload_forever) if loader is not None else None
-    if worker is not None:
-        worker.start()
-        running.wait(120)  # measure from the second load on: the loop is under way
-    values = [request() for _ in range(count)]
+    loaders = {
+        "thread": TransformersLoader(load_in="thread"),
+        "process": TransformersLoader(load_in="process"),
+    }
+    loaders["process"].import_libraries()
+    for loader in loaders.values():  # the helper is up, the files are in the page cache
+        loader.unload(loader.load(source))
+    windows: dict[str, list[tuple[float, float]]] = {case: [] for case in loaders}
+    client = threading.Thread(target=requests)
+    client.start()
+    time.sleep(args.gap)
+    for _ in range(args.loads):  # interleaved: both cases see the same machine
+        for case, loader in loaders.items():
+            started = time.perf_counter()
+            loaded = loader.load(source)
+            windows[case].append((started, time.perf_counter()))
+            loader.unload(loaded)
+            time.sleep(args.gap)
     stop.set()
-    if worker is not None:
-        worker.join()
-    return values
+    client.join()
+    loaders["process"].close()
+    serving.unload(model)
+
+    def overlaps(span: tuple[float, float], case: str) -> bool:
+        return any(span[0] < end and span[1] > begin for begin, end in windows[case])
+
+    steady = [
+        end - begin for begin, end in spans if not any(overlaps((begin, end), c) for c in windows)
+    ]
+    p50 = statistics.median(steady)
+    cases: dict[str, Any] = {
+        "steady": {"requests": len(steady), "p50_ms": _ms(p50), "max_ms": _ms(max(steady))}
+    }
+    for case in loaders:
+        inside = [end - begin for begin, end in spans if overlaps((begin, end), case)]
+        loads = [end - begin for begin, end in windows[case]]
+        cases[case] = {
+            "load_ms_median": _ms(statistics.median(loads)),
+            "requests": len(inside),
+            "p50_ms": _ms(statistics.median(inside)),
+            "max_ms": _ms(max(inside)),
+            "extra_ms_per_load": _ms(sum(max(0.0, t - p50) for t in inside) / len(loads)),
+        }
+    weights = Path(source) / "model.safetensors"
+    return {"bytes": weights.stat().st_size, "cases": cases}
+
+
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 1)
 
 
 def _collect_cost() -> dict[str, float]:
@@ -158,16 +179,19 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [
         f"load interference, {result['date']}; `{result['command']}`",
         "",
-        "| loads beside the requests | request p50 (ms) | max (ms) | p50 / idle | one load (ms) |",
-        "|---|---|---|---|---|",
+        "| size | loads | one load (ms) | requests beside loads | p50 (ms) | max (ms) "
+        "| extra per load (ms) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    names = {"idle": "none", "thread": "on a thread here", "process": "in the helper process"}
-    for case, row in result["cases"].items():
-        load = row["load_ms_median"] if row["load_ms_median"] is not None else "–"
-        lines.append(
-            f"| {names[case]} | {row['p50_ms']} | {row['max_ms']} "
-            f"| {row['p50_ratio_to_idle']} | {load} |"
-        )
+    names = {"steady": "none (steady)", "thread": "on a thread here", "process": "helper process"}
+    for size, measured in result["sizes"].items():
+        for case, row in measured["cases"].items():
+            load = row.get("load_ms_median", "-")
+            extra = row.get("extra_ms_per_load", "-")
+            lines.append(
+                f"| {size} | {names[case]} | {load} | {row['requests']} | {row['p50_ms']} "
+                f"| {row['max_ms']} | {extra} |"
+            )
     collect = result["gc_collect_ms"]
     lines += [
         "",

@@ -1,9 +1,12 @@
 """Loading in a helper process, so that a reload does not take the GIL from requests.
 
 `from_pretrained` is mostly Python. Run on a thread of the serving process, it holds the
-GIL for most of its ~0.1 s, and a request generating beside it runs 5-6x slower (every
-torch op a request makes releases the GIL and has to win it back). Run in another process
-it costs a request about 1.1x (the measurements are in `bench/README.md`).
+GIL for most of its ~0.05-0.1 s, and a request generating beside it runs slower meanwhile
+(every torch op a request makes releases the GIL and has to win it back). Run in another
+process, that Python costs the server nothing; the copy into shared memory and the pickled
+module tree cost time instead, which grows with the model (`bench/load_interference.py`:
+at 97 MB a helper load costs the requests beside it 87 ms in all against 123 ms on a
+thread; at 1.3 GB 169 ms against 98 ms, and takes 1.07 s against 0.64 s).
 
 The helper is spawned once per `LoadProcess` and kept: each load imports nothing. It reads
 the checkpoint on the CPU, then moves every parameter and buffer into one block of shared

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
 from hotweights.backends.load_process import LoadProcess, LoadRequest, read_pretrained
 from hotweights.backends.loaded_lm import LoadedLM
+from hotweights.backends.private_weights import make_weights_private
 from hotweights.errors import HotweightsError, LoadError, ValidationError
 from hotweights.generation import GenerationParams
 
@@ -187,6 +188,8 @@ class TransformersLoader:
             model, tokenizer = self._helper.load(request)
         else:
             model, tokenizer = read_pretrained(request)
+            if self.device == "cpu" and files.headers:
+                make_weights_private(model, files.headers)  # not the file's pages
         untyped: Any = model  # transformers leaves `to` unannotated
         untyped.to(self.device)
         return model, tokenizer
