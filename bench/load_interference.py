@@ -73,9 +73,11 @@ def _shape(size: str) -> Any:
 
     if size == "97MB":
         return bench_shape()
+    if size == "380MB":
+        return TinyShape(1024, 2816, 8, 16, 8, 1024)
     if size == "1.3GB":
         return TinyShape(2048, 5632, 7, 16, 8, 1024)
-    raise SystemExit(f"unknown size {size!r}: 97MB or 1.3GB")
+    raise SystemExit(f"unknown size {size!r}: 97MB, 380MB or 1.3GB")
 
 
 def _measure(tmp: Path, size: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hotweights.config import Config
+from hotweights.config import AUTO_THREAD_FROM, Config
 
 
 def test_flags_override_the_environment_which_overrides_defaults() -> None:
@@ -22,11 +22,12 @@ def test_flags_override_the_environment_which_overrides_defaults() -> None:
         ("resource", "process", "process"),
     ],
 )
-def test_auto_loads_in_a_process_only_where_requests_run_during_the_load(
+def test_auto_loads_in_a_process_only_where_requests_run_during_small_loads(
     policy: str, load_in: str, expected: str
 ) -> None:
     config = Config.load({"policy": policy, "load_in": load_in}, environ={})
     assert config.loads_in() == expected
+    assert config.thread_from() == (AUTO_THREAD_FROM if load_in == "auto" else None)
 
 
 @pytest.mark.parametrize(

@@ -88,8 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--load-in",
         choices=LOAD_IN_SETTINGS,
-        help="read checkpoints in a helper process (requests keep the GIL) or on a thread; "
-        "auto (default): the process under availability, the thread under resource",
+        help="read checkpoints in a helper process (from_pretrained's Python off this "
+        "process's GIL, but the weights copied) or on the reloader's thread; auto (default): "
+        "under availability the helper below 384 MiB of weights, the thread from there on; "
+        "under resource the thread",
     )
     engine = serve.add_argument_group("batched generation")
     engine.add_argument(

@@ -20,6 +20,9 @@ LoadInSetting = Literal["auto", LoadIn]
 LOAD_IN_SETTINGS: tuple[LoadInSetting, ...] = ("auto", *LOAD_IN)
 
 ENV_PREFIX = "HOTWEIGHTS_"
+AUTO_THREAD_FROM = 384 * 2**20
+"""Where the two ways of loading cost the requests beside them about the same (380 MB:
+127 ms on the thread, 115 ms in the helper; 97 MB: 123 against 87; 1.3 GB: 98 against 169)."""
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -80,10 +83,12 @@ class Config:
     trust_remote_code: bool = False
     """Run Python code shipped in model directories. Unsafe with untrusted files."""
     load_in: LoadInSetting = "auto"
-    """Read checkpoints in a helper process (weights handed over in shared memory), so a
-    reload does not take the GIL from requests, or on the reloader's thread. `auto`: the
-    process under `availability` (requests run during the load); the thread under
-    `resource` (none run while it loads, and it costs no extra process's memory)."""
+    """Read checkpoints on the reloader's thread (the file mapped, then the weights read
+    into private memory) or in a helper process (weights handed over in shared memory, so
+    `from_pretrained`'s Python does not hold this process's GIL). `auto`: under
+    `availability` the helper for checkpoints under `AUTO_THREAD_FROM` bytes of weights and
+    the thread from there on (the helper's copy grows with the model; measured in
+    `bench/load_interference.py`); under `resource` the thread (no request runs meanwhile)."""
     model_roots: tuple[str, ...] = ()
     """Directories reload paths must lie in; defaults to the served directory's parent."""
     api_key: str | None = None
@@ -191,10 +196,15 @@ class Config:
         )
 
     def loads_in(self) -> LoadIn:
-        """Where checkpoints are read, `auto` resolved by the swap policy."""
+        """Where checkpoints are read (`auto`: see `load_in`; `thread_from` says when a
+        process loader reads on the thread anyway)."""
         if self.load_in != "auto":
             return self.load_in
         return "process" if self.policy == "availability" else "thread"
+
+    def thread_from(self) -> int | None:
+        """Weight bytes from which `auto` reads on the thread even under `availability`."""
+        return AUTO_THREAD_FROM if self.load_in == "auto" else None
 
     def roots(self) -> tuple[Path, ...]:
         """The resolved directories reload paths must lie in."""

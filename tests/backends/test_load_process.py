@@ -154,3 +154,22 @@ def test_a_load_abandoned_in_a_hung_helper_is_replaced_by_the_next(
         assert isinstance(abandoned[0], LoadError)
     finally:
         process_loader.unload(loaded)
+
+
+def test_a_checkpoint_from_the_size_threshold_on_is_read_on_the_thread(tiny_dir: Path) -> None:
+    big = TransformersLoader(load_in="process", thread_from=1)  # every checkpoint is "big"
+    small = TransformersLoader(load_in="process", thread_from=2**40)
+    try:
+        on_thread = big.load(str(tiny_dir))
+        assert big._helper is not None
+        assert big._helper.pid is None  # never started: the load ran here
+        in_helper = small.load(str(tiny_dir))
+        assert small._helper is not None
+        assert small._helper.pid is not None
+        params = GenerationParams(temperature=0.0, max_tokens=6)
+        assert on_thread.generate("Hi", params) == in_helper.generate("Hi", params)
+        big.unload(on_thread)
+        small.unload(in_helper)
+    finally:
+        big.close()
+        small.close()

@@ -6,6 +6,7 @@ import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,9 @@ from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.engine import kv as kv_module
 from hotweights.engine.batching import BatchEngine, EngineLimits, StepStats
 from hotweights.engine.loader import BatchingLoader, EngineSettings
+from hotweights.engine.loader import _check as engine_check
 from hotweights.errors import ModelRetired, ShuttingDown
-from hotweights.generation import GenerationParams, TokenChunk
+from hotweights.generation import GenerationParams, TokenChunk, TokenLogprob
 
 pytestmark = pytest.mark.llm
 
@@ -231,4 +233,49 @@ def test_a_budget_too_small_for_a_batch_falls_back_with_the_reason(tmp_path: Pat
     loader.warmup(model)
     assert model.engine is None
     assert "--kv-cache-memory" in model.engine_note
+    loader.unload(model)
+
+
+class OffByOneEngine:
+    """An engine that answers every prompt with the token after the right greedy one."""
+
+    columns = 64
+
+    def __init__(self, model: LoadedLM) -> None:
+        self.model = model
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        deliver: Any,
+        cut: threading.Event | None = None,
+    ) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model.model(input_ids=torch.tensor([prompt_ids])).logits
+        right = int(logits[0, -1, : self.model.tokenizer_size].argmax())
+        wrong = (right + 1) % self.model.tokenizer_size
+        deliver(TokenChunk("?", len(prompt_ids), 1, "length", (TokenLogprob(wrong, "?", 0.0),)))
+        return self
+
+    def cancel(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> None: ...
+
+    def load(self) -> dict[str, int]:
+        return {}
+
+
+def test_the_warmup_check_catches_an_engine_that_picks_other_tokens(tmp_path: Path) -> None:
+    from tests.backends.conftest import save_lively_model
+
+    source = save_lively_model(tmp_path / "1", seed=2)
+    loader = TransformersLoader()
+    model = loader.load(str(source))
+    problem = engine_check(model, OffByOneEngine(model))
+    assert problem is not None
+    assert "where a plain forward pass ranks" in problem
+    assert engine_check(model, BatchEngine(model, EngineLimits(max_batch=4, columns=64))) is None
     loader.unload(model)

@@ -52,7 +52,10 @@ class TransformersLoader:
     `load_in="process"` reads checkpoints in a helper process (see `load_process`) and
     receives the weights in shared memory, so a load does not hold this process's GIL
     for the tenth of a second `from_pretrained` takes; `"thread"` reads them on the
-    calling thread. The helper starts at the first load, or at `import_libraries`.
+    calling thread (mapped, then read into private memory: `private_weights`). With
+    `thread_from` set, a process loader reads checkpoints of at least that many weight
+    bytes on the thread anyway: the helper's copy grows with the model, the thread's GIL
+    cost does not. The helper starts at the first load, or at `import_libraries`.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class TransformersLoader:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         load_in: LoadIn = "thread",
+        thread_from: int | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -74,6 +78,7 @@ class TransformersLoader:
         self.allow_pickle = allow_pickle
         self.trust_remote_code = trust_remote_code
         self.load_in = load_in
+        self.thread_from = thread_from
         self._helper = LoadProcess() if load_in == "process" else None
         self._architecture: str | None = None  # of the version validated last
 
@@ -184,7 +189,9 @@ class TransformersLoader:
             trust_remote_code=self.trust_remote_code,
             use_safetensors=files.weight_format == "safetensors",
         )
-        if self._helper is not None:
+        weight_bytes = sum(header.tensor_bytes for header in files.headers)
+        big = self.thread_from is not None and weight_bytes >= self.thread_from
+        if self._helper is not None and not big:
             model, tokenizer = self._helper.load(request)
         else:
             model, tokenizer = read_pretrained(request)

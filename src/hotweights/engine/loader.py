@@ -1,11 +1,12 @@
 """A loader whose versions generate through a batched engine of their own.
 
 `BatchingLoader` wraps the transformers loader: loading and validating are its, warmup
-also starts the version's `BatchEngine` (beside the live version's, under `availability`)
-and runs a few prompts through it, and unload stops the engine before the weights go
-(`LoadedLM.release`). A model the engine cannot run (the batched pass raises, or gives
-other greedy tokens than the per-request loop) keeps serving through the per-request loop;
-`LoadedLM.engine_note` says why, and `/admin/status` shows it.
+starts the version's `BatchEngine` (beside the live version's, under `availability`) and
+runs a few prompts through it together, and unload stops the engine before the weights go
+(`LoadedLM.release`). A model the engine cannot run (the batched pass raises, or picks a
+token that one plain forward pass over the same text does not rank first) keeps serving
+through the per-request loop, warmed up for it; `LoadedLM.engine_note` says why, and
+`/admin/status` shows it.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from hotweights.core.memory import available_memory
 from hotweights.engine.batching import BatchEngine, EngineLimits, StepObserver
 from hotweights.engine.kv import KVShape, kv_shape
 from hotweights.errors import HotweightsError
-from hotweights.generation import GenerationParams, TokenChunk
+from hotweights.generation import Engine, GenerationParams, TokenChunk
 
 log = logging.getLogger("hotweights.engine")
 
 CHECK_PROMPTS = ("Hello", "The quick brown fox jumps over", "1 2 3 4 5 6 7 8")
 """Prompts of different lengths, run together through a new engine at warmup."""
-CHECK_TOKENS = 6
+CHECK_TOKENS = 4
+CHECK_TOLERANCE = 1e-3
+"""How far below the best logit (of a plain forward pass) the engine's greedy pick may be:
+float noise between a padded batch and one sequence, not a different token."""
 AUTO_KV_SHARE = 0.25
 """With no explicit budget, the cache takes at most this share of available memory."""
 MIN_COLUMNS = 64
@@ -76,9 +80,10 @@ class BatchingLoader:
         self.inner.validate(model)
 
     def warmup(self, model: LoadedLM) -> None:
-        """The per-request warmup, then the engine's start and a batched check."""
-        self.inner.warmup(model)
+        """Start the engine and check it with a few prompts at once (which runs every
+        layer); a model served by the per-request loop gets that loop's warmup instead."""
         if not self.settings.batched:
+            self.inner.warmup(model)
             model.engine_note = "per-request (batching turned off)"
             return
         try:
@@ -151,6 +156,7 @@ class BatchingLoader:
     def _fall_back(self, model: LoadedLM, reason: str) -> None:
         model.engine_note = f"per-request ({reason})"
         log.warning("%s: serving without batching: %s", model.source, reason)
+        self.inner.warmup(model)
 
 
 def _read_config(source: str) -> dict[str, Any]:
@@ -179,41 +185,65 @@ def kv_shape_of(model: LoadedLM) -> KVShape:
     return kv_shape(model.model.config.get_text_config(), dtype.itemsize)
 
 
-def _check(model: LoadedLM, engine: BatchEngine) -> str | None:
-    """Run `CHECK_PROMPTS` through `engine` together and compare each greedy completion
-    with the per-request loop's; the reason they differ (or the error), or None."""
-    params = GenerationParams(temperature=0.0, max_tokens=CHECK_TOKENS)
-    results: dict[int, str | BaseException] = {}
+def _check(model: LoadedLM, engine: Engine) -> str | None:
+    """Run `CHECK_PROMPTS` through `engine` together, greedily, then score each prompt and
+    its completion with one plain forward pass: every token the engine picked must be the
+    pass's most likely one at its position (within `CHECK_TOLERANCE`). The reason it is
+    not (or the error), or None."""
+    import torch
+
+    params = GenerationParams(temperature=0.0, max_tokens=CHECK_TOKENS, logprobs=0)
+    results: dict[int, list[int] | BaseException] = {}
     finished = threading.Semaphore(0)
 
     def collector(index: int) -> object:
-        parts: list[str] = []
+        tokens: list[int] = []
 
         def deliver(item: TokenChunk | BaseException) -> None:
             if isinstance(item, BaseException):
                 results[index] = item
                 finished.release()
                 return
-            parts.append(item.text)
+            tokens.extend(entry.token_id for entry in item.logprobs)
             if item.finish_reason is not None:
-                results[index] = "".join(parts)
+                results[index] = tokens
                 finished.release()
 
         return deliver
 
+    prompts = [model.prompt_ids(prompt) for prompt in CHECK_PROMPTS]
     try:
-        for index, prompt in enumerate(CHECK_PROMPTS):
-            engine.submit(model.prompt_ids(prompt), params, collector(index))  # type: ignore[arg-type]
-        for _ in CHECK_PROMPTS:
+        for index, ids in enumerate(prompts):
+            engine.submit(ids, params, collector(index))  # type: ignore[arg-type]
+        for _ in prompts:
             if not finished.acquire(timeout=300):
                 return "the batched check did not finish in 300 s"
     except Exception as exc:
         return f"the batched check failed: {type(exc).__name__}: {exc}"
-    for index, prompt in enumerate(CHECK_PROMPTS):
+    completions: list[list[int]] = []
+    for index in range(len(prompts)):
         got = results[index]
         if isinstance(got, BaseException):
             return f"the batched check failed: {type(got).__name__}: {got}"
-        alone = model.generate(prompt, params).text
-        if got != alone:
-            return f"batched greedy output {got!r} differs from the per-request {alone!r}"
+        completions.append(got)
+    texts = [ids + got for ids, got in zip(prompts, completions, strict=True)]
+    longest = max(len(text) for text in texts)
+    # One pass over every prompt and completion, padded on the right: causal attention
+    # leaves each real position's logits as they would be alone.
+    with torch.inference_mode():
+        inputs = torch.zeros((len(texts), longest), dtype=torch.long, device=model.device)
+        mask = torch.zeros_like(inputs)
+        for row, text in enumerate(texts):
+            inputs[row, : len(text)] = torch.tensor(text, dtype=torch.long)
+            mask[row, : len(text)] = 1
+        logits = model.model(input_ids=inputs, attention_mask=mask, use_cache=False).logits
+    for index, (ids, got) in enumerate(zip(prompts, completions, strict=True)):
+        for step, token in enumerate(got):
+            scores = logits[index, len(ids) + step - 1, : model.tokenizer_size].float()  # (vocab,)
+            best = int(scores.argmax())
+            if float(scores[best] - scores[token]) > CHECK_TOLERANCE:
+                return (
+                    f"the batched engine picked token {token} after {CHECK_PROMPTS[index]!r} "
+                    f"where a plain forward pass ranks {best} first"
+                )
     return None

@@ -101,6 +101,7 @@ def _transformers_loader(config: Config) -> Loader[Any]:
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
         load_in=config.loads_in(),
+        thread_from=config.thread_from(),
     )
     settings = EngineSettings(
         max_batch=config.max_batch_size,
