@@ -231,14 +231,16 @@ def targets(systems: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if policy == "availability":
             add("availability: p99 reload ≤ 1.5x steady", f["p99_ratio"], _le(f["p99_ratio"], 1.5))
         source = soak or f
-        reload_ratio = source["reload_vs_bare_cold"]
+        # Judged against the warm bare load (a user's baseline is a warm process); the cold
+        # one (transformers' imports included) is shown beside it.
+        reload_ratio = source["reload_vs_bare_warm"]
         shown = (
-            f"{reload_ratio} (trigger to live, idle; warm-process bare: "
-            f"{source['reload_vs_bare_warm']}; the server's own reload alone: "
-            f"{source.get('server_reload_vs_bare_cold')}, "
-            f"warm {source.get('server_reload_vs_bare_warm')})"
+            f"{reload_ratio} (trigger to live, idle, over a warm bare load; over a cold one: "
+            f"{source['reload_vs_bare_cold']}; the server's own reload alone: warm "
+            f"{source.get('server_reload_vs_bare_warm')}, "
+            f"cold {source.get('server_reload_vs_bare_cold')})"
         )
-        add(f"{policy}: reload ≤ 1.2x bare load+warmup", shown, _le(reload_ratio, 1.2))
+        add(f"{policy}: reload ≤ 1.2x warm bare load+warmup", shown, _le(reload_ratio, 1.2))
         add(
             f"{policy}: peak RSS ≤ {rss_limit}x steady",
             f["rss_peak_ratio"],

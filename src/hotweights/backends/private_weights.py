@@ -59,7 +59,7 @@ def make_weights_private(model: PreTrainedModel, headers: Sequence[SafetensorsHe
         else:
             copied.append((tensor, offset))
             offset += _aligned(tensor.numel() * tensor.element_size())
-    block = _allocate(max(offset, 1))
+    block = zeroed_bytes(max(offset, 1))
     read = 0
     for header, start in zip(headers, starts, strict=True):
         read += _read_data(header, block[start : start + header.file_size - header.data_start])
@@ -75,10 +75,11 @@ def make_weights_private(model: PreTrainedModel, headers: Sequence[SafetensorsHe
     return read
 
 
-def _allocate(length: int) -> Any:
-    """A uint8 tensor of `length` bytes in anonymous memory asked to use huge pages: the
-    kernel then faults it in 2 MiB at a time, which halves the cost of reading into it.
-    Freed (unmapped) with the last tensor that views it."""
+def zeroed_bytes(length: int) -> Any:
+    """A uint8 CPU tensor of `length` zero bytes in anonymous memory asked to use huge
+    pages: nothing is written until used (the kernel's pages are zero), and the kernel
+    faults it in 2 MiB at a time, which halves the cost of reading into it. Freed
+    (unmapped) with the last tensor that views it."""
     import torch
 
     memory = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -16,8 +16,11 @@ Only the engine thread touches a `SlotKV`; nothing here is thread-safe.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from hotweights.backends.private_weights import zeroed_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -59,8 +62,8 @@ class SlotKV:
         import torch
 
         dims = (rows, shape.kv_heads, columns, shape.head_dim)
-        self.keys = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
-        self.values = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.layers)]
+        self.keys = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
+        self.values = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
         self.valid = torch.zeros((rows, columns), dtype=torch.bool, device=device)
         self.rows = rows
         self.columns = columns
@@ -157,6 +160,19 @@ def _layer_class() -> type:
 
 
 _BUFFER_LAYER: list[type] = []
+
+
+def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A zero tensor; on the CPU in untouched anonymous memory, so a large cache costs
+    nothing until its columns are written (torch.zeros would write every byte now)."""
+    import torch
+
+    if device != "cpu":
+        return torch.zeros(dims, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = math.prod(dims)
+    block = zeroed_bytes(max(1, count * itemsize))
+    return block[: count * itemsize].view(dtype).view(dims)  # type: ignore[no-any-return]
 
 
 def _rows_cache(kv: SlotKV, rows: slice, first: int, write_at: int) -> Any:
