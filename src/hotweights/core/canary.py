@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 MAX_SAMPLES = 4096
 """Request durations kept per generation during one bake."""
+LATENCY_EVERY = 4
+"""The canary's latency is compared at every this many of its requests (its error rate at
+each one)."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,10 @@ class CanaryMonitor:
             if tally is None:
                 return
             tally.add(ok, seconds, tokens)
-            reason = None if self._breached else self._breach()
-            if reason is not None:
-                self._breached = True
+            reason = None
+            if generation == self.canary and not self._breached:
+                reason = self._breach()
+                self._breached = reason is not None
         if reason is not None:
             self._on_breach(reason)
 
@@ -146,8 +150,8 @@ class CanaryMonitor:
                 f"error rate {canary.error_rate:.3f} on g{self.canary} against "
                 f"{stable.error_rate:.3f} on g{self.stable} (allowed: +{policy.max_error_rate:g})"
             )
-        if stable.requests < policy.min_requests:
-            return None
+        if stable.requests < policy.min_requests or canary.requests % LATENCY_EVERY:
+            return None  # the latency figures sort their samples: not on every request
         for what, mine, theirs in (
             ("p99 latency", canary.p99(), stable.p99()),
             ("time per token", canary.time_per_token(), stable.time_per_token()),
