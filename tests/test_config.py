@@ -40,6 +40,8 @@ def test_auto_loads_in_a_process_only_where_requests_run_during_small_loads(
         ("canary", "10 percent", "canary must be a share like 10%"),
         ("canary", "100%", "between 0 and 1"),
         ("canary", "0", "between 0 and 1"),
+        ("device", "gpu", "device must be cpu, cuda or cuda:N"),
+        ("device", "cpu:0", "device must be cpu, cuda or cuda:N"),
     ],
 )
 def test_a_bad_setting_is_named(setting: str, value: object, message: str) -> None:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from hotweights import __version__
-from hotweights.backends.transformers_lm import DEVICES, DTYPES
+from hotweights.backends.devices import parse_device
+from hotweights.backends.transformers_lm import DTYPES
 from hotweights.config import LOAD_IN_SETTINGS, Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
@@ -84,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "--canary-min-requests", type=int, help="requests before a canary is judged (20)"
     )
     serve.add_argument("--dtype", choices=DTYPES)
-    serve.add_argument("--device", choices=DEVICES)
+    serve.add_argument(
+        "--device", type=parse_device, help="cpu (default), cuda or cuda:N: where weights live"
+    )
     serve.add_argument(
         "--load-in",
         choices=LOAD_IN_SETTINGS,
@@ -153,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         "--gate", dest="gate_file", help="gate file (default: none; the candidate's gate.json)"
     )
     gate.add_argument("--dtype", choices=DTYPES, default="auto")
-    gate.add_argument("--device", choices=DEVICES, default="cpu")
+    gate.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N")
     gate.add_argument("--json", action="store_true", help="print the verdict as JSON")
     gate.set_defaults(run=_gate)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from hotweights.backends.transformers_lm import DEVICES, DTYPES, LOAD_IN, Device, Dtype, LoadIn
+from hotweights.backends.devices import parse_device
+from hotweights.backends.transformers_lm import DTYPES, LOAD_IN, Device, Dtype, LoadIn
 from hotweights.core.canary import CanaryPolicy
 from hotweights.core.policy import SwapPolicy
 
@@ -77,7 +78,9 @@ class Config:
     dtype: Dtype = "auto"
     """Weight dtype: `auto` keeps the checkpoint's."""
     device: Device = "cpu"
-    """Where the model runs; `cuda` only when available."""
+    """Where the weights live: `cpu`, `cuda` or `cuda:N` (a load fails where it is not
+    available). On a GPU the memory check and the engine's automatic cache size read the
+    GPU's free memory."""
     allow_pickle: bool = False
     """Accept pickle-based weights (.bin, .pt). Unsafe with untrusted files."""
     trust_remote_code: bool = False
@@ -145,8 +148,7 @@ class Config:
             raise ValueError(f"policy must be one of {get_args(SwapPolicy)}, got {self.policy!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        parse_device(self.device)  # raises naming the accepted forms
         if self.load_in not in LOAD_IN_SETTINGS:
             raise ValueError(f"load_in must be one of {LOAD_IN_SETTINGS}, got {self.load_in!r}")
         if self.max_batch_size < 1:

@@ -9,6 +9,7 @@ model is first loaded.
 from __future__ import annotations
 
 from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
+from hotweights.backends.devices import free_bytes, parse_device
 from hotweights.backends.files import (
     ModelFiles,
     WeightFormat,
@@ -19,10 +20,9 @@ from hotweights.backends.files import (
 from hotweights.backends.loaded_lm import LoadedLM, fallback_chat_prompt
 from hotweights.backends.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 from hotweights.backends.sampling import sample_next_token
-from hotweights.backends.transformers_lm import DEVICES, DTYPES, Device, Dtype, TransformersLoader
+from hotweights.backends.transformers_lm import DTYPES, Device, Dtype, TransformersLoader
 
 __all__ = [
-    "DEVICES",
     "DTYPES",
     "Device",
     "Dtype",
@@ -37,7 +37,9 @@ __all__ = [
     "estimate_bytes",
     "fallback_chat_prompt",
     "fingerprint",
+    "free_bytes",
     "inspect_model_dir",
+    "parse_device",
     "read_header",
     "sample_next_token",
 ]

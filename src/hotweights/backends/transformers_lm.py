@@ -11,6 +11,7 @@ import gc
 import logging
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from hotweights.backends.devices import check_cuda, is_cuda, parse_device
 from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
 from hotweights.backends.load_process import LoadProcess, LoadRequest, read_pretrained
 from hotweights.backends.loaded_lm import LoadedLM
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
-Device = Literal["cpu", "cuda"]
-DEVICES: tuple[Device, ...] = get_args(Device)
+Device = str
+"""`cpu`, `cuda` or `cuda:N` (see `hotweights.backends.devices.parse_device`)."""
 LoadIn = Literal["thread", "process"]
 LOAD_IN: tuple[LoadIn, ...] = get_args(LoadIn)
 
@@ -46,8 +47,11 @@ class TransformersLoader:
     may overlap a later `load`).
 
     `dtype="auto"` keeps the checkpoint's declared dtype (config `dtype`/`torch_dtype`),
-    float32 when it declares none. `device="cuda"` fails the load when CUDA is not
-    available. Pickle-based weights and remote code are refused unless opted in.
+    float32 when it declares none. `device="cuda"` (or `"cuda:N"`) fails the load when
+    CUDA or that GPU is not available; on a GPU the weights go from the checkpoint's mapped
+    pages straight to the device, always on the calling thread (the helper's shared memory
+    would only add a copy). Pickle-based weights and remote code are refused unless opted
+    in.
 
     `load_in="process"` reads checkpoints in a helper process (see `load_process`) and
     receives the weights in shared memory, so a load does not hold this process's GIL
@@ -69,8 +73,7 @@ class TransformersLoader:
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        device = parse_device(device)
         if load_in not in LOAD_IN:
             raise ValueError(f"load_in must be one of {LOAD_IN}, got {load_in!r}")
         self.dtype = dtype
@@ -79,7 +82,8 @@ class TransformersLoader:
         self.trust_remote_code = trust_remote_code
         self.load_in = load_in
         self.thread_from = thread_from
-        self._helper = LoadProcess() if load_in == "process" else None
+        on_cpu = not is_cuda(device)
+        self._helper = LoadProcess() if load_in == "process" and on_cpu else None
         self._architecture: str | None = None  # of the version validated last
 
     def import_libraries(self) -> None:
@@ -100,14 +104,13 @@ class TransformersLoader:
         """Check `source`, then load its model (eval mode) and tokenizer.
 
         Raises `LoadError` naming the path and file for a bad directory (see
-        `inspect_model_dir`), for `device="cuda"` without CUDA, and wrapping any error
+        `inspect_model_dir`), for a CUDA device that is not there, and wrapping any error
         transformers raises while reading the files.
         """
         files = self._inspect(source)
-        import torch
-
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise LoadError(f"cannot load {source} on cuda: CUDA is not available here")
+        missing = check_cuda(self.device)
+        if missing is not None:
+            raise LoadError(f"cannot load {source} on {self.device}: {missing}")
         dtype = self._resolve_dtype(files)
         digest = fingerprint(files)
         try:
@@ -118,7 +121,7 @@ class TransformersLoader:
         except HotweightsError:
             raise
         except Exception as exc:
-            self._collect(cuda=self.device == "cuda")
+            self._collect(cuda=is_cuda(self.device))
             raise LoadError(f"could not load {files.root}: {type(exc).__name__}: {exc}") from exc
 
     def validate(self, model: LoadedLM) -> None:
@@ -157,7 +160,7 @@ class TransformersLoader:
     def unload(self, model: LoadedLM) -> None:
         """Drop the model and tokenizer from `model`, collect garbage and, on CUDA, return
         cached memory to the device. Later use of `model` raises `ModelRetired`."""
-        on_cuda = model.device == "cuda" and not model.unloaded
+        on_cuda = is_cuda(model.device) and not model.unloaded
         model.release()
         self._collect(cuda=on_cuda)
 
@@ -195,7 +198,7 @@ class TransformersLoader:
             model, tokenizer = self._helper.load(request)
         else:
             model, tokenizer = read_pretrained(request)
-            if self.device == "cpu" and files.headers:
+            if not is_cuda(self.device) and files.headers:
                 make_weights_private(model, files.headers)  # not the file's pages
         untyped: Any = model  # transformers leaves `to` unannotated
         untyped.to(self.device)

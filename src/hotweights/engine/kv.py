@@ -167,7 +167,7 @@ def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tens
     nothing until its columns are written (torch.zeros would write every byte now)."""
     import torch
 
-    if device != "cpu":
+    if not device.startswith("cpu"):
         return torch.zeros(dims, dtype=dtype, device=device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     count = math.prod(dims)

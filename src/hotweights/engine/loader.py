@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from hotweights.backends import LoadedLM, TransformersLoader
-from hotweights.core.memory import available_memory
+from hotweights.backends.devices import free_bytes
 from hotweights.engine.batching import BatchEngine, EngineLimits, StepObserver
 from hotweights.engine.kv import KVShape, kv_shape
 from hotweights.errors import HotweightsError
@@ -143,7 +143,7 @@ class BatchingLoader:
         need = shape.bytes_per_token() * rows * longest
         budget = self.settings.kv_cache_bytes
         if budget is None:
-            free = available_memory()
+            free = free_bytes(self.inner.device)
             budget = min(need, int(free * AUTO_KV_SHARE)) if free is not None else need
         columns = min(longest, shape.columns_for(budget, rows))
         if columns < MIN_COLUMNS:

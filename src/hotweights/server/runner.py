@@ -60,7 +60,7 @@ def build_state(
             drain_timeout=config.drain_timeout,
             admission_timeout=config.admission_timeout,
             phase_timeout=config.phase_timeout or None,
-            memory=MemoryCheck() if config.memory_check else None,
+            memory=_memory_check(config),
             gate=QualityGate(spec),
             canary=config.canary_policy(),
         )
@@ -89,6 +89,17 @@ def build_state(
         raise ValueError("nothing to serve: give a model directory or --repo")
     name = config.model_name or default_model_name(config.source)
     return ServerState(config, {name: served(name)})
+
+
+def _memory_check(config: Config) -> MemoryCheck | None:
+    """Refuses a version that will not fit in the memory of the device it loads onto: the
+    host's for the CPU, what `torch.cuda.mem_get_info` says is free for a GPU."""
+    if not config.memory_check:
+        return None
+    from hotweights.backends.devices import free_bytes
+
+    device = config.device
+    return MemoryCheck(available=lambda: free_bytes(device))
 
 
 def _transformers_loader(config: Config) -> Loader[Any]:
