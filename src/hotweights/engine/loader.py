@@ -28,9 +28,13 @@ from hotweights.generation import Engine, GenerationParams, TokenChunk
 
 log = logging.getLogger("hotweights.engine")
 
-CHECK_PROMPTS = ("Hello", "The quick brown fox jumps over", "1 2 3 4 5 6 7 8")
-"""Prompts of different lengths, run together through a new engine at warmup."""
-CHECK_TOKENS = 4
+CHECK_PROMPTS = ("Hi", "Hello", "1 2 3")
+"""Prompts of different lengths (so the prefill pads), run together through a new engine
+at warmup. Short: the check's passes cost in proportion to their tokens, and a few tokens
+exercise every layer, the padding and the cache as well as many would."""
+CHECK_TOKENS = 2
+"""The first token comes from the prefill pass, the second from a decode pass on the
+cache: both paths are checked."""
 CHECK_TOLERANCE = 1e-3
 """How far below the best logit (of a plain forward pass) the engine's greedy pick may be:
 float noise between a padded batch and one sequence, not a different token."""
