@@ -1,22 +1,32 @@
 """Reload under load: hotweights next to TorchServe, Seldon MLServer and Ray Serve.
 
-One run, one machine, one model (a ~25 M-parameter Qwen3-style model built on the spot in
-two weight sets), one load: a fixed request rate of greedy completions for a fixed time,
-while K new versions go live, alternating between the two weight sets so every answer can
-be traced to the version that gave it. Each peer is installed into its own cached virtual
-environment and reloaded through its own mechanism. Writes bench/results/
-reload_under_load.{json,md,png}; see bench/README.md for what each figure means.
+One run, one machine, one model (a Qwen3-style model built on the spot in two weight sets:
+97 MB, or 1.3 GB with `--size 1.3GB`), one load: a fixed request rate of greedy
+completions for a fixed time, while K new versions go live, alternating between the two
+weight sets so every answer can be traced to the version that gave it. Each peer is
+installed into its own cached virtual environment and reloaded through its own mechanism.
 
-    python bench/reload_under_load.py [--duration 40] [--rate 3] [--reloads 5]
-        [--policies availability,resource] [--peers torchserve,mlserver,ray]
-        [--hotweights-trigger publish|admin] [--soak-reloads 50] [--torch-threads 1]
+Rows: hotweights with each swap policy, and `availability/batch1`, a control row that
+generates for one request at a time as every peer does (`--policies`, see
+peers/hotweights_server.py); TorchServe (the old version unregistered once drained);
+MLServer; Ray Serve twice, `ray-serve/reconfigure` (one replica, reloaded in place) and
+`ray-serve/rolling` (two replicas, a rolling update to a new deployment version).
+`--peers ray` picks both Ray rows, `ray-reconfigure` or `ray-rolling` one of them.
+
+Writes bench/results/reload_under_load.{json,md,png} at the default size, and
+reload_under_load-SIZE.{json,md,png} at another; see bench/README.md for what each figure
+means.
+
+    python bench/reload_under_load.py [--size 97MB|1.3GB] [--duration S] [--rate R]
+        [--reloads 5] [--policies availability,resource,availability/batch1]
+        [--peers torchserve,mlserver,ray] [--hotweights-trigger publish|admin]
+        [--soak-reloads 50] [--torch-threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import platform
@@ -26,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +43,17 @@ import httpx
 import psutil
 
 from peers.hotweights_server import (
+    HOTWEIGHTS_ROWS,
     TRIGGERS,
     AdminTrigger,
+    HotweightsRow,
     HotweightsSystem,
     PublishTrigger,
     ReloadTrigger,
 )
+from peers.lineup import PEER_GROUPS, PEER_SYSTEMS, PEERS, hotweights_rows, make_peer, peer_rows
 from peers.loadgen import LoadSpec, MonotonicClock, Record, RssSampler, run_load
+from peers.model import DEFAULT_SIZE, SIZES, BenchSize
 from peers.plot import plot
 from peers.procs import wait_quiet
 from peers.report import (
@@ -55,13 +68,6 @@ from peers.system import ModelVersion, PeerUnavailable, ReloadResult, System, Wo
 
 BENCH = Path(__file__).resolve().parent
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
-PEER_MODULES = {
-    "torchserve": ("torchserve", "TorchServeSystem"),
-    "mlserver": ("mlserver", "MLServerSystem"),
-    "ray": ("ray_serve", "RayServeSystem"),
-}
-PEERS = tuple(PEER_MODULES)
-POLICIES = ("availability", "resource")
 SEEDS = {"A": 1, "B": 2}
 
 
@@ -83,8 +89,16 @@ def main() -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=40.0, help="seconds of load per system")
-    parser.add_argument("--rate", type=float, default=3.0, help="requests per second")
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default=DEFAULT_SIZE,
+        help="the model's size (its shape in peers/model.py)",
+    )
+    parser.add_argument(
+        "--duration", type=float, help="seconds of load per system (default: the size's)"
+    )
+    parser.add_argument("--rate", type=float, help="requests per second (default: the size's)")
     parser.add_argument("--reloads", type=int, default=5, help="versions made live under load")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--max-in-flight", type=int, default=32, help="client cap")
@@ -99,8 +113,16 @@ def _parser() -> argparse.ArgumentParser:
         default="publish",
         help="publish into a served repository, or POST /admin/reload with a path",
     )
-    parser.add_argument("--policies", default=",".join(POLICIES), help="hotweights policies")
-    parser.add_argument("--peers", default=",".join(PEERS), help="peers to run ('' for none)")
+    parser.add_argument(
+        "--policies",
+        default=",".join(HOTWEIGHTS_ROWS),
+        help=f"hotweights rows ('' for none), of {', '.join(HOTWEIGHTS_ROWS)}",
+    )
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help=f"peers to run ('' for none), of {', '.join([*PEER_GROUPS, *PEER_SYSTEMS])}",
+    )
     parser.add_argument(
         "--peer-cache",
         type=Path,
@@ -122,7 +144,6 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for other processes to leave the CPUs before each system",
     )
     parser.add_argument("--bare-runs", type=int, default=3, help="fresh processes timed")
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers of the model")
     parser.add_argument("--workdir", help="keep models and server logs here")
     parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
@@ -130,13 +151,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
-    policies = [p for p in args.policies.split(",") if p]
-    peers = [p for p in args.peers.split(",") if p]
-    for name in peers:
-        if name not in PEERS:
-            raise SystemExit(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
-    model = _build_models(workdir / "models", args.layers)
-    dirs = {w: workdir / "models" / str(seed) for w, seed in SEEDS.items()}
+    size: BenchSize = SIZES[args.size]
+    args.rate = size.rate if args.rate is None else args.rate
+    args.duration = size.duration if args.duration is None else args.duration
+    rows = hotweights_rows(args.policies)
+    peers = peer_rows(args.peers)
+    model = _build_models(workdir / "models" / args.size, size) | {"size": args.size}
+    dirs = {w: workdir / "models" / args.size / str(seed) for w, seed in SEEDS.items()}
     versions = [_version(n, dirs) for n in range(1, args.reloads + 2)]
     wait_quiet(args.quiet_wait)
     bare = _bare_load(dirs["A"], args.bare_runs)
@@ -145,9 +166,24 @@ def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
     spec = LoadSpec(args.rate, args.duration, args.max_in_flight, args.timeout)
     logs = workdir / "logs"
     systems: list[System] = [
-        HotweightsSystem(p, _trigger(args.hotweights_trigger, p, workdir), logs) for p in policies
+        HotweightsSystem(
+            row.policy,
+            _trigger(args.hotweights_trigger, row, workdir),
+            logs,
+            max_batch_size=row.max_batch_size,
+        )
+        for row in rows
     ]
-    systems += [_peer(name, args, workdir) for name in peers]
+    systems += [
+        make_peer(
+            name,
+            cache=args.peer_cache.expanduser(),
+            workdir=workdir,
+            install_timeout=args.install_timeout,
+            start_timeout=args.start_timeout,
+        )
+        for name in peers
+    ]
     results = []
     for system in systems:
         _say(f"{system.name}: installing, starting, {args.duration:g} s of load")
@@ -156,10 +192,11 @@ def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
     return _write(args, results, model, bare, started)
 
 
-def _trigger(kind: str, policy: str, workdir: Path) -> ReloadTrigger:
+def _trigger(kind: str, row: HotweightsRow, workdir: Path) -> ReloadTrigger:
     if kind == "admin":
         return AdminTrigger(workdir / "models")
-    return PublishTrigger(workdir / f"repo-{policy}", workdir / "logs" / f"publish-{policy}.log")
+    slug = row.name.replace("/", "-")  # each row publishes into a repository of its own
+    return PublishTrigger(workdir / f"repo-{slug}", workdir / "logs" / f"publish-{slug}.log")
 
 
 def _version(number: int, dirs: dict[str, Path]) -> ModelVersion:
@@ -167,22 +204,19 @@ def _version(number: int, dirs: dict[str, Path]) -> ModelVersion:
     return ModelVersion(number, dirs[weights], weights)
 
 
-def _build_models(root: Path, layers: int) -> dict[str, Any]:
+def _build_models(root: Path, size: BenchSize) -> dict[str, Any]:
     from hotweights.demo.tinylm import save_tiny_model
-    from peers.model import bench_shape
 
-    shape = bench_shape(layers)
     for seed in SEEDS.values():
         path = root / str(seed)
         if not (path / "model.safetensors").exists():
-            save_tiny_model(path, seed=seed, shape=shape)
-    weights = root / str(SEEDS["A"]) / "model.safetensors"
-    size = weights.stat().st_size
+            save_tiny_model(path, seed=seed, shape=size.shape)
+    weight_bytes = (root / str(SEEDS["A"]) / "model.safetensors").stat().st_size
     return {
         "kind": "Qwen3ForCausalLM, random weights, float32, safetensors",
-        "shape": vars(shape),
-        "parameters_m": round(size / 4 / 1e6, 1),
-        "weights_mb": round(size / 1024 / 1024, 1),
+        "shape": vars(size.shape),
+        "parameters_m": round(weight_bytes / 4 / 1e6, 1),
+        "weights_mb": round(weight_bytes / 1024 / 1024, 1),
     }
 
 
@@ -199,18 +233,6 @@ def _bare_load(path: Path, runs: int) -> dict[str, float]:
         )
         timings.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {key: round(statistics.median(t[key] for t in timings), 4) for key in timings[0]}
-
-
-def _peer(name: str, args: argparse.Namespace, workdir: Path) -> System:
-    """The peer's driver; imported only when asked for."""
-    module = importlib.import_module(f"peers.{PEER_MODULES[name][0]}")
-    maker: Callable[..., System] = getattr(module, PEER_MODULES[name][1])
-    return maker(
-        cache=args.peer_cache.expanduser() / name,
-        workdir=workdir / name,
-        install_timeout=args.install_timeout,
-        start_timeout=args.start_timeout,
-    )
 
 
 def _warm(system: System, workload: Workload, count: int = 3) -> None:
@@ -246,6 +268,8 @@ def _run_system(
         system.start(versions[0])
         _warm(system, workload)
         entry["start_s"] = round(time.monotonic() - began, 1)
+        if isinstance(system, HotweightsSystem):
+            entry["serving"] = system.serving
         stage = "run"
         entry["quiet_gate"] = wait_quiet(args.quiet_wait)
         clock = MonotonicClock()
@@ -259,7 +283,7 @@ def _run_system(
         entry["cpu"] = sampler.cpu
         entry["records"] = [r.to_dict() for r in records]
         entry["rss"] = [(round(t, 3), round(b / 1024 / 1024, 1)) for t, b in sampler.samples]
-        if isinstance(system, HotweightsSystem) and args.soak_reloads:
+        if isinstance(system, HotweightsSystem) and not system.row.control and args.soak_reloads:
             entry["soak"] = _soak(system, args.soak_reloads, len(versions), dirs, bare)
     except PeerUnavailable as exc:
         entry |= {"status": "failed", "stage": exc.stage, "reason": exc.reason}
@@ -375,19 +399,22 @@ def _write(
     }
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reload_under_load.json").write_text(json.dumps(document, indent=1, default=str))
+    # The default size keeps the historical names; another size never overwrites them.
+    stem = "reload_under_load" + ("" if args.size == DEFAULT_SIZE else f"-{args.size}")
+    (out / f"{stem}.json").write_text(json.dumps(document, indent=1, default=str))
     table = markdown(results)
     text = (
         f"Reload under load, {date}; `{command}`; wall {wall} s\n\n"
         f"{args.rate:g} req/s for {args.duration:g} s per system, {args.reloads} reloads, "
         f"{args.max_tokens} greedy tokens per request; model {model['parameters_m']} M "
-        f"parameters; bare load+validate+warmup {bare.get('total_s')} s cold, "
-        f"{bare.get('repeat_total_s')} s warm\n\n{table}\n\n{targets_markdown(rows)}\n"
+        f"parameters ({model['weights_mb']} MB); bare load+validate+warmup "
+        f"{bare.get('total_s')} s cold, {bare.get('repeat_total_s')} s warm\n\n{table}\n\n"
+        f"{targets_markdown(rows)}\n"
     )
-    (out / "reload_under_load.md").write_text(text)
-    png = plot(results, out / "reload_under_load.png", f"reload under load, {date}")
+    (out / f"{stem}.md").write_text(text)
+    png = plot(results, out / f"{stem}.png", f"reload under load ({args.size}), {date}")
     print(text)
-    print(f"wrote {out / 'reload_under_load.json'}, {out / 'reload_under_load.md'}", end="")
+    print(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}", end="")
     print(f", {png}" if png else " (no plot: matplotlib is not installed)")
     return 0
 

@@ -6,6 +6,14 @@ repository (`hotweights serve --repo`) and makes each version live the way an op
 would, with `hotweights publish` (an atomic copy into the repository; the server's
 watcher notices it and reloads); `AdminTrigger` serves a directory and calls
 `POST /admin/reload {"path": ...}`.
+
+Rows (`HOTWEIGHTS_ROWS`): one per swap policy, with the server's defaults (requests are
+batched, up to 32 sequences stepped together), and a control row, `availability/batch1`:
+the availability policy with `--max-batch-size 1`, so the server generates for one
+request at a time, as every peer does (one worker, or one replica, serving one request
+after another). It controls for batching: next to the `availability` row it shows how
+much of the latency under reloads comes from serving several requests at once rather
+than from the reload mechanism.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -152,21 +161,62 @@ class PublishTrigger:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class HotweightsRow:
+    """One hotweights row of the report: a swap policy and how many requests the server
+    generates for at once."""
+
+    policy: str
+    max_batch_size: int | None = None
+    """`--max-batch-size`; None: the server's default."""
+
+    @property
+    def name(self) -> str:
+        """`availability`, or `availability/batch1` for a control row."""
+        batch = "" if self.max_batch_size is None else f"/batch{self.max_batch_size}"
+        return self.policy + batch
+
+    @property
+    def control(self) -> bool:
+        """A control row runs under load only: no soak, no targets."""
+        return self.max_batch_size is not None
+
+
+HOTWEIGHTS_ROWS = {
+    row.name: row
+    for row in (
+        HotweightsRow("availability"),
+        HotweightsRow("resource"),
+        HotweightsRow("availability", max_batch_size=1),
+    )
+}
+
+
 class HotweightsSystem:
     """`python -m hotweights.cli serve ... --policy P` on a free loopback port."""
 
     def __init__(
-        self, policy: str, trigger: ReloadTrigger, logs: Path, start_timeout: float = 120.0
+        self,
+        policy: str,
+        trigger: ReloadTrigger,
+        logs: Path,
+        start_timeout: float = 120.0,
+        *,
+        max_batch_size: int | None = None,
     ) -> None:
         self.policy = policy
-        self.name = f"hotweights/{policy}"
-        self.log = logs / f"hotweights-{policy}.log"
+        self.row = HotweightsRow(policy, max_batch_size)
+        self.name = f"hotweights/{self.row.name}"
+        self.log = logs / f"hotweights-{self.row.name.replace('/', '-')}.log"
         self.trigger = trigger
         self.start_timeout = start_timeout
         self.base_url = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._admin: httpx.Client | None = None
         self._versions: dict[int, int] = {}  # generation -> ModelVersion.number
+        self.serving: dict[str, Any] = {}
+        """The server's own account, once started: its config (policy, max_batch_size,
+        ...) and how the first version generates (batched, with how many rows)."""
 
     def install(self) -> None:
         """Nothing to install: the project's own environment runs it."""
@@ -183,6 +233,8 @@ class HotweightsSystem:
             "--policy",
             self.policy,
         ]
+        if self.row.max_batch_size is not None:
+            command += ["--max-batch-size", str(self.row.max_batch_size)]
         self._process = spawn(command, self.log)
         wait_http(
             f"{self.base_url}/ready",
@@ -194,6 +246,8 @@ class HotweightsSystem:
         status = self._admin.get("/admin/status").json()
         generation = status["models"][MODEL_NAME]["generation"]
         self._versions = {int(generation): first.number}
+        engines = status["models"][MODEL_NAME].get("engines", {})
+        self.serving = {"config": status["config"], "engine": engines.get(str(generation))}
 
     def server_pid(self) -> int:
         if self._process is None:

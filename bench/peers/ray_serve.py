@@ -1,11 +1,21 @@
-"""Ray Serve as a benchmarked system.
+"""Ray Serve as a benchmarked system, in two rows, one per way of deploying a new version.
 
 A driver process in Ray's own environment (`handlers/ray_app.py`) starts a local Ray
-cluster on loopback (no dashboard), runs one replica of the deployment and keeps it; a
-reload is `serve.run` of the same deployment with a new `user_config`, Ray's documented
-in-place update: the running replica's `reconfigure` loads the new weights, no new
-replica starts. The driver answers once Serve reports the update done. The whole cluster
-stops with the driver's process group.
+cluster on loopback (no dashboard), deploys the application from a config and deploys
+each new version as a new config, the way `serve deploy` does:
+
+- `ray-serve/reconfigure`: one replica; a new version changes only the deployment's
+  `user_config`, Ray's documented in-place update: the running replica's `reconfigure`
+  loads the new weights, no replica starts. Live once Serve reports the update done.
+- `ray-serve/rolling`: two replicas; a new version changes the application's `args`
+  (the replicas' constructor arguments), a new code version to Serve: a rolling update
+  with one surge replica (`max_surge_percent=50`), so new replicas start while the old
+  keep serving and an old one stops, after finishing its requests, once its replacement
+  runs. Live once the rollout finished: every replica new, RUNNING and HEALTHY (when the
+  first new replica ran is in the reload's `server`).
+
+Both run every replica with `num_cpus: 0` (the machine has two cores; Ray keeps some).
+The whole cluster stops with the driver's process group.
 """
 
 from __future__ import annotations
@@ -17,28 +27,36 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from peers.procs import InstalledPeer, free_port, stop_group, tail, wait_http
 from peers.system import Clock, ModelVersion, PeerUnavailable, ReloadResult, Request, Workload
 
 HANDLERS = Path(__file__).resolve().parent / "handlers"
 REQUIREMENTS = (("torch==2.13.0",), ("ray[serve]", "transformers", "safetensors"))
+RayUpdate = Literal["reconfigure", "rolling"]
+"""How a new version is deployed (see the module's docstring); `ray_app.py`'s mode."""
 
 
 class RayServeSystem(InstalledPeer):
-    name = "ray-serve"
     requirements = REQUIREMENTS
     log_name = "ray.log"
 
     def __init__(
-        self, cache: Path, workdir: Path, install_timeout: float, start_timeout: float
+        self,
+        cache: Path,
+        workdir: Path,
+        install_timeout: float,
+        start_timeout: float,
+        update: RayUpdate = "reconfigure",
     ) -> None:
         super().__init__(cache, workdir, install_timeout, start_timeout)
+        self.update = update
+        self.name = f"ray-serve/{update}"
         self._process: subprocess.Popen[str] | None = None
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
         # Ray's socket paths must stay short; a temp dir of its own keeps clusters apart.
-        self._temp = Path("/tmp") / f"hwb-ray-{os.getpid()}"
+        self._temp = Path("/tmp") / f"hwb-ray-{os.getpid()}-{update}"
 
     def start(self, first: ModelVersion) -> None:
         port = free_port()
@@ -53,6 +71,7 @@ class RayServeSystem(InstalledPeer):
         command = [
             str(self.venv / "bin" / "python"),
             str(HANDLERS / "ray_app.py"),
+            self.update,
             str(port),
             str(self._temp),
             json.dumps(self._config(first)),
@@ -120,7 +139,7 @@ class RayServeSystem(InstalledPeer):
             self._process.stdin.flush()
         except OSError as exc:
             return ReloadResult(version.number, version.weights, trigger, clock(), False, str(exc))
-        answer = self._reply(300)
+        answer = self._reply(360)
         ok = bool(answer.get("ok"))
         detail = "" if ok else str(answer.get("error"))
         return ReloadResult(version.number, version.weights, trigger, clock(), ok, detail, answer)

@@ -4,8 +4,16 @@ Each version is its own model archive (`bench-vN.mar`: the handler, the shared g
 code and a model-config.yaml naming the weights directory; the weights are not copied).
 A reload is TorchServe's documented version switch through the management API: register
 the new archive as a new version of model `bench` with one worker (synchronous: it
-returns once the worker has loaded it), `set-default` to it (live from here), then
-unregister the old version.
+returns once the worker has loaded it), `set-default` to it (live from here: new requests
+go to it), wait until the old version has drained, then unregister it.
+
+Drained is what TorchServe itself reports: a customized describe of the old version
+(`GET /models/bench/OLD?customized=true`) is a job in that version's own queue, which its
+one worker takes in order, one at a time; its answer (the handler's, naming the version)
+comes back only once every request queued before it was answered. Then a plain describe
+must show no request left in the queue (`jobQueueStatus.pendingRequests`), else another
+round. Unregistering at once, as before, stopped the old worker under the requests routed
+to it just before the switch (`500 Worker died`, timeouts).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ from peers.system import Clock, ModelVersion, PeerUnavailable, ReloadResult, Req
 
 HANDLERS = Path(__file__).resolve().parent / "handlers"
 MODEL = "bench"
+DRAIN_TIMEOUT_S = 120.0
 REQUIREMENTS = (
     ("torch==2.13.0",),
     ("torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml", "transformers", "safetensors"),
@@ -184,16 +194,72 @@ class TorchServeSystem(InstalledPeer):
                         version.number, version.weights, trigger, live, False, detail
                     )
                 self._live = version.number
+                drain = _drain(client, old)
+                drained = clock()
                 removed = client.delete(f"/models/{MODEL}/{old}")
                 done = clock()
-                detail = "" if removed.is_success else f"unregister old: {removed.text[:200]}"
         except (httpx.HTTPError, PeerUnavailable) as exc:
             return ReloadResult(version.number, version.weights, trigger, clock(), False, str(exc))
-        server = {"unregistered_old_s": round(done - live, 4)}
+        problems = [] if drain["drained"] else [f"old version {old} not drained: {drain['error']}"]
+        if not removed.is_success:
+            problems.append(f"unregister old: {removed.text[:200]}")
+        server = {
+            **drain,
+            "drain_s": round(drained - live, 4),
+            "unregistered_old_s": round(done - drained, 4),
+        }
         return ReloadResult(
-            version.number, version.weights, trigger, live, True, detail, server, done=done
+            version.number,
+            version.weights,
+            trigger,
+            live,
+            True,
+            "; ".join(problems),
+            server,
+            done=done,
         )
 
     def stop(self) -> None:
         stop_group(self._process)
         self._process = None
+
+
+def _drain(client: httpx.Client, old: int | None) -> dict[str, Any]:
+    """Wait, up to `DRAIN_TIMEOUT_S`, until version `old` has answered every request it
+    was given (see the module's docstring); say what TorchServe reported meanwhile."""
+    queued_at_switch = _queued(client, old)
+    report: dict[str, Any] = {"drained": False, "queued_at_switch": queued_at_switch}
+    began = time.monotonic()
+    rounds = 0
+    while time.monotonic() - began < DRAIN_TIMEOUT_S:
+        rounds += 1
+        barrier = client.get(
+            f"/models/{MODEL}/{old}", params={"customized": "true"}, timeout=DRAIN_TIMEOUT_S
+        )
+        if _customized_version(barrier) != str(old):
+            error = f"customized describe: {barrier.status_code} {barrier.text[:200]}"
+            return report | {"drain_rounds": rounds, "error": error}
+        queued = _queued(client, old)
+        if queued is None:
+            return report | {"drain_rounds": rounds, "error": "describe failed"}
+        if queued == 0:
+            return report | {"drained": True, "drain_rounds": rounds}
+    return report | {"drain_rounds": rounds, "error": f"still queued at {DRAIN_TIMEOUT_S:.0f} s"}
+
+
+def _queued(client: httpx.Client, version: int | None) -> int | None:
+    """Requests waiting in `version`'s queue (`jobQueueStatus.pendingRequests`); None when
+    TorchServe does not say."""
+    response = client.get(f"/models/{MODEL}/{version}")
+    if not response.is_success:
+        return None
+    pending = (response.json()[0].get("jobQueueStatus") or {}).get("pendingRequests")
+    return None if pending is None else int(pending)
+
+
+def _customized_version(response: httpx.Response) -> str | None:
+    """The version the handler named in a customized describe's answer."""
+    if not response.is_success:
+        return None
+    metadata = response.json()[0].get("customizedMetadata")
+    return str(metadata.get("version")) if isinstance(metadata, dict) else None
