@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput bench-gate soak clean
+.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput bench-sizes bench-gate soak clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-micro: install  ## admission cost, HTTP overhead, publish-to-reload, sha25
 # cached environment on first run), same model and load; then 16 streams across 3 reloads.
 bench-throughput: install  ## tokens/s, TTFT, inter-token latency vs transformers serve
 	$(PY) bench/throughput.py
+
+bench-sizes: install  ## reloads at 0.1, 1.3 and 4.3 GB against a bare warm load, idle and under load
+	$(PY) bench/reload_sizes.py
 
 bench-gate: install  ## the quality gate's time against a load; how fast a faulty canary is caught
 	$(PY) bench/gate_canary.py

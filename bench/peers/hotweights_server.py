@@ -203,12 +203,14 @@ class HotweightsSystem:
         start_timeout: float = 120.0,
         *,
         max_batch_size: int | None = None,
+        device: str | None = None,
     ) -> None:
         self.policy = policy
         self.row = HotweightsRow(policy, max_batch_size)
         self.name = f"hotweights/{self.row.name}"
         self.log = logs / f"hotweights-{self.row.name.replace('/', '-')}.log"
         self.trigger = trigger
+        self.device = device
         self.start_timeout = start_timeout
         self.base_url = ""
         self._process: subprocess.Popen[bytes] | None = None
@@ -235,6 +237,8 @@ class HotweightsSystem:
         ]
         if self.row.max_batch_size is not None:
             command += ["--max-batch-size", str(self.row.max_batch_size)]
+        if self.device is not None:
+            command += ["--device", self.device]
         self._process = spawn(command, self.log)
         wait_http(
             f"{self.base_url}/ready",

@@ -4,6 +4,7 @@ replaced here by a fake so the wiring is checked on a machine without one."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from hotweights.backends import TransformersLoader
 from hotweights.backends.devices import check_cuda, free_bytes, parse_device
 from hotweights.config import Config
+from hotweights.core import MemoryCheck, Outcome, Reloader
 from hotweights.core.memory import available_memory
 from hotweights.engine.kv import KVShape
 from hotweights.engine.loader import BatchingLoader, EngineSettings
@@ -113,3 +115,27 @@ def test_a_gpu_loader_reads_on_its_own_thread() -> None:
     assert TransformersLoader(device="cpu", load_in="process")._helper is not None
     with pytest.raises(ValueError, match="device must be"):
         TransformersLoader(device="tpu")
+
+
+def test_on_a_gpu_a_swap_returns_the_old_versions_memory(lively_dir: Path) -> None:
+    """Runs only where CUDA is: two versions on the GPU through the batched engine, then
+    the memory the old one held (weights and its engine's cache) is back after the swap."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    loader = BatchingLoader(
+        TransformersLoader(device="cuda:0", dtype="bfloat16"),
+        EngineSettings(max_batch=4, kv_cache_bytes=2**24),
+    )
+    reloader: Reloader[Any] = Reloader(loader, memory=MemoryCheck(lambda: free_bytes("cuda:0")))
+    try:
+        before = torch.cuda.memory_allocated()
+        assert reloader.reload(str(lively_dir)).outcome is Outcome.LIVE
+        one = torch.cuda.memory_allocated() - before
+        assert one >= 2**24  # the cache at least, on the GPU
+        assert reloader.reload(str(lively_dir), description="again").outcome is Outcome.LIVE
+        assert reloader.wait_drained(60)
+        assert torch.cuda.memory_allocated() - before <= one * 1.05
+    finally:
+        reloader.close(30)

@@ -279,3 +279,39 @@ def test_the_warmup_check_catches_an_engine_that_picks_other_tokens(tmp_path: Pa
     assert "where a plain forward pass ranks" in problem
     assert engine_check(model, BatchEngine(model, EngineLimits(max_batch=4, columns=64))) is None
     loader.unload(model)
+
+
+def test_the_check_runs_once_per_configuration_and_later_versions_only_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new version of the same model (other weights, same config) skips the three-pass
+    check and gets one short prompt through its engine; a new configuration is checked."""
+    import hotweights.engine.loader as engine_loader
+
+    checked: list[str] = []
+    real_check = engine_loader._check
+
+    def counting_check(model: LoadedLM, engine: Any) -> str | None:
+        checked.append(model.source)
+        return real_check(model, engine)
+
+    monkeypatch.setattr(engine_loader, "_check", counting_check)
+    small = TinyShape(hidden_size=64, num_hidden_layers=2)
+    wider = TinyShape(hidden_size=96, num_hidden_layers=2)
+    sources = [
+        save_tiny_model(tmp_path / "1", seed=1, shape=small),
+        save_tiny_model(tmp_path / "2", seed=2, shape=small),
+        save_tiny_model(tmp_path / "3", seed=3, shape=wider),
+    ]
+    loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=4, kv_cache_bytes=2**22))
+    answers = []
+    for source in sources:
+        model = loader.load(str(source))
+        loader.warmup(model)
+        assert model.engine is not None
+        assert model.engine_note.startswith("batched")
+        params = GenerationParams(temperature=0.0, max_tokens=4)
+        answers.append(model.generate("Hello", params).text)
+        loader.unload(model)
+    assert checked == [str(sources[0]), str(sources[2])]
+    assert all(len(answer) > 0 for answer in answers)  # each engine generates

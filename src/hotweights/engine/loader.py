@@ -6,7 +6,8 @@ runs a few prompts through it together, and unload stops the engine before the w
 (`LoadedLM.release`). A model the engine cannot run (the batched pass raises, or picks a
 token that one plain forward pass over the same text does not rank first) keeps serving
 through the per-request loop, warmed up for it; `LoadedLM.engine_note` says why, and
-`/admin/status` shows it.
+`/admin/status` shows it. The check runs once per configuration: a later version with the
+same one (`engine_key`) only sends one short prompt through its new engine.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class BatchingLoader:
         self.inner = inner
         self.settings = settings
         self.on_step = on_step
+        self._checked: set[str] = set()
+        """`engine_key`s of the configurations whose engine passed `_check`."""
 
     # -- the Loader role -------------------------------------------------------------
 
@@ -85,7 +88,11 @@ class BatchingLoader:
 
     def warmup(self, model: LoadedLM) -> None:
         """Start the engine and check it with a few prompts at once (which runs every
-        layer); a model served by the per-request loop gets that loop's warmup instead."""
+        layer); a model served by the per-request loop gets that loop's warmup instead.
+        A version whose configuration (`engine_key`) already passed the check, as each new
+        version of a model usually does, only warms its engine up with one short prompt:
+        the check costs three passes of the model and its verdict depends on the shapes,
+        not on the weights' values."""
         if not self.settings.batched:
             self.inner.warmup(model)
             model.engine_note = "per-request (batching turned off)"
@@ -96,7 +103,13 @@ class BatchingLoader:
         except Exception as exc:
             self._fall_back(model, f"the engine could not start: {type(exc).__name__}: {exc}")
             return
-        problem = _check(model, engine)
+        key = engine_key(model, limits)
+        if key in self._checked:
+            problem = _warm(model, engine)
+        else:
+            problem = _check(model, engine)
+            if problem is None:
+                self._checked.add(key)
         if problem is not None:
             engine.stop()
             self._fall_back(model, problem)
@@ -196,40 +209,10 @@ def _check(model: LoadedLM, engine: Engine) -> str | None:
     not (or the error), or None."""
     import torch
 
-    params = GenerationParams(temperature=0.0, max_tokens=CHECK_TOKENS, logprobs=0)
-    results: dict[int, list[int] | BaseException] = {}
-    finished = threading.Semaphore(0)
-
-    def collector(index: int) -> object:
-        tokens: list[int] = []
-
-        def deliver(item: TokenChunk | BaseException) -> None:
-            if isinstance(item, BaseException):
-                results[index] = item
-                finished.release()
-                return
-            tokens.extend(entry.token_id for entry in item.logprobs)
-            if item.finish_reason is not None:
-                results[index] = tokens
-                finished.release()
-
-        return deliver
-
     prompts = [model.prompt_ids(prompt) for prompt in CHECK_PROMPTS]
-    try:
-        for index, ids in enumerate(prompts):
-            engine.submit(ids, params, collector(index))  # type: ignore[arg-type]
-        for _ in prompts:
-            if not finished.acquire(timeout=300):
-                return "the batched check did not finish in 300 s"
-    except Exception as exc:
-        return f"the batched check failed: {type(exc).__name__}: {exc}"
-    completions: list[list[int]] = []
-    for index in range(len(prompts)):
-        got = results[index]
-        if isinstance(got, BaseException):
-            return f"the batched check failed: {type(got).__name__}: {got}"
-        completions.append(got)
+    completions = _generate_together(engine, prompts, CHECK_TOKENS)
+    if isinstance(completions, str):
+        return completions
     texts = [ids + got for ids, got in zip(prompts, completions, strict=True)]
     longest = max(len(text) for text in texts)
     # One pass over every prompt and completion, padded on the right: causal attention
@@ -251,3 +234,62 @@ def _check(model: LoadedLM, engine: Engine) -> str | None:
                     f"where a plain forward pass ranks {best} first"
                 )
     return None
+
+
+def _warm(model: LoadedLM, engine: Engine) -> str | None:
+    """One short prompt through `engine`: a prefill and a decode pass on the cache, every
+    layer run once each way. The reason it failed, or None."""
+    done = _generate_together(engine, [model.prompt_ids(CHECK_PROMPTS[0])], CHECK_TOKENS)
+    return done if isinstance(done, str) else None
+
+
+def _generate_together(
+    engine: Engine, prompts: list[list[int]], tokens: int
+) -> list[list[int]] | str:
+    """Submit every prompt at once for `tokens` greedy tokens; each one's token ids, or why
+    it failed."""
+    params = GenerationParams(temperature=0.0, max_tokens=tokens, logprobs=0)
+    results: dict[int, list[int] | BaseException] = {}
+    finished = threading.Semaphore(0)
+
+    def collector(index: int) -> object:
+        picked: list[int] = []
+
+        def deliver(item: TokenChunk | BaseException) -> None:
+            if isinstance(item, BaseException):
+                results[index] = item
+                finished.release()
+                return
+            picked.extend(entry.token_id for entry in item.logprobs)
+            if item.finish_reason is not None:
+                results[index] = picked
+                finished.release()
+
+        return deliver
+
+    try:
+        for index, ids in enumerate(prompts):
+            engine.submit(ids, params, collector(index))  # type: ignore[arg-type]
+        for _ in prompts:
+            if not finished.acquire(timeout=300):
+                return "the batched check did not finish in 300 s"
+    except Exception as exc:
+        return f"the batched check failed: {type(exc).__name__}: {exc}"
+    completions: list[list[int]] = []
+    for index in range(len(prompts)):
+        got = results[index]
+        if isinstance(got, BaseException):
+            return f"the batched check failed: {type(got).__name__}: {got}"
+        completions.append(got)
+    return completions
+
+
+def engine_key(model: LoadedLM, limits: EngineLimits) -> str:
+    """What decides whether the engine computes a model right: its configuration (not its
+    weights' values: the engine's padding, positions and cache depend on shapes alone),
+    dtype, device and the engine's rows and columns."""
+    config = model.model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_commit_hash"):
+        config.pop(volatile, None)
+    described = json.dumps(config, sort_keys=True, default=str)
+    return f"{described}|{model.dtype}|{model.device}|{limits.max_batch}x{limits.columns}"
