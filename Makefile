@@ -33,7 +33,7 @@ check: lint typecheck test
 
 # Reloads under load, next to TorchServe, MLServer and Ray Serve. Installs the peers into
 # their own cached environments on first run (~/.cache/hotweights/bench-peers, about 5
-# minutes each); about 7 minutes once they are installed. Results land in bench/results/.
+# minutes each); about 20 minutes once they are installed. Results land in bench/results/.
 bench: install  ## hotweights vs TorchServe, MLServer, Ray Serve: reloads under load
 	$(PY) bench/reload_under_load.py
 
