@@ -120,6 +120,11 @@ class Config:
     """Generate through one batched engine per version; false: one decode loop per request."""
     shutdown_delay: float = 2.0
     """On SIGTERM, seconds /ready answers 503 before the listener closes (for load balancers)."""
+    keep_alive_timeout: float = 120.0
+    """Seconds an idle client connection stays open. Longer than clients keep idle pooled
+    connections (httpx and the openai client: 5 s), so the client closes them: a server
+    that closes one as the client reuses it fails that request (uvicorn's default, 5 s,
+    failed 11 of 480 requests sent after about 5 s idle)."""
     log_level: str = "info"
     """Log level for hotweights and uvicorn."""
 
@@ -159,7 +164,13 @@ class Config:
             raise ValueError(f"watch must be auto, events or poll, got {self.watch!r}")
         if self.verify not in ("digest", "size", "none"):
             raise ValueError(f"verify must be digest, size or none, got {self.verify!r}")
-        for name in ("drain_timeout", "admission_timeout", "phase_timeout", "settle_seconds"):
+        for name in (
+            "drain_timeout",
+            "admission_timeout",
+            "phase_timeout",
+            "settle_seconds",
+            "keep_alive_timeout",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_pending < 1:

@@ -199,8 +199,14 @@ def serve(state: ServerState) -> None:
         port=config.port,
         log_level=config.log_level,
         timeout_graceful_shutdown=int(config.drain_timeout) or None,
+        timeout_keep_alive=keep_alive(config),
     )
     GracefulServer(uvicorn_config, state).run()
+
+
+def keep_alive(config: Config) -> int:
+    """uvicorn's idle-connection timeout (whole seconds, at least one)."""
+    return max(1, round(config.keep_alive_timeout))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -223,6 +229,7 @@ class ServerThread:
             port=self.port,
             log_level="warning",
             timeout_graceful_shutdown=grace,
+            timeout_keep_alive=keep_alive(state.config),
         )
         self.server = GracefulServer(config, state)
         self._thread = threading.Thread(target=self.server.run, name="hotweights-uvicorn")
