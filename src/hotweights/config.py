@@ -124,7 +124,7 @@ class Config:
     """Seconds an idle client connection stays open. Longer than clients keep idle pooled
     connections (httpx and the openai client: 5 s), so the client closes them: a server
     that closes one as the client reuses it fails that request (uvicorn's default, 5 s,
-    failed 11 of 480 requests sent after about 5 s idle)."""
+    failed 12 of 480 requests sent after about 5 s idle: `bench/keep_alive.py`)."""
     log_level: str = "info"
     """Log level for hotweights and uvicorn."""
 
