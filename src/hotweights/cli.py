@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument(
-        "--device", type=parse_device, help="cpu (default), cuda or cuda:N: where weights live"
+        "--device", type=_device, help="cpu (default), cuda or cuda:N: where weights live"
     )
     serve.add_argument(
         "--load-in",
@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         "--gate", dest="gate_file", help="gate file (default: none; the candidate's gate.json)"
     )
     gate.add_argument("--dtype", choices=DTYPES, default="auto")
-    gate.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda or cuda:N")
+    gate.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     gate.add_argument("--json", action="store_true", help="print the verdict as JSON")
     gate.set_defaults(run=_gate)
 
@@ -227,6 +227,14 @@ SERVE_SETTINGS = (
     "kv_cache_memory",
     "batching",
 )
+
+
+def _device(value: str) -> str:
+    """`parse_device` for argparse, so a bad name's message reaches the user."""
+    try:
+        return parse_device(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -139,3 +139,14 @@ def test_on_a_gpu_a_swap_returns_the_old_versions_memory(lively_dir: Path) -> No
         assert torch.cuda.memory_allocated() - before <= one * 1.05
     finally:
         reloader.close(30)
+
+
+def test_the_cli_names_the_accepted_devices(capsys: pytest.CaptureFixture[str]) -> None:
+    from hotweights.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--device", "gpu"])
+    assert exited.value.code == 2
+    assert (
+        "device must be cpu, cuda or cuda:N (N a GPU index), got 'gpu'" in capsys.readouterr().err
+    )
