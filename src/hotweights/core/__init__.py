@@ -3,6 +3,7 @@ its leases, and the reloader with its swap policies. Imports no third-party pack
 
 from __future__ import annotations
 
+from hotweights.core.canary import CanaryPolicy
 from hotweights.core.events import (
     PHASES,
     TRIGGERS,
@@ -32,6 +33,7 @@ __all__ = [
     "PHASES",
     "SWAP_POLICIES",
     "TRIGGERS",
+    "CanaryPolicy",
     "DrainReport",
     "Fingerprinting",
     "Lease",

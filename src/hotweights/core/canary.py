@@ -28,9 +28,13 @@ class CanaryPolicy:
     """How a new version is baked under `availability`."""
 
     share: float
-    """Share of new requests the canary takes, in (0, 1)."""
+    """Share of new requests the canary takes, in [0, 1). 0 holds the version: only
+    requests pinned to it reach it (a fleet replica's prepared version, see `fleet/`)."""
     bake_seconds: float = 60.0
-    """How long the canary serves its share before it is promoted."""
+    """How long the canary serves its share before the bake ends."""
+    promote_when_baked: bool = True
+    """What the end of the bake decides when nothing decided earlier: promote (the
+    default), or roll back (a held version that nobody committed in time)."""
     max_error_rate: float = 0.05
     """Roll back when the canary's error rate exceeds the stable one's by more than this."""
     max_latency_ratio: float = 2.0
@@ -42,8 +46,8 @@ class CanaryPolicy:
     """Latency differences smaller than this never roll back (noise on a busy machine)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.share < 1:
-            raise ValueError(f"the canary share must be between 0 and 1, got {self.share!r}")
+        if not 0 <= self.share < 1:
+            raise ValueError(f"the canary share must be in [0, 1), got {self.share!r}")
         if self.bake_seconds <= 0:
             raise ValueError(f"the bake must last more than 0 s, got {self.bake_seconds!r}")
         if not 0 <= self.max_error_rate < 1:
@@ -185,10 +189,14 @@ class Bake:
             self._ended.set()
             return True
 
-    def wait(self, seconds: float) -> None:
-        """Until decided, or `seconds` pass (then the bake passed)."""
-        if not self._ended.wait(seconds):
+    def wait(self, seconds: float, *, promote: bool = True) -> None:
+        """Until decided, or `seconds` pass (then the bake passed: `promote` decides)."""
+        if self._ended.wait(seconds):
+            return
+        if promote:
             self.end(True, f"the bake of {seconds:g} s passed")
+        else:
+            self.end(False, f"nothing committed it within {seconds:g} s")
 
 
 def _rounded(value: float | None) -> float | None:

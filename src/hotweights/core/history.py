@@ -35,12 +35,23 @@ class VersionHistory:
         maxlen = self._history.maxlen
         return maxlen if maxlen is not None else 0
 
-    def go_live(self, version: ModelVersion, state: VersionState = VersionState.LIVE) -> int:
-        """Assign `version` the next generation, mark it LIVE (or CANARY: it serves a
-        share of requests) and record it; return the generation. `version` must be
-        VALIDATING."""
+    def go_live(
+        self,
+        version: ModelVersion,
+        state: VersionState = VersionState.LIVE,
+        generation: int | None = None,
+    ) -> int:
+        """Assign `version` the next generation (or `generation`, which must be greater
+        than every generation so far: a fleet numbers its cutovers), mark it LIVE (or
+        CANARY: it serves a share of requests) and record it; return the generation.
+        `version` must be VALIDATING. Raises `ValueError` for a generation not ahead."""
         with self._lock:
-            generation = self._generation + 1
+            if generation is None:
+                generation = self._generation + 1
+            elif generation <= self._generation:
+                raise ValueError(
+                    f"generation {generation} is not after generation {self._generation}"
+                )
             version.generation = generation
             version.transition(state)
             self._history.appendleft(version)
@@ -91,5 +102,6 @@ class VersionHistory:
 
     @property
     def total_live(self) -> int:
-        """How many versions ever went live (equals the current generation)."""
+        """How many versions ever went live (the current generation, unless generations
+        were given)."""
         return self._total_live

@@ -55,6 +55,8 @@ class _Job:
     future: Future[ReloadEvent] = field(default_factory=Future)
     phase: str = "queued"
     old_generation: int | None = None
+    generation: int | None = None
+    """The generation to go live as (a fleet's number); None: the next one."""
 
 
 class ReloadTicket:
@@ -136,18 +138,31 @@ class Reloader(Generic[ModelT]):
     # -- requests -----------------------------------------------------------------------
 
     def submit(
-        self, source: str, *, trigger: Trigger = "api", description: str = ""
+        self,
+        source: str,
+        *,
+        trigger: Trigger = "api",
+        description: str = "",
+        generation: int | None = None,
     ) -> ReloadTicket:
-        """Accept a request to make `source` live; returns at once with a ticket."""
+        """Accept a request to make `source` live; returns at once with a ticket. With
+        `generation`, it goes live (or bakes) as that generation, which must be ahead of
+        every one so far (`ValueError` otherwise): a fleet replica takes the fleet's
+        numbers, so every replica names a version alike."""
         superseded: _Job | None = None
         with self._lock:
             if self._closed:
                 raise ReloaderClosed(f"reloader for {self.name!r} is closed")
+            if generation is not None and generation <= self.history.generation:
+                raise ValueError(
+                    f"{self.name}: generation {generation} is not after "
+                    f"generation {self.history.generation}"
+                )
             for job in (self._running, self._pending):
-                if job is not None and job.source == source:
+                if job is not None and job.source == source and job.generation == generation:
                     return ReloadTicket(job)
             superseded = self._pending
-            job = _Job(next(self._ids), source, trigger, description)
+            job = _Job(next(self._ids), source, trigger, description, generation=generation)
             self._pending = job
             self._wake.notify()
         if superseded is not None:
@@ -164,9 +179,13 @@ class Reloader(Generic[ModelT]):
         trigger: Trigger = "api",
         description: str = "",
         timeout: float | None = None,
+        generation: int | None = None,
     ) -> ReloadEvent:
-        """Make `source` live and return the outcome (blocking)."""
-        return self.submit(source, trigger=trigger, description=description).wait(timeout)
+        """Make `source` live and return the outcome (blocking); `generation` as `submit`."""
+        ticket = self.submit(
+            source, trigger=trigger, description=description, generation=generation
+        )
+        return ticket.wait(timeout)
 
     async def reload_async(
         self, source: str, *, trigger: Trigger = "api", description: str = ""
@@ -357,7 +376,7 @@ class Reloader(Generic[ModelT]):
             return self._failed(job, failure), None, None
         if self.canary is not None and job.trigger != "rollback" and self.slot.live_version:
             return self._bake_canary(self.canary, job, version, model, attempt)
-        old = self._go_live(version, model)
+        old = self._go_live(version, model, job.generation)
         return self._event(job, self._success(job), version=version, attempt=attempt), old, None
 
     def _bake_canary(
@@ -374,7 +393,7 @@ class Reloader(Generic[ModelT]):
         stable = self.slot.live_version
         if stable is None:  # pragma: no cover - the caller checked, and only it swaps
             raise RuntimeError("a canary needs a live version")
-        self.history.go_live(version, VersionState.CANARY)
+        self.history.go_live(version, VersionState.CANARY, job.generation)
         self._version_changed(version, VersionState.VALIDATING, VersionState.CANARY)
         bake = Bake(
             CanaryMonitor(
@@ -399,7 +418,7 @@ class Reloader(Generic[ModelT]):
             policy.bake_seconds,
         )
         started = time.monotonic()
-        bake.wait(policy.bake_seconds)
+        bake.wait(policy.bake_seconds, promote=policy.promote_when_baked)
         attempt.phases["bake"] = time.monotonic() - started
         with self._lock:
             self._bake = None
@@ -458,7 +477,7 @@ class Reloader(Generic[ModelT]):
             restored = self._restore(previous) if previous is not None else None
             self.slot.end_gap()
             return event.with_phase("drain", drain_s), None, restored
-        self._go_live(version, model)
+        self._go_live(version, model, job.generation)
         event = self._event(job, self._success(job), version=version, attempt=attempt)
         return event.with_phase("drain", drain_s), None, None
 
@@ -537,8 +556,10 @@ class Reloader(Generic[ModelT]):
     def _resident_bytes(self) -> int:
         return sum(version.size_bytes or 0 for version in self.slot.resident())
 
-    def _go_live(self, version: ModelVersion, model: ModelT) -> int | None:
-        self.history.go_live(version)
+    def _go_live(
+        self, version: ModelVersion, model: ModelT, generation: int | None = None
+    ) -> int | None:
+        self.history.go_live(version, generation=generation)
         self._version_changed(version, VersionState.VALIDATING, VersionState.LIVE)
         old = self.slot.publish(version, model)
         log.info("%s: %s is live", self.name, version.label)

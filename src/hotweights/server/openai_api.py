@@ -20,7 +20,7 @@ from hotweights.errors import HotweightsError, NotReady
 from hotweights.generation import BatchedModel, GenerationParams
 from hotweights.server.disconnect import unless_disconnected
 from hotweights.server.errors import classify
-from hotweights.server.pins import admit
+from hotweights.server.pins import admit, requested_pin
 from hotweights.server.replies import CLIENT_CLOSED, LeasedStream, Reply
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.state import ServedModel, ServerState
@@ -116,7 +116,7 @@ async def _complete(
     endpoint: str,
 ) -> Response:
     state = _state(request)
-    name, _, pin = body.model.partition("@")
+    name, pin = requested_pin(body.model, request.scope)
     served = state.resolve(name)
     config = state.config
     default_max = config.default_max_tokens if endpoint == "chat" else 16

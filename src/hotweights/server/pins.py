@@ -4,6 +4,7 @@ version from directory `N` (`model@gN`: generation `N`), live or still draining.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,18 @@ from hotweights.errors import InvalidRequest, UnknownModel
 from hotweights.server.state import ServedModel
 
 _PIN = re.compile(r"(g?)([0-9]{1,18})", re.ASCII)  # model@N or model@gN
+
+SCOPE_PIN = "hotweights.pin"
+"""The ASGI scope key through which an in-process caller (a fleet replica, which gets the
+generation the fleet's ingress stamped) pins a request as `model@...` would. No HTTP
+client can set a scope key; a pin in the request's own `model` wins."""
+
+
+def requested_pin(model: str, scope: Mapping[str, Any]) -> tuple[str, str]:
+    """The model name and the pin of a request for `model` (`name@pin`), or the pin its
+    caller put in the ASGI scope."""
+    name, _, pin = model.partition("@")
+    return name, pin or str(scope.get(SCOPE_PIN, ""))
 
 
 async def admit(served: ServedModel, pin: str) -> Lease[Any]:

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from hotweights.config import Config
-from hotweights.core import Loader, MemoryCheck, Notice, Reloader
+from hotweights.core import CanaryPolicy, Loader, MemoryCheck, Notice, Reloader
 from hotweights.server.app import create_app
 from hotweights.server.state import ServedModel, ServerState
 
@@ -40,10 +40,12 @@ def build_state(
     config: Config,
     loader: Loader[Any] | None = None,
     observers: tuple[Callable[[Notice], None], ...] = (),
+    canary: CanaryPolicy | None = None,
 ) -> ServerState:
     """The models `config` asks for, each with its own reloader: every model of
     `config.repo` (watched), or the one directory `config.source`. `loader` (default: a
-    transformers loader per model) turns a version directory into a model."""
+    transformers loader per model) turns a version directory into a model; `canary`
+    replaces the config's canary (a fleet replica holds each prepared version)."""
 
     def make_loader() -> Loader[Any]:
         return loader if loader is not None else _transformers_loader(config)
@@ -62,7 +64,7 @@ def build_state(
             phase_timeout=config.phase_timeout or None,
             memory=_memory_check(config),
             gate=QualityGate(spec),
-            canary=config.canary_policy(),
+            canary=canary or config.canary_policy(),
         )
         for observer in observers:
             reloader.subscribe(observer)
