@@ -138,3 +138,7 @@ class Overloaded(HotweightsError):
 class EngineFailed(HotweightsError):
     """A batched generation pass failed; every request in that pass ends with this error,
     and the engine goes on with the next ones."""
+
+
+class ReplicaFailed(HotweightsError):
+    """A fleet replica failed or died while it held the request."""

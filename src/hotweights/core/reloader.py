@@ -394,7 +394,6 @@ class Reloader(Generic[ModelT]):
         if stable is None:  # pragma: no cover - the caller checked, and only it swaps
             raise RuntimeError("a canary needs a live version")
         self.history.go_live(version, VersionState.CANARY, job.generation)
-        self._version_changed(version, VersionState.VALIDATING, VersionState.CANARY)
         bake = Bake(
             CanaryMonitor(
                 policy,
@@ -404,6 +403,8 @@ class Reloader(Generic[ModelT]):
             )
         )
         self.slot.publish_canary(version, model, policy.share)
+        # Told after it is reachable: an observer may pin a request to it at once.
+        self._version_changed(version, VersionState.VALIDATING, VersionState.CANARY)
         with self._lock:
             self._bake = bake
             closing = self._closed

@@ -1,0 +1,306 @@
+"""The coordinator: holds the fleet's committed version and moves every replica to a new
+one in two phases.
+
+```
+ repository change, /admin/reload, /admin/rollback
+        │
+   PREPARE ── every replica loads, validates, warms and holds gN beside g(N-1)
+        │  └─ any replica fails, dies or times out ──► ABORT: all discard gN,
+        │                                              g(N-1) stays, vN marked bad
+   COMMIT ─── the ingress flips: requests admitted from now on carry gN
+        │
+   DRAIN ──── requests the ingress admitted on g(N-1) finish
+        │
+   FINISH ─── every replica makes gN its live version; g(N-1) is unloaded
+```
+
+The coordinator never touches a request. It reaches the replicas and the ingress through
+a `FleetLink` (Ray handles in `deployment.py`, plain objects in tests). Thread-safe: one
+cutover runs at a time; a storm of triggers queues on a lock and each finds the
+repository's target already committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hotweights.fleet.replica import Joined, Prepared, Target
+from hotweights.fleet.settings import FleetSettings
+from hotweights.sources import ModelRepository, make_watcher
+from hotweights.sources.state import VersionInfo
+from hotweights.sources.watcher import Watcher
+
+log = logging.getLogger("hotweights.fleet")
+
+MAX_CUTOVERS = 32
+PREPARE_ROUNDS = 3
+"""Prepare is repeated until a round finds every replica already holding the version (a
+replica that started during the round holds it too), at most this many times."""
+
+
+class FleetLink(Protocol):
+    """How the coordinator reaches the replicas and the ingress. Blocking calls."""
+
+    def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
+        """Every running replica's answer; raises `TimeoutError` past `timeout`."""
+
+    def abort(self, generation: int, reason: str) -> None: ...
+
+    def flip(self, generation: int) -> None:
+        """The ingress stamps `generation` on every request admitted from now on."""
+
+    def drained(self, generation: int, timeout: float) -> int:
+        """Wait until the ingress has no request on `generation` in flight, or `timeout`;
+        the number still in flight."""
+
+    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]: ...
+
+    def replicas(self) -> Sequence[dict[str, object] | BaseException]: ...
+
+    def ingress(self) -> dict[str, object]: ...
+
+
+@dataclass
+class Cutover:
+    """One attempt to move the fleet to a version, as `/admin/fleet` reports it."""
+
+    generation: int
+    version: int
+    trigger: str
+    started_at: float = field(default_factory=time.time)
+    outcome: str = "preparing"
+    """preparing, committed, aborted, or skipped (no replica to prepare)."""
+    error: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of prepare, commit, drain and finish."""
+    replicas: dict[str, float] = field(default_factory=dict)
+    """Each replica's prepare time."""
+    stuck: int = 0
+    """Requests still running on the old generation at the drain deadline."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "generation": self.generation,
+            "version": self.version,
+            "trigger": self.trigger,
+            "started_at": self.started_at,
+            "outcome": self.outcome,
+            "error": self.error,
+            "phases": {name: round(seconds, 4) for name, seconds in self.phases.items()},
+            "replicas": {name: round(seconds, 4) for name, seconds in self.replicas.items()},
+            "stuck": self.stuck,
+        }
+
+
+class Coordinator:
+    """The fleet's single source of truth about versions (one per fleet)."""
+
+    def __init__(self, settings: FleetSettings, link: FleetLink) -> None:
+        config = settings.config
+        if config.repo is None:  # pragma: no cover - FleetSettings checks
+            raise ValueError("a fleet serves a model repository")
+        self.settings = settings
+        self.link = link
+        self.model = settings.model
+        self.repository = ModelRepository(
+            config.repo, verify=config.verify, settle_seconds=config.settle_seconds
+        )
+        state = self.repository.scan()
+        if not state.readable:
+            raise ValueError(f"cannot read the model repository {config.repo}: {state.error}")
+        first = self.repository.target(self.model)
+        if first is None:
+            raise ValueError(
+                f"model {self.model!r} has no eligible version in {config.repo} "
+                f"(models there: {', '.join(self.repository.models()) or 'none'})"
+            )
+        self._committed = Target(1, first.source, _describe(first))
+        self._number = first.number
+        self._next = 2
+        self._preparing: Target | None = None
+        self._cutovers: deque[Cutover] = deque(maxlen=MAX_CUTOVERS)
+        self._lock = threading.Lock()  # one cutover at a time
+        self._state = threading.Lock()  # the fields `join` and `status` read
+        self._watcher: Watcher | None = None
+
+    # -- asked by replicas and the ingress ---------------------------------------------------
+
+    def join(self) -> Joined:
+        """What a replica starting now must load (see `FleetReplica.start`)."""
+        with self._state:
+            return Joined(self._committed, self._preparing)
+
+    def committed(self) -> int:
+        """The committed generation (an ingress that restarts stamps it)."""
+        with self._state:
+            return self._committed.generation
+
+    # -- driving ---------------------------------------------------------------------------
+
+    def watch(self) -> None:
+        """Follow the repository from now on (call once the replicas serve)."""
+        config = self.settings.config
+        if self._watcher is not None or config.repo is None:
+            return
+        self._watcher = make_watcher(config.watch, config.repo, interval=config.poll_interval)
+        self._watcher.start(self._on_change)
+
+    def sync(self, trigger: str = "watch") -> dict[str, object] | None:
+        """Scan the repository; cut over to its target if that is not the committed
+        version. The cutover's record, or None when there was nothing to do."""
+        with self._lock:
+            if not self.repository.scan().readable:
+                return None
+            target = self.repository.target(self.model, live=self._number)
+            if target is None or target.number == self._number:
+                return None
+            return self._cutover(target, trigger).to_dict()
+
+    def reload(self, version: int | None = None) -> dict[str, object] | None:
+        """Pin `version` (or, with None, follow the latest eligible one again) and sync."""
+        self.repository.scan()
+        if version is None:
+            self.repository.unpin(self.model)
+        else:
+            self.repository.pin(self.model, version)
+        return self.sync("api")
+
+    def rollback(self) -> dict[str, object] | None:
+        """Pin the newest eligible version older than the committed one and sync."""
+        self.repository.scan()
+        self.repository.rollback(self.model, live=self._number)
+        return self.sync("rollback")
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        """`GET /admin/fleet`: the committed generation, the last cutovers, each replica's
+        live and resident generations and requests in flight, the ingress's counts."""
+        with self._state:
+            committed, preparing = self._committed, self._preparing
+            cutovers = [cutover.to_dict() for cutover in self._cutovers]
+        return {
+            "model": self.model,
+            "committed": _target(committed),
+            "preparing": _target(preparing) if preparing is not None else None,
+            "last_cutover": cutovers[0] if cutovers else None,
+            "cutovers": cutovers,
+            "replicas": [
+                r if isinstance(r, dict) else {"error": _reason(r)} for r in self.link.replicas()
+            ],
+            "ingress": self.link.ingress(),
+        }
+
+    # -- the two phases ----------------------------------------------------------------------
+
+    def _cutover(self, info: VersionInfo, trigger: str) -> Cutover:
+        generation, self._next = self._next, self._next + 1
+        target = Target(generation, info.source, _describe(info))
+        record = Cutover(generation, info.number, trigger)
+        with self._state:
+            self._cutovers.appendleft(record)
+            self._preparing = target
+        log.info("cutover g%d to %s v%d: prepare", generation, self.model, info.number)
+        started = time.monotonic()
+        try:
+            answers, errors = self._prepare(target)
+        finally:
+            record.phases["prepare"] = time.monotonic() - started
+        record.replicas = {a.replica: a.seconds for a in answers if a.fresh}
+        if errors or not answers:
+            return self._abort(record, info, errors)
+        started = time.monotonic()
+        self.link.flip(generation)
+        with self._state:
+            old, self._committed, self._preparing = self._committed, target, None
+            self._number = info.number
+            record.outcome = "committed"
+        record.phases["commit"] = time.monotonic() - started
+        log.info("cutover g%d committed; draining g%d", generation, old.generation)
+        started = time.monotonic()
+        record.stuck = self.link.drained(old.generation, self.settings.config.drain_timeout)
+        record.phases["drain"] = time.monotonic() - started
+        started = time.monotonic()
+        finished = self.link.finish(generation, self.settings.prepare_timeout)
+        record.phases["finish"] = time.monotonic() - started
+        if not all(answer is True for answer in finished):
+            log.warning("cutover g%d: not every replica finished: %r", generation, finished)
+        return record
+
+    def _prepare(self, target: Target) -> tuple[list[Prepared], list[str]]:
+        answers: dict[str, Prepared] = {}
+        errors: list[str] = []
+        for _ in range(PREPARE_ROUNDS):
+            try:
+                results = self.link.prepare(target, self.settings.prepare_timeout)
+            except TimeoutError:
+                wait = self.settings.prepare_timeout
+                errors.append(f"not every replica was ready within {wait:g} s")
+                break
+            fresh = False
+            for result in results:
+                if isinstance(result, BaseException):
+                    errors.append(f"a replica failed: {_reason(result)}")
+                elif not result.ok:
+                    errors.append(result.error or f"replica {result.replica} failed")
+                else:
+                    fresh = fresh or result.fresh
+                    if result.replica not in answers or result.fresh:
+                        answers[result.replica] = result
+            if errors or not fresh:
+                break
+        return list(answers.values()), errors
+
+    def _abort(self, record: Cutover, info: VersionInfo, errors: list[str]) -> Cutover:
+        generation = record.generation
+        with self._state:
+            self._preparing = None
+        if not errors:  # nothing answered: no replica yet, not the version's fault
+            record.outcome, record.error = "skipped", "no replica was running to prepare it"
+            return record
+        reason = "; ".join(errors)
+        record.outcome, record.error = "aborted", reason
+        self.link.abort(generation, reason)
+        self.repository.mark_bad(
+            self.model,
+            info.number,
+            f"fleet cutover g{generation} aborted: {reason}",
+            signature=info.signature,
+        )
+        log.error("cutover g%d to v%d aborted: %s", generation, info.number, reason)
+        return record
+
+    def _on_change(self) -> None:
+        try:
+            self.sync("watch")
+        except Exception:
+            log.exception("fleet: syncing %s failed", self.settings.config.repo)
+
+
+def _describe(info: VersionInfo) -> str:
+    text = f"{info.model} v{info.number}"
+    return f"{text}: {info.description}" if info.description else text
+
+
+def _target(target: Target) -> dict[str, object]:
+    return {
+        "generation": target.generation,
+        "version": int(target.number) if target.number.isdigit() else target.number,
+        "source": target.source,
+    }
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an error (a Ray task error carries the whole remote traceback)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"

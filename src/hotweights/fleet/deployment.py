@@ -1,0 +1,242 @@
+"""The fleet on Ray: the replica deployment, the coordinator actor with its Ray link, and
+`start`/`stop` for the CLI, the tests and the benchmark.
+
+Ray does the distribution, placement and restarts: the replicas are a Serve deployment
+(Serve restarts one that dies, and a new one loads the committed version in its
+constructor, before Serve routes to it), the coordinator a detached named actor, and
+the two phases are `DeploymentHandle.broadcast` calls. `user_config` is never used for a
+version: Serve rolls it out in batches, which is the skew the two phases exist to avoid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+
+from hotweights.fleet.bridge import Forwarded, Head
+from hotweights.fleet.coordinator import Coordinator
+from hotweights.fleet.ingress import Ingress
+from hotweights.fleet.names import APP, COORDINATOR, INGRESS, NAMESPACE, REPLICA
+from hotweights.fleet.replica import FleetReplica, Prepared, Target
+from hotweights.fleet.settings import FleetSettings
+
+log = logging.getLogger("hotweights.fleet")
+CONTROL_TIMEOUT_S = 30.0
+"""Bound on the coordinator's short calls (abort, flip, describe)."""
+
+
+class Replica:
+    """The replica deployment's body: joins the fleet (loads the committed version, and
+    the one being prepared) in its constructor, so Serve routes nothing to it before."""
+
+    def __init__(self, settings: FleetSettings) -> None:
+        coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
+        joined = ray.get(coordinator.join.remote())
+        context = serve.get_replica_context()
+        self.settings = settings
+        self.engine = FleetReplica(
+            settings.config,
+            settings.model,
+            replica_id=context.replica_id.unique_id,
+            hold_seconds=settings.hold_seconds,
+        )
+        self.engine.start(joined, settings.prepare_timeout)
+
+    async def prepare(self, target: Target) -> Prepared:
+        return await asyncio.to_thread(self.engine.hold, target, self.settings.prepare_timeout)
+
+    async def finish(self, generation: int, timeout: float) -> bool:
+        return await asyncio.to_thread(self.engine.finish, generation, timeout)
+
+    async def abort(self, generation: int, reason: str) -> None:
+        await asyncio.to_thread(self.engine.abort, generation, reason)
+
+    async def forward(self, generation: int, request: Forwarded) -> AsyncIterator[Head | bytes]:
+        async for item in self.engine.forward(generation, request):
+            yield item
+
+    async def describe(self) -> dict[str, object]:
+        return self.engine.describe()
+
+    async def metrics(self) -> tuple[str, bytes]:
+        return self.engine.id, self.engine.metrics()
+
+    async def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+class RayLink:
+    """`FleetLink` over Serve handles (resolved on first use: the coordinator starts
+    before the application is deployed)."""
+
+    def __init__(self) -> None:
+        self._replicas: Any = None
+        self._ingress: Any = None
+
+    def _handles(self) -> tuple[Any, Any]:
+        if self._replicas is None:
+            self._replicas = serve.get_deployment_handle(REPLICA, APP)
+            self._ingress = serve.get_deployment_handle(INGRESS, APP)
+        return self._replicas, self._ingress
+
+    def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
+        try:
+            replicas, _ = self._handles()
+        except Exception as exc:  # not deployed yet
+            log.info("no replicas to prepare g%d on: %s", target.generation, exc)
+            return []
+        answers: list[Prepared | BaseException] = replicas.broadcast("prepare", target).results(
+            timeout_s=timeout, return_exceptions=True
+        )
+        return answers
+
+    def abort(self, generation: int, reason: str) -> None:
+        replicas, _ = self._handles()
+        replicas.broadcast("abort", generation, reason).results(
+            timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True
+        )
+
+    def flip(self, generation: int) -> None:
+        _, ingress = self._handles()
+        ingress.flip.remote(generation).result(timeout_s=CONTROL_TIMEOUT_S)
+
+    def drained(self, generation: int, timeout: float) -> int:
+        _, ingress = self._handles()
+        left: int = ingress.drained.remote(generation, timeout).result(
+            timeout_s=timeout + CONTROL_TIMEOUT_S
+        )
+        return left
+
+    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]:
+        replicas, _ = self._handles()
+        answers: list[bool | BaseException] = replicas.broadcast(
+            "finish", generation, timeout
+        ).results(timeout_s=timeout + CONTROL_TIMEOUT_S, return_exceptions=True)
+        return answers
+
+    def replicas(self) -> Sequence[dict[str, object] | BaseException]:
+        try:
+            replicas, _ = self._handles()
+            answers: list[dict[str, object] | BaseException] = replicas.broadcast(
+                "describe"
+            ).results(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+        except Exception as exc:
+            return [exc]
+        return answers
+
+    def ingress(self) -> dict[str, object]:
+        try:
+            _, ingress = self._handles()
+            status: dict[str, object] = ingress.status.remote().result(timeout_s=CONTROL_TIMEOUT_S)
+        except Exception as exc:
+            return {"error": str(exc)}
+        return status
+
+
+class CoordinatorActor(Coordinator):
+    """The coordinator as a Ray actor, reaching the fleet through Serve handles."""
+
+    def __init__(self, settings: FleetSettings) -> None:
+        super().__init__(settings, RayLink())
+
+
+@dataclass
+class Fleet:
+    """A started fleet, from the driver's side."""
+
+    settings: FleetSettings
+    coordinator: Any
+    started_ray: bool
+
+    @property
+    def url(self) -> str:
+        config = self.settings.config
+        return f"http://{config.host}:{config.port}"
+
+    def status(self) -> dict[str, object]:
+        status: dict[str, object] = ray.get(self.coordinator.status.remote())
+        return status
+
+    def stop(self) -> None:
+        """Delete the application and the coordinator; shut down Ray if `start` began it."""
+        with contextlib.suppress(Exception):
+            ray.get(self.coordinator.close.remote(), timeout=CONTROL_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            serve.delete(APP)
+        with contextlib.suppress(Exception):
+            ray.kill(self.coordinator)
+        if self.started_ray:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+
+
+def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
+    """Start (or join, with `settings.ray_address`) a Ray cluster, the coordinator, and
+    the application: one ingress on `config.host:config.port` in front of
+    `settings.replicas` replicas. Returns once every replica serves the committed
+    version. Raises `ValueError` for a repository with nothing to serve, and what Serve
+    raised if the replicas could not start."""
+    config = settings.config
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": log_to_driver}
+        if settings.ray_address is None:
+            options |= {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+        ray.init(address=settings.ray_address, **options)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    with contextlib.suppress(ValueError):  # a coordinator left by an earlier fleet
+        ray.kill(ray.get_actor(COORDINATOR, namespace=NAMESPACE))
+    coordinator = (
+        ray.remote(CoordinatorActor)
+        .options(
+            name=COORDINATOR,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            max_concurrency=16,
+            num_cpus=0,
+        )
+        .remote(settings)
+    )
+    try:
+        ray.get(coordinator.committed.remote())
+    except ray.exceptions.RayActorError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
+        raise ValueError(str(cause or exc).strip().splitlines()[-1]) from None
+    fleet = Fleet(settings, coordinator, started_ray)
+    actor = {"num_cpus": settings.replica_cpus}
+    quiet = {"enable_access_log": False}
+    replicas = serve.deployment(
+        Replica,
+        name=REPLICA,
+        num_replicas=settings.replicas,
+        ray_actor_options=actor,
+        max_ongoing_requests=settings.config.max_pending + 8,
+        health_check_period_s=2.0,
+        graceful_shutdown_timeout_s=settings.config.drain_timeout,
+        logging_config=quiet,
+    ).bind(settings)
+    ingress = serve.deployment(
+        Ingress,
+        name=INGRESS,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000,
+        logging_config=quiet,
+    ).bind(settings, replicas)
+    try:
+        serve.run(ingress, name=APP, route_prefix="/", blocking=False)
+    except Exception:
+        fleet.stop()
+        raise
+    ray.get(coordinator.watch.remote())
+    return fleet

@@ -1,0 +1,274 @@
+"""The fleet's HTTP face: one Ray Serve ingress in front of the replicas.
+
+Every `/v1/...` request is admitted here, stamped with the committed generation (the
+fleet's one flip point, `Admissions`), and handed to a replica Ray picks, which answers it
+on that generation. The OpenAI shapes, the API key, the limits and the error bodies are
+the replica's own server's, so a fleet answers exactly like `hotweights serve`. `/admin/
+fleet`, `/admin/reload` and `/admin/rollback` go to the coordinator; `/metrics` shows the
+ingress's counts and every replica's own metrics, labelled by replica.
+"""
+
+# No `from __future__ import annotations`: Serve rebuilds the routes of a class ingress
+# and FastAPI must see `Request` itself, not the string "Request".
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import ray
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from ray import serve
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from hotweights.errors import (
+    HotweightsError,
+    PayloadTooLarge,
+    ReloadFailed,
+    ReplicaFailed,
+)
+from hotweights.fleet.admissions import Admissions
+from hotweights.fleet.bridge import Forwarded, Head
+from hotweights.fleet.names import COORDINATOR, NAMESPACE
+from hotweights.fleet.settings import FleetSettings
+from hotweights.server import errors
+from hotweights.server.errors import classify, error_body
+from hotweights.server.metrics import CONTENT_TYPE
+from hotweights.server.state import check_bearer
+
+log = logging.getLogger("hotweights.fleet")
+app = FastAPI(title="hotweights fleet")
+errors.install(app)
+_DROPPED = {b"content-length", b"transfer-encoding", b"connection"}
+
+
+class Relayed(StreamingResponse):
+    """A replica's stream, relayed; when it ends for any reason (done, the client went
+    away, the replica died) the Ray stream is cancelled and the request counted out."""
+
+    def __init__(self, stream: Any, head: Head, done: Any) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers}
+        for key in ("content-length", "transfer-encoding"):
+            headers.pop(key, None)
+        super().__init__(_relay(stream), status_code=head.status, headers=headers)
+        self._stream = stream
+        self._done = done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.cancel()
+            self._done()
+
+
+async def _relay(stream: Any) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    except Exception as exc:  # the replica died mid-stream: say so, as an SSE error event
+        log.warning("a replica failed mid-stream: %s", _first_line(exc))
+        failure = ReplicaFailed(f"the replica serving this stream failed: {_first_line(exc)}")
+        body = error_body(str(failure), *classify(failure)[1:])
+        yield f"data: {json.dumps(body)}\n\n".encode()
+
+
+class _Stamps(Collector):
+    def __init__(self, admissions: Admissions) -> None:
+        self._admissions = admissions
+
+    def collect(self) -> AsyncIterator[Any] | Any:
+        committed = GaugeMetricFamily(
+            "hotweights_fleet_committed_generation", "Generation stamped on new requests"
+        )
+        committed.add_metric([], self._admissions.generation)
+        inflight = GaugeMetricFamily(
+            "hotweights_fleet_inflight_requests",
+            "Requests in flight through the ingress, by stamped generation",
+            labels=["generation"],
+        )
+        for generation, count in self._admissions.inflight().items():
+            inflight.add_metric([str(generation)], count)
+        return iter((committed, inflight))
+
+
+class _ReplicaMetrics(Collector):
+    """Every replica's own metrics, each sample labelled with its replica."""
+
+    def __init__(self, texts: list[tuple[str, bytes]]) -> None:
+        self._texts = texts
+
+    def collect(self) -> Any:
+        families: dict[str, Any] = {}
+        for replica, text in self._texts:
+            for family in text_string_to_metric_families(text.decode()):
+                merged = families.setdefault(family.name, family)
+                if merged is not family:
+                    merged.samples.extend(_labelled(family.samples, replica))
+                else:
+                    family.samples = _labelled(family.samples, replica)
+        return iter(families.values())
+
+
+def _labelled(samples: list[Any], replica: str) -> list[Any]:
+    return [s._replace(labels={**s.labels, "replica": replica}) for s in samples]
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    return bytes(body)
+
+
+def _invalid(message: str) -> JSONResponse:
+    return JSONResponse(
+        error_body(message, "invalid_request_error", "invalid_request"), status_code=400
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+@serve.ingress(app)
+class Ingress:
+    """The ingress deployment's body (one replica: the flip must happen at one point)."""
+
+    def __init__(self, settings: FleetSettings, replicas: Any) -> None:
+        self.settings = settings
+        self.replicas = replicas
+        self.coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
+        self.admissions = Admissions(ray.get(self.coordinator.committed.remote()))
+        self.registry = CollectorRegistry()
+        self.answered = Counter(
+            "hotweights_fleet_requests_total",
+            "Requests the fleet answered, by the generation stamped on them and status",
+            ["generation", "status"],
+            registry=self.registry,
+        )
+        self.registry.register(_Stamps(self.admissions))
+
+    # -- called by the coordinator ---------------------------------------------------------
+
+    async def flip(self, generation: int) -> int:
+        self.admissions.flip(generation)
+        return generation
+
+    async def drained(self, generation: int, timeout: float) -> int:
+        return await self.admissions.drained(generation, timeout)
+
+    async def status(self) -> dict[str, object]:
+        return {
+            "generation": self.admissions.generation,
+            "inflight": {str(g): n for g, n in self.admissions.inflight().items()},
+            "admitted": {str(g): n for g, n in self.admissions.admitted.items()},
+        }
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
+    async def v1(self, request: Request, path: str) -> Response:
+        body = await _read(request, self.settings.config.max_body_bytes)
+        forwarded = Forwarded(
+            request.method,
+            request.url.path,
+            request.url.query.encode(),
+            tuple(request.headers.raw),
+            body,
+        )
+        generation = self.admissions.admit()
+        stamp = str(generation)
+        try:
+            stream = self.replicas.options(stream=True).forward.remote(generation, forwarded)
+            head: Head = await stream.__anext__()
+        except Exception as exc:
+            self.admissions.done(generation)
+            self.answered.labels(stamp, "503").inc()
+            raise ReplicaFailed(f"no replica answered: {_first_line(exc)}") from exc
+        self.answered.labels(stamp, str(head.status)).inc()
+        if not head.streamed:
+            self.admissions.done(generation)
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in head.headers
+                if k.lower() not in _DROPPED
+            }
+            return Response(head.body, status_code=head.status, headers=headers)
+        return Relayed(stream, head, lambda: self.admissions.done(generation))
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> dict[str, object]:
+        return {"status": "ready", "generation": self.admissions.generation}
+
+    @app.get("/admin/fleet")
+    async def fleet(
+        self, authorization: Annotated[str | None, Header()] = None
+    ) -> dict[str, object]:
+        self._admin(authorization)
+        status: dict[str, object] = await self.coordinator.status.remote()
+        return status
+
+    @app.post("/admin/reload")
+    async def reload(
+        self, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> JSONResponse:
+        """Cut over to the repository's latest eligible version, or with `{"version": N}`
+        pin version N (the watcher then keeps it until the next reload without one)."""
+        self._admin(authorization)
+        raw = await _read(request, 4096)
+        try:
+            wanted = json.loads(raw) if raw.strip() else {}
+            version = wanted.get("version") if isinstance(wanted, dict) else None
+            if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+                raise TypeError
+        except (ValueError, TypeError):
+            return _invalid('the body is {"version": N} (an integer), or empty')
+        return await self._cutover(self.coordinator.reload.remote(version))
+
+    @app.post("/admin/rollback")
+    async def rollback(self, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        """Cut over to the newest eligible version older than the committed one (pinned)."""
+        self._admin(authorization)
+        return await self._cutover(self.coordinator.rollback.remote())
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        texts = await self.replicas.broadcast("metrics").results_async(
+            timeout_s=10, return_exceptions=True
+        )
+        replicas = CollectorRegistry()
+        replicas.register(_ReplicaMetrics([t for t in texts if isinstance(t, tuple)]))
+        body = generate_latest(self.registry) + generate_latest(replicas)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    def _admin(self, authorization: str | None) -> None:
+        check_bearer(self.settings.config.admin_token, authorization, "admin token")
+
+    async def _cutover(self, pending: Any) -> JSONResponse:
+        try:
+            record: dict[str, Any] | None = await pending
+        except Exception as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, HotweightsError):
+                raise cause from None
+            raise
+        if record is None:
+            generation = self.admissions.generation
+            return JSONResponse({"outcome": "unchanged", "generation": generation})
+        if record["outcome"] != "committed":
+            raise ReloadFailed(f"cutover {record['outcome']}: {record['error']}", record)
+        return JSONResponse(record)

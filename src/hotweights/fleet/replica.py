@@ -1,0 +1,243 @@
+"""One fleet replica: the hotweights engine of `hotweights serve` on its own copy of the
+model, answering requests pinned to the generation the ingress stamped on them.
+
+A replica holds at most two versions: the committed one and, during a cutover, the one
+being prepared. `prepare` loads, validates and warms a version beside the live one and
+keeps it *held* (a canary with a share of 0: only requests pinned to its generation reach
+it) under the fleet's generation number; `finish` makes it the replica's live version
+once the fleet committed it (the old one drains and is unloaded); `abort` discards it.
+A held version that nobody finishes or aborts within `hold_seconds` rolls back by
+itself, so a lost coordinator cannot pin a second copy of the model in memory forever.
+
+Ray-free: `fleet/deployment.py` wraps it in a Ray Serve deployment; tests drive it
+directly with a fake loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hotweights.config import Config
+from hotweights.core import CanaryPolicy, Loader, Notice, Outcome, Reloader, VersionState
+from hotweights.errors import NoCanary
+from hotweights.fleet.bridge import Forwarded, Head, answer
+from hotweights.server.app import create_app
+from hotweights.server.runner import build_state
+
+log = logging.getLogger("hotweights.fleet")
+
+REPLICA_HEADER = "x-hotweights-replica"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A version the fleet asks its replicas to hold, under a fleet generation."""
+
+    generation: int
+    source: str
+    description: str = ""
+
+    @property
+    def number(self) -> str:
+        """The repository version number (the directory's name)."""
+        return Path(self.source).name
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What a replica starting now must load before it takes traffic: the committed
+    version, and the one being prepared if a cutover is under way."""
+
+    committed: Target
+    preparing: Target | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One replica's answer to `prepare`."""
+
+    replica: str
+    generation: int
+    ok: bool
+    error: str | None = None
+    seconds: float = 0.0
+    fresh: bool = True
+    """False when the version was already held here (a repeated prepare)."""
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class FleetReplica:
+    """The engine of one replica. `start` (blocking) loads the committed version; the
+    other methods are called by the coordinator (through Ray) and are safe to call
+    concurrently from the replica's event loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        name: str,
+        *,
+        replica_id: str,
+        hold_seconds: float,
+        loader: Loader[Any] | None = None,
+    ) -> None:
+        self.id = replica_id
+        self.name = name
+        hold = CanaryPolicy(0.0, bake_seconds=hold_seconds, promote_when_baked=False)
+        self.state = build_state(replica_config(config, name), loader=loader, canary=hold)
+        self.reloader: Reloader[Any] = self.state.resolve(name).reloader
+        self.app = create_app(self.state)
+        self._aborted: set[int] = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.reloader.subscribe(self._notice)
+
+    # -- the versions ---------------------------------------------------------------------
+
+    def start(self, joined: Joined, timeout: float) -> None:
+        """Load the committed version and make it live; then, if a cutover is preparing,
+        prepare its version too (a replica that joins mid-cutover must hold it before
+        the commit can route to it). Raises `RuntimeError` if the committed version
+        fails to load: the replica must not take traffic."""
+        committed = joined.committed
+        event = self.reloader.reload(
+            committed.source,
+            trigger="startup",
+            description=committed.description or f"fleet g{committed.generation}",
+            generation=committed.generation,
+            timeout=timeout,
+        )
+        if event.outcome is not Outcome.LIVE:
+            raise RuntimeError(
+                f"replica {self.id}: the committed version g{committed.generation} "
+                f"({committed.source}) failed to load: {event.error_message}"
+            )
+        if joined.preparing is not None:
+            prepared = self.hold(joined.preparing, timeout)
+            if not prepared.ok:
+                log.warning("replica %s: preparing on start failed: %s", self.id, prepared.error)
+
+    def hold(self, target: Target, timeout: float) -> Prepared:
+        """Load, validate and warm `target` beside the live version and hold it (blocking;
+        idempotent: a version already held answers at once with `fresh` False)."""
+        started = time.monotonic()
+        if self._resident(target.generation):
+            return Prepared(self.id, target.generation, ok=True, fresh=False)
+        try:
+            ticket = self.reloader.submit(
+                target.source,
+                description=target.description or f"fleet g{target.generation}",
+                generation=target.generation,
+            )
+        except ValueError as exc:
+            return Prepared(self.id, target.generation, ok=False, error=str(exc))
+        deadline = started + timeout
+        with self._lock:
+            while not (self._resident(target.generation) or ticket.done()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._aborted.add(target.generation)
+                    return Prepared(
+                        self.id,
+                        target.generation,
+                        ok=False,
+                        error=f"replica {self.id}: not ready within {timeout:g} s",
+                        seconds=time.monotonic() - started,
+                    )
+                self._changed.wait(left)
+            aborted = target.generation in self._aborted
+        seconds = time.monotonic() - started
+        if self._resident(target.generation):
+            if aborted:  # the fleet gave up on it while it loaded
+                self._discard(target.generation, "aborted while it loaded")
+                return Prepared(self.id, target.generation, ok=False, error="aborted")
+            return Prepared(self.id, target.generation, ok=True, seconds=seconds)
+        event = ticket.wait(0)
+        error = event.error_message or event.outcome.value
+        return Prepared(
+            self.id,
+            target.generation,
+            ok=False,
+            error=f"replica {self.id}: {error}",
+            seconds=seconds,
+        )
+
+    def finish(self, generation: int, timeout: float) -> bool:
+        """Make the held `generation` this replica's live version (the fleet committed it
+        and every request admitted before the commit has finished); the old version
+        drains and is unloaded. True if it is live now."""
+        live = self.reloader.live_version
+        if live is not None and live.generation == generation:
+            return True
+        canary = self.reloader.canary_version
+        if canary is None or canary.generation != generation:
+            log.warning("replica %s: g%d is not held here, nothing to finish", self.id, generation)
+            return False
+        try:
+            ticket = self.reloader.promote(reason=f"the fleet committed g{generation}")
+        except NoCanary:
+            return False
+        return ticket.wait(timeout).outcome is Outcome.LIVE
+
+    def abort(self, generation: int, reason: str) -> None:
+        """Discard `generation` (held, or still loading: then when it is ready)."""
+        with self._lock:
+            self._aborted.add(generation)
+        self._discard(generation, reason)
+
+    def _discard(self, generation: int, reason: str) -> None:
+        canary = self.reloader.canary_version
+        if canary is not None and canary.generation == generation:
+            with contextlib.suppress(NoCanary):
+                self.reloader.end_bake(promote=False, reason=f"fleet abort: {reason}")
+
+    def _resident(self, generation: int) -> bool:
+        return any(v.generation == generation for v in self.reloader.resident())
+
+    def _notice(self, _notice: Notice) -> None:
+        with self._lock:
+            self._changed.notify_all()
+
+    # -- requests and reports ---------------------------------------------------------------
+
+    async def forward(self, generation: int, request: Forwarded) -> AsyncIterator[Head | bytes]:
+        """Answer `request` on `generation` (see `bridge.answer`)."""
+        headers = ((REPLICA_HEADER.encode(), self.id.encode()),)
+        async for item in answer(self.app, request, f"g{generation}", headers):
+            yield item
+
+    def describe(self) -> dict[str, object]:
+        """This replica's versions and requests in flight, JSON-ready."""
+        live = self.reloader.live_version
+        resident = [
+            {
+                "generation": v.generation,
+                "version": Path(v.source).name,
+                "state": "held" if v.state is VersionState.CANARY else v.state.value,
+            }
+            for v in self.reloader.resident()
+        ]
+        return {
+            "replica": self.id,
+            "live": live.generation if live is not None else None,
+            "resident": resident,
+            "inflight": {str(g): n for g, n in self.reloader.inflight().items()},
+        }
+
+    def metrics(self) -> bytes:
+        return self.state.metrics.render()
+
+    def close(self, timeout: float) -> None:
+        self.state.close(timeout=timeout)
+
+
+def replica_config(config: Config, name: str) -> Config:
+    """The config a replica's own server runs with: the fleet's, serving `name` from
+    whichever version directory the coordinator names (no watcher, no canary of its own)."""
+    return replace(config, source=config.repo or ".", repo=None, model_name=name, canary=None)

@@ -1,0 +1,43 @@
+"""What a fleet runs with: the server's `Config` (the repository, security, engine) and the
+few settings only a fleet has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hotweights.config import Config
+
+HOLD_MARGIN_S = 60.0
+"""A held version outlives prepare plus drain by this much before it rolls back alone."""
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """A fleet's settings. Frozen and picklable: Ray ships it to every actor."""
+
+    config: Config
+    """The repository (`config.repo`), host, port, tokens and engine settings."""
+    model: str
+    """The repository model the fleet serves."""
+    replicas: int = 2
+    """How many replicas serve the model, each with its own copy of it."""
+    prepare_timeout: float = 300.0
+    """Seconds every replica has to load, validate and warm a new version; past it the
+    cutover aborts."""
+    ray_address: str | None = None
+    """An existing Ray cluster to join; None: start a local one on 127.0.0.1."""
+    replica_cpus: float = 0.0
+    """CPUs each replica asks Ray for (0: placement by memory only, as on one machine)."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"a fleet needs at least 1 replica, got {self.replicas}")
+        if self.prepare_timeout <= 0:
+            raise ValueError(f"prepare_timeout must be positive, got {self.prepare_timeout}")
+        if self.config.repo is None:
+            raise ValueError("a fleet serves a model repository: give --repo ROOT")
+
+    @property
+    def hold_seconds(self) -> float:
+        """How long a replica holds a prepared version that nobody commits or aborts."""
+        return self.prepare_timeout + self.config.drain_timeout + HOLD_MARGIN_S
