@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch is pinned to the CPU build that installs from local disk; an unpinned torch pulls
-# a multi-GB CUDA build.
+# a multi-GB CUDA build. The ray extra (Ray Serve, for `hotweights fleet`) is installed
+# too: its tests run in CI.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[llm,server,dev]"
+	$(PY) -m pip install --quiet -e ".[llm,server,ray,dev]"
 	touch $(STAMP)
 
 demo: install  ## build two tiny model versions, serve them, swap live under traffic

@@ -46,6 +46,7 @@ class Replica:
             settings.model,
             replica_id=context.replica_id.unique_id,
             hold_seconds=settings.hold_seconds,
+            loader=settings.loader(settings.config) if settings.loader is not None else None,
         )
         self.engine.start(joined, settings.prepare_timeout)
 

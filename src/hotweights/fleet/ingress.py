@@ -13,14 +13,14 @@ ingress's counts and every replica's own metrics, labelled by replica.
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 
 import ray
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from ray import serve
@@ -83,7 +83,7 @@ class _Stamps(Collector):
     def __init__(self, admissions: Admissions) -> None:
         self._admissions = admissions
 
-    def collect(self) -> AsyncIterator[Any] | Any:
+    def collect(self) -> Iterable[Metric]:
         committed = GaugeMetricFamily(
             "hotweights_fleet_committed_generation", "Generation stamped on new requests"
         )
@@ -104,7 +104,7 @@ class _ReplicaMetrics(Collector):
     def __init__(self, texts: list[tuple[str, bytes]]) -> None:
         self._texts = texts
 
-    def collect(self) -> Any:
+    def collect(self) -> Iterable[Metric]:
         families: dict[str, Any] = {}
         for replica, text in self._texts:
             for family in text_string_to_metric_families(text.decode()):

@@ -3,9 +3,12 @@ few settings only a fleet has."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hotweights.config import Config
+from hotweights.core import Loader
 
 HOLD_MARGIN_S = 60.0
 """A held version outlives prepare plus drain by this much before it rolls back alone."""
@@ -28,6 +31,9 @@ class FleetSettings:
     """An existing Ray cluster to join; None: start a local one on 127.0.0.1."""
     replica_cpus: float = 0.0
     """CPUs each replica asks Ray for (0: placement by memory only, as on one machine)."""
+    loader: Callable[[Config], Loader[Any]] | None = None
+    """Builds each replica's loader from the config (None: the transformers loader of
+    `hotweights serve`). Shipped to the replicas by Ray, so it must pickle."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

@@ -48,7 +48,7 @@ def build_state(
     replaces the config's canary (a fleet replica holds each prepared version)."""
 
     def make_loader() -> Loader[Any]:
-        return loader if loader is not None else _transformers_loader(config)
+        return loader if loader is not None else transformers_loader(config)
 
     from hotweights.sources.gate import GateSpec, QualityGate
 
@@ -104,7 +104,8 @@ def _memory_check(config: Config) -> MemoryCheck | None:
     return MemoryCheck(available=lambda: free_bytes(device))
 
 
-def _transformers_loader(config: Config) -> Loader[Any]:
+def transformers_loader(config: Config) -> Loader[Any]:
+    """The loader `hotweights serve` uses: transformers behind the batched engine."""
     from hotweights.backends import TransformersLoader
     from hotweights.engine.loader import BatchingLoader, EngineSettings
 
