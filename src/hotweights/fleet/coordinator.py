@@ -92,8 +92,9 @@ class Cutover:
             "started_at": self.started_at,
             "outcome": self.outcome,
             "error": self.error,
-            "phases": {name: round(seconds, 4) for name, seconds in self.phases.items()},
-            "replicas": {name: round(seconds, 4) for name, seconds in self.replicas.items()},
+            # list(): one copy under the GIL while the cutover's thread may add a phase
+            "phases": {name: round(seconds, 4) for name, seconds in list(self.phases.items())},
+            "replicas": {name: round(s, 4) for name, s in list(self.replicas.items())},
             "stuck": self.stuck,
         }
 

@@ -1,0 +1,160 @@
+"""The hotweights fleet as a benchmarked system: `hotweights fleet --repo R --replicas N` in
+a subprocess (its own local Ray cluster on loopback), each new version published into the
+repository with `hotweights publish`, the way an operator would; the coordinator's watcher
+notices it and runs the two-phase cutover.
+
+A version is live at its commit (the ingress's flip: every request admitted after it is
+stamped with the new generation); the reload's `server` is the coordinator's record of
+the cutover (prepare, commit, drain and finish times, each replica's prepare time),
+with `duration_s` the server's own cutover time: prepare plus commit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from peers.hotweights_server import GENERATION_HEADER, MODEL_NAME, PublishTrigger
+from peers.procs import free_port, spawn, stop_group, wait_http
+from peers.system import Clock, ModelVersion, PeerUnavailable, ReloadResult, Request, Workload
+
+_CLI = (sys.executable, "-m", "hotweights.cli")
+CUTOVER_TIMEOUT_S = 300.0
+
+
+class FleetSystem:
+    """`hotweights fleet` with `replicas` replicas, versions published into `repo`."""
+
+    def __init__(
+        self, repo: Path, logs: Path, replicas: int = 2, start_timeout: float = 300.0
+    ) -> None:
+        self.name = f"hotweights-fleet ({replicas} replicas)"
+        self.replicas = replicas
+        self.repo = repo
+        self.log = logs / "hotweights-fleet.log"
+        self.publisher = PublishTrigger(repo, logs / "publish-fleet.log")
+        self.start_timeout = start_timeout
+        self.base_url = ""
+        self._process: subprocess.Popen[bytes] | None = None
+        self._admin: httpx.Client | None = None
+        self._versions: dict[int, int] = {}  # generation -> ModelVersion.number
+
+    def install(self) -> None:
+        """Nothing to install: the project's environment has the ray extra."""
+
+    def start(self, first: ModelVersion) -> None:
+        error = self.publisher._publish(first)
+        if error:
+            raise PeerUnavailable("start", error)
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        command: list[str | Path] = [
+            *_CLI,
+            "fleet",
+            "--repo",
+            self.repo,
+            "--model",
+            MODEL_NAME,
+            "--replicas",
+            str(self.replicas),
+            "--port",
+            str(port),
+            "--watch",
+            "events",
+        ]
+        self._process = spawn(command, self.log, env={"RAY_USAGE_STATS_ENABLED": "0"})
+        wait_http(
+            f"{self.base_url}/ready",
+            timeout=self.start_timeout,
+            process=self._process,
+            log=self.log,
+        )
+        self._admin = httpx.Client(base_url=self.base_url, timeout=60)
+        status = self.status()
+        self._versions = {int(status["committed"]["generation"]): first.number}
+
+    def status(self) -> dict[str, Any]:
+        if self._admin is None:
+            raise PeerUnavailable("run", "not started")
+        status: dict[str, Any] = self._admin.get("/admin/fleet").json()
+        return status
+
+    def server_pid(self) -> int:
+        if self._process is None:
+            raise PeerUnavailable("run", "not started")
+        return self._process.pid
+
+    def request(self, workload: Workload) -> Request:
+        return Request(
+            "/v1/completions",
+            {
+                "model": MODEL_NAME,
+                "prompt": workload.prompt,
+                "max_tokens": workload.max_tokens,
+                "temperature": 0,
+            },
+        )
+
+    def answer_label(self, headers: dict[str, str], body: Any) -> tuple[str, str]:
+        return f"g{headers[GENERATION_HEADER]}", str(body["choices"][0]["text"])
+
+    def version_of(self, label: str) -> int | None:
+        return self._versions.get(int(label.removeprefix("g")))
+
+    def reload(self, version: ModelVersion, clock: Clock) -> ReloadResult:
+        trigger = clock()
+        offset = time.time() - clock()  # wall clock minus run clock
+        try:
+            error = self.publisher._publish(version)
+        except subprocess.TimeoutExpired:
+            error = "hotweights publish took over 300 s"
+        published = clock()
+        if error:
+            return ReloadResult(version.number, version.weights, trigger, published, False, error)
+        deadline = time.monotonic() + CUTOVER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            cutover = self._cutover_of(version.number)
+            if cutover is not None:
+                break
+            time.sleep(0.05)
+        else:
+            detail = f"no cutover to version {version.number} within {CUTOVER_TIMEOUT_S:g} s"
+            return ReloadResult(version.number, version.weights, trigger, clock(), False, detail)
+        phases = cutover["phases"]
+        committed_at = cutover["started_at"] + phases["prepare"] + phases.get("commit", 0.0)
+        server = {
+            **cutover,
+            "publish_s": round(published - trigger, 4),
+            "notice_s": round(cutover["started_at"] - offset - published, 4),
+            "duration_s": round(phases["prepare"] + phases.get("commit", 0.0), 4),
+        }
+        if cutover["outcome"] != "committed":
+            detail = f"{cutover['outcome']}: {cutover['error']}"
+            return ReloadResult(version.number, version.weights, trigger, clock(), False, detail)
+        self._versions[int(cutover["generation"])] = version.number
+        done = cutover["started_at"] + sum(phases.values()) - offset
+        live = committed_at - offset
+        return ReloadResult(version.number, version.weights, trigger, live, True, "", server, done)
+
+    def _cutover_of(self, number: int) -> dict[str, Any] | None:
+        """The finished cutover to repository version `number`, if there is one yet."""
+        for cutover in self.status()["cutovers"]:
+            if cutover["version"] != number:
+                continue
+            if cutover["outcome"] == "committed" and "finish" in cutover["phases"]:
+                return dict(cutover)
+            if cutover["outcome"] in ("aborted", "skipped"):
+                return dict(cutover)
+        return None
+
+    def stop(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        stop_group(self._process, timeout=60)
+        self._process = None
