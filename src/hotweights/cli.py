@@ -1,4 +1,4 @@
-"""`hotweights`: serve, publish, gate, reload, rollback, promote, status, demo."""
+"""`hotweights`: serve, fleet, publish, gate, reload, rollback, promote, status, demo."""
 
 from __future__ import annotations
 

@@ -402,12 +402,12 @@ class Reloader(Generic[ModelT]):
                 on_breach=lambda reason: bake.end(False, reason),
             )
         )
+        with self._lock:  # decidable (promote, end_bake) before anyone can see it
+            self._bake = bake
+            closing = self._closed
         self.slot.publish_canary(version, model, policy.share)
         # Told after it is reachable: an observer may pin a request to it at once.
         self._version_changed(version, VersionState.VALIDATING, VersionState.CANARY)
-        with self._lock:
-            self._bake = bake
-            closing = self._closed
         if closing:
             bake.end(False, "the reloader is closing")
         job.phase = "bake"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,7 @@ class AppFailed(RuntimeError):
 
 async def answer(
     app: ASGIApp, request: Forwarded, pin: str, headers: Headers = ()
-) -> AsyncIterator[Head | bytes]:
+) -> AsyncGenerator[Head | bytes, None]:
     """Run `request` through `app` pinned to `pin` (`gN`: generation N); yield its `Head`,
     with `headers` added, then a stream's bytes. Cancellation-safe: leaving early
     disconnects the request and waits for the app to let go of it."""

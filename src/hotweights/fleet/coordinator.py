@@ -22,6 +22,7 @@ repository's target already committed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from hotweights.sources.watcher import Watcher
 log = logging.getLogger("hotweights.fleet")
 
 MAX_CUTOVERS = 32
+FINISH_ATTEMPTS = 3
 PREPARE_ROUNDS = 3
 """Prepare is repeated until a round finds every replica already holding the version (a
 replica that started during the round holds it too), at most this many times."""
@@ -175,7 +177,9 @@ class Coordinator:
     def rollback(self) -> dict[str, object] | None:
         """Pin the newest eligible version older than the committed one and sync."""
         self.repository.scan()
-        self.repository.rollback(self.model, live=self._number)
+        with self._state:
+            live = self._number
+        self.repository.rollback(self.model, live=live)
         return self.sync("rollback")
 
     def close(self) -> None:
@@ -221,7 +225,13 @@ class Coordinator:
         if errors or not answers:
             return self._abort(record, info, errors)
         started = time.monotonic()
-        self.link.flip(generation)
+        try:
+            self.link.flip(generation)
+        except Exception as exc:  # not the version's fault: not marked bad
+            with contextlib.suppress(Exception):  # if it flipped after all, flip it back
+                self.link.flip(self._committed.generation)
+            reason = f"the ingress did not flip: {_reason(exc)}"
+            return self._abort(record, info, [reason], blame=False)
         with self._state:
             old, self._committed, self._preparing = self._committed, target, None
             self._number = info.number
@@ -229,14 +239,28 @@ class Coordinator:
         record.phases["commit"] = time.monotonic() - started
         log.info("cutover g%d committed; draining g%d", generation, old.generation)
         started = time.monotonic()
-        record.stuck = self.link.drained(old.generation, self.settings.config.drain_timeout)
+        try:
+            record.stuck = self.link.drained(old.generation, self.settings.config.drain_timeout)
+        except Exception as exc:  # an ingress that died took its requests with it
+            log.warning("cutover g%d: the ingress did not report its drain: %s", generation, exc)
         record.phases["drain"] = time.monotonic() - started
         started = time.monotonic()
-        finished = self.link.finish(generation, self.settings.prepare_timeout)
+        self._finish(generation)
         record.phases["finish"] = time.monotonic() - started
-        if not all(answer is True for answer in finished):
-            log.warning("cutover g%d: not every replica finished: %r", generation, finished)
         return record
+
+    def _finish(self, generation: int) -> None:
+        """Every replica makes `generation` live. Retried: a replica that never finishes
+        would roll its held copy back when its hold ends (`FleetSettings.hold_seconds`)."""
+        finished: Sequence[bool | BaseException] = []
+        for _ in range(FINISH_ATTEMPTS):
+            try:
+                finished = self.link.finish(generation, self.settings.prepare_timeout)
+            except Exception as exc:
+                finished = [exc]
+            if all(answer is True for answer in finished):
+                return
+        log.error("cutover g%d: not every replica finished: %r", generation, finished)
 
     def _prepare(self, target: Target) -> tuple[list[Prepared], list[str]]:
         answers: dict[str, Prepared] = {}
@@ -247,6 +271,9 @@ class Coordinator:
             except TimeoutError:
                 wait = self.settings.prepare_timeout
                 errors.append(f"not every replica was ready within {wait:g} s")
+                break
+            except Exception as exc:
+                errors.append(f"preparing failed: {_reason(exc)}")
                 break
             fresh = False
             for result in results:
@@ -262,7 +289,9 @@ class Coordinator:
                 break
         return list(answers.values()), errors
 
-    def _abort(self, record: Cutover, info: VersionInfo, errors: list[str]) -> Cutover:
+    def _abort(
+        self, record: Cutover, info: VersionInfo, errors: list[str], *, blame: bool = True
+    ) -> Cutover:
         generation = record.generation
         with self._state:
             self._preparing = None
@@ -271,14 +300,14 @@ class Coordinator:
             return record
         reason = "; ".join(errors)
         record.outcome, record.error = "aborted", reason
-        self.link.abort(generation, reason)
-        self.repository.mark_bad(
-            self.model,
-            info.number,
-            f"fleet cutover g{generation} aborted: {reason}",
-            signature=info.signature,
-        )
         log.error("cutover g%d to v%d aborted: %s", generation, info.number, reason)
+        try:
+            self.link.abort(generation, reason)
+        except Exception as exc:  # each replica's held copy rolls back when its hold ends
+            log.warning("cutover g%d: telling the replicas to abort failed: %s", generation, exc)
+        if blame:
+            why = f"fleet cutover g{generation} aborted: {reason}"
+            self.repository.mark_bad(self.model, info.number, why, signature=info.signature)
         return record
 
     def _on_change(self) -> None:

@@ -188,23 +188,30 @@ class Ingress:
         )
         generation = self.admissions.admit()
         stamp = str(generation)
-        try:
+        stream = None
+        relayed = False
+        try:  # whatever happens, even a cancellation, the request is counted out once
             stream = self.replicas.options(stream=True).forward.remote(generation, forwarded)
-            head: Head = await stream.__anext__()
-        except Exception as exc:
-            self.admissions.done(generation)
-            self.answered.labels(stamp, "503").inc()
-            raise ReplicaFailed(f"no replica answered: {_first_line(exc)}") from exc
-        self.answered.labels(stamp, str(head.status)).inc()
-        if not head.streamed:
-            self.admissions.done(generation)
+            try:
+                head: Head = await stream.__anext__()
+            except Exception as exc:
+                self.answered.labels(stamp, "503").inc()
+                raise ReplicaFailed(f"no replica answered: {_first_line(exc)}") from exc
+            self.answered.labels(stamp, str(head.status)).inc()
+            if head.streamed:
+                relayed = True
+                return Relayed(stream, head, lambda: self.admissions.done(generation))
             headers = {
                 k.decode("latin-1"): v.decode("latin-1")
                 for k, v in head.headers
                 if k.lower() not in _DROPPED
             }
             return Response(head.body, status_code=head.status, headers=headers)
-        return Relayed(stream, head, lambda: self.admissions.done(generation))
+        finally:
+            if not relayed:
+                if stream is not None:
+                    stream.cancel()  # the client left before the answer: stop the replica
+                self.admissions.done(generation)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:

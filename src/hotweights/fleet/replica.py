@@ -19,13 +19,23 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hotweights.config import Config
-from hotweights.core import CanaryPolicy, Loader, Notice, Outcome, Reloader, VersionState
+from hotweights.core import (
+    CanaryPolicy,
+    Loader,
+    Notice,
+    Outcome,
+    Reloader,
+    ReloadFinished,
+    VersionChanged,
+    VersionState,
+)
 from hotweights.errors import NoCanary
 from hotweights.fleet.bridge import Forwarded, Head, answer
 from hotweights.server.app import create_app
@@ -94,6 +104,8 @@ class FleetReplica:
         self.reloader: Reloader[Any] = self.state.resolve(name).reloader
         self.app = create_app(self.state)
         self._aborted: set[int] = set()
+        self._finished: deque[int] = deque(maxlen=64)
+        """Ids of the reloads that ended lately (their notice comes before their ticket)."""
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.reloader.subscribe(self._notice)
@@ -139,7 +151,7 @@ class FleetReplica:
             return Prepared(self.id, target.generation, ok=False, error=str(exc))
         deadline = started + timeout
         with self._lock:
-            while not (self._resident(target.generation) or ticket.done()):
+            while not (self._resident(target.generation) or ticket.id in self._finished):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._aborted.add(target.generation)
@@ -153,12 +165,11 @@ class FleetReplica:
                 self._changed.wait(left)
             aborted = target.generation in self._aborted
         seconds = time.monotonic() - started
+        if aborted:  # the fleet gave up on it while it loaded (`_notice` discards it)
+            return Prepared(self.id, target.generation, ok=False, error="aborted", seconds=seconds)
         if self._resident(target.generation):
-            if aborted:  # the fleet gave up on it while it loaded
-                self._discard(target.generation, "aborted while it loaded")
-                return Prepared(self.id, target.generation, ok=False, error="aborted")
             return Prepared(self.id, target.generation, ok=True, seconds=seconds)
-        event = ticket.wait(0)
+        event = ticket.wait(max(0.0, deadline - time.monotonic()))
         error = event.error_message or event.outcome.value
         return Prepared(
             self.id,
@@ -200,9 +211,22 @@ class FleetReplica:
     def _resident(self, generation: int) -> bool:
         return any(v.generation == generation for v in self.reloader.resident())
 
-    def _notice(self, _notice: Notice) -> None:
+    def _notice(self, notice: Notice) -> None:
+        """Wakes `hold`; discards a version the fleet aborted while it loaded. Runs on the
+        reloader's thread (after the version is decidable: see `Reloader._bake_canary`)."""
+        discard = None
         with self._lock:
+            if isinstance(notice, ReloadFinished) and not notice.drained:
+                self._finished.append(notice.event.id)
+            elif (
+                isinstance(notice, VersionChanged)
+                and notice.new is VersionState.CANARY
+                and notice.version.generation in self._aborted
+            ):
+                discard = notice.version.generation
             self._changed.notify_all()
+        if discard is not None:
+            self._discard(discard, "aborted while it loaded")
 
     # -- requests and reports ---------------------------------------------------------------
 
