@@ -17,10 +17,13 @@ one went live ("old after live": after the commit, for the fleet); the version-s
 of each reload (from the send time of the first request the new version answered to that
 of the last one an older version answered: how long both versions were answering new
 requests; zero when no request sent later got an older version); the fleet's prepare,
-commit, drain and finish times; p99 and peak RSS as in reload_under_load.py.
+commit, drain and finish times; p99 and peak RSS as in reload_under_load.py. Before the
+load, 3 versions go live with nothing else running (`idle`): the cutover target compares
+the fleet's cutover (prepare + commit, the coordinator's own times) with one replica's
+reload (the server's own time) both idle and under the load.
 
-    python bench/fleet.py [--duration 150] [--rate 3] [--reloads 5] [--replicas 2]
-        [--systems fleet,ray-rolling,single]
+    python bench/fleet.py [--duration 150] [--rate 3] [--reloads 5] [--idle-reloads 3]
+        [--replicas 2] [--systems fleet,ray-rolling,single]
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=150.0, help="seconds of load each")
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second")
     parser.add_argument("--reloads", type=int, default=5, help="versions made live under load")
+    parser.add_argument(
+        "--idle-reloads", type=int, default=3, help="versions made live before the load"
+    )
     parser.add_argument("--replicas", type=int, default=2, help="replicas of both fleets")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--max-in-flight", type=int, default=32, help="client cap")
@@ -94,7 +100,7 @@ def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
     size = SIZES["97MB"]
     model = _build_models(workdir / "models", size) | {"size": "97MB"}
     dirs = {"A": workdir / "models" / "1", "B": workdir / "models" / "2"}
-    versions = [_version(n, dirs) for n in range(1, args.reloads + 2)]
+    versions = [_version(n, dirs) for n in range(1, args.idle_reloads + args.reloads + 2)]
     logs = workdir / "logs"
     chosen = [name.strip() for name in args.systems.split(",") if name.strip()]
     results = []
@@ -141,10 +147,12 @@ def _run_system(
         _warm(system, workload)
         entry["start_s"] = round(time.monotonic() - began, 1)
         stage = "run"
+        idle, loaded = versions[1 : 1 + args.idle_reloads], versions[args.idle_reloads :]
         entry["quiet_gate"] = wait_quiet(args.quiet_wait)
+        entry["idle"] = idle_figures([system.reload(v, MonotonicClock()) for v in idle])
         clock = MonotonicClock()
-        gap = spec.duration / len(versions)
-        schedule = [(gap * index, version) for index, version in enumerate(versions) if index]
+        gap = spec.duration / len(loaded)
+        schedule = [(gap * index, version) for index, version in enumerate(loaded) if index]
         with RssSampler(system.server_pid(), clock) as sampler:
             records, reloads = asyncio.run(run_load(system, workload, spec, clock, schedule))
         _resolve(system, records, versions)
@@ -193,6 +201,20 @@ def fleet_figures(records: list[Record], reloads: list[ReloadResult]) -> dict[st
             [float(s["duration_s"]) for s in server if "duration_s" in s]
         ),
         "phases_s_median": {k: v for k, v in phases.items() if v is not None},
+    }
+
+
+def idle_figures(reloads: list[ReloadResult]) -> dict[str, Any]:
+    """Reloads with no load running: trigger to live and the server's own reload time."""
+    ok = [r for r in reloads if r.ok]
+    return {
+        "reloads": len(reloads),
+        "reloads_ok": len(ok),
+        "failures": [r.detail for r in reloads if not r.ok],
+        "live_s_median": _median([r.seconds for r in ok]),
+        "server_reload_s_median": _median(
+            [float(r.server["duration_s"]) for r in ok if "duration_s" in r.server]
+        ),
     }
 
 
@@ -248,8 +270,8 @@ def _write(
 def markdown(results: list[dict[str, Any]]) -> str:
     head = (
         "| system | failed | old after live | skew max / median (s) | live s (trigger → live) "
-        "| server reload s | prepare / commit / drain / finish (s) | p99 steady → reload (ms) "
-        "| peak RSS / steady |\n|---|---|---|---|---|---|---|---|---|"
+        "| server reload s: under load / idle | prepare / commit / drain / finish (s) "
+        "| p99 steady → reload (ms) | peak RSS / steady |\n|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for entry in results:
@@ -266,7 +288,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {entry['name']} | {f['failed']} / {f['requests']} | {f['old_after_live']} "
             f"| {f['skew_s_max']} / {f['skew_s_median']} | {f['live_s_median']} "
-            f"| {f['server_reload_s_median'] or '–'} | {phase_text} "
+            f"| {f['server_reload_s_median'] or '–'} / "
+            f"{entry['idle']['server_reload_s_median'] or '–'} | {phase_text} "
             f"| {g['steady_p99_ms']} → {g['reload_p99_ms']} | {g['rss_peak_ratio']} |"
         )
     return "\n".join(rows)
@@ -305,16 +328,17 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
         )
     if single is not None:
-        cutover = f["server_reload_s_median"]
-        one = single["fleet"]["server_reload_s_median"]
-        ratio = round(cutover / one, 2) if cutover and one else None
-        rows.append(
-            _row(
-                f"cutover ≤ {CUTOVER_TARGET}x one replica's reload",
-                ratio is not None and ratio <= CUTOVER_TARGET,
-                f"{cutover} s vs {one} s: {ratio}x",
+        for when, key in (("under load", "fleet"), ("idle", "idle")):
+            cutover = fleet[key]["server_reload_s_median"]
+            one = single[key]["server_reload_s_median"]
+            ratio = round(cutover / one, 2) if cutover and one else None
+            rows.append(
+                _row(
+                    f"cutover ≤ {CUTOVER_TARGET}x one replica's reload, {when}",
+                    ratio is not None and ratio <= CUTOVER_TARGET,
+                    f"{cutover} s vs {one} s: {ratio}x",
+                )
             )
-        )
     return rows
 
 

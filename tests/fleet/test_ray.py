@@ -269,3 +269,15 @@ def _replica_actor(replica_id: str) -> Any:
         if actor["name"].endswith(f"#{replica_id}"):
             return ray.get_actor(actor["name"], namespace=actor["namespace"])
     raise AssertionError(f"no actor for replica {replica_id}")
+
+
+def test_the_http_endpoint_listens_on_loopback_only(running: Running) -> None:
+    import psutil
+
+    port = int(running.fleet.url.rsplit(":", 1)[1])
+    listening = [
+        c.laddr.ip
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert listening == ["127.0.0.1"]

@@ -192,7 +192,10 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
     if started_ray:
         options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": log_to_driver}
         if settings.ray_address is None:
-            options |= {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+            # Ray's own gRPC ports listen beyond loopback whatever is asked (Ray 2.60 maps
+            # 127.0.0.1 to the node's address), behind Ray's token authentication (on by
+            # default); the HTTP endpoint listens on `config.host` only.
+            options |= {"include_dashboard": False}
         ray.init(address=settings.ray_address, **options)
     serve.start(http_options={"host": config.host, "port": config.port})
     with contextlib.suppress(ValueError):  # a coordinator left by an earlier fleet

@@ -1,0 +1,42 @@
+"""`hotweights fleet`'s refusals, before any Ray process starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hotweights.cli import main
+from hotweights.sources import publish
+from tests.sources.layouts import WEIGHTS, write_files
+
+
+def test_a_repository_with_two_models_needs_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_files(tmp_path / "build", WEIGHTS)
+    for model in ("a", "b"):
+        publish(source, tmp_path / "repo", model)
+    assert main(["fleet", "--repo", str(tmp_path / "repo")]) == 2
+    assert "holds 2 models (a, b): give --model" in capsys.readouterr().err
+
+
+def test_an_unreadable_repository_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["fleet", "--repo", str(tmp_path / "missing")]) == 2
+    assert f"cannot read the model repository {tmp_path / 'missing'}" in capsys.readouterr().err
+
+
+def test_no_replicas_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    publish(write_files(tmp_path / "build", WEIGHTS), tmp_path / "repo", "a")
+    assert main(["fleet", "--repo", str(tmp_path / "repo"), "--replicas", "0"]) == 2
+    assert "a fleet needs at least 1 replica, got 0" in capsys.readouterr().err
+
+
+def test_an_exposed_endpoint_needs_an_admin_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(write_files(tmp_path / "build", WEIGHTS), tmp_path / "repo", "a")
+    assert main(["fleet", "--repo", str(tmp_path / "repo"), "--host", "0.0.0.0"]) == 2
+    assert "set an admin token" in capsys.readouterr().err
