@@ -11,6 +11,7 @@ with `duration_s` the server's own cutover time: prepare plus commit.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ class FleetSystem:
         """Nothing to install: the project's environment has the ray extra."""
 
     def start(self, first: ModelVersion) -> None:
+        shutil.rmtree(self.repo, ignore_errors=True)  # the benchmark's own, from a run before
         error = self.publisher._publish(first)
         if error:
             raise PeerUnavailable("start", error)

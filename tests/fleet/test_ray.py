@@ -276,8 +276,8 @@ def test_the_http_endpoint_listens_on_loopback_only(running: Running) -> None:
 
     port = int(running.fleet.url.rsplit(":", 1)[1])
     listening = [
-        c.laddr.ip
+        c.laddr[0]
         for c in psutil.net_connections(kind="tcp")
-        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == port
     ]
     assert listening == ["127.0.0.1"]

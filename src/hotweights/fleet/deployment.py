@@ -69,11 +69,6 @@ class Replica:
     async def metrics(self) -> tuple[str, bytes]:
         return self.engine.id, self.engine.metrics()
 
-    async def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
 
 class RayLink:
     """`FleetLink` over Serve handles (resolved on first use: the coordinator starts

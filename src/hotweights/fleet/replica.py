@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class Prepared:
     seconds: float = 0.0
     fresh: bool = True
     """False when the version was already held here (a repeated prepare)."""
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 class FleetReplica:
