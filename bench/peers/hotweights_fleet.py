@@ -20,7 +20,12 @@ from typing import Any
 
 import httpx
 
-from peers.hotweights_server import GENERATION_HEADER, MODEL_NAME, PublishTrigger
+from peers.hotweights_server import (
+    GENERATION_HEADER,
+    MODEL_NAME,
+    PublishTrigger,
+    completion_request,
+)
 from peers.procs import free_port, spawn, stop_group, wait_http
 from peers.system import Clock, ModelVersion, PeerUnavailable, ReloadResult, Request, Workload
 
@@ -92,15 +97,7 @@ class FleetSystem:
         return self._process.pid
 
     def request(self, workload: Workload) -> Request:
-        return Request(
-            "/v1/completions",
-            {
-                "model": MODEL_NAME,
-                "prompt": workload.prompt,
-                "max_tokens": workload.max_tokens,
-                "temperature": 0,
-            },
-        )
+        return completion_request(workload)
 
     def answer_label(self, headers: dict[str, str], body: Any) -> tuple[str, str]:
         return f"g{headers[GENERATION_HEADER]}", str(body["choices"][0]["text"])

@@ -38,6 +38,19 @@ _FINGERPRINT = re.compile(r"^hw-g(\d+)-[0-9a-f]+$")
 _CLI = (sys.executable, "-m", "hotweights.cli")
 
 
+def completion_request(workload: Workload) -> Request:
+    """The benchmark's request to a hotweights server or fleet: a greedy completion."""
+    return Request(
+        "/v1/completions",
+        {
+            "model": MODEL_NAME,
+            "prompt": workload.prompt,
+            "max_tokens": workload.max_tokens,
+            "temperature": 0,
+        },
+    )
+
+
 class ReloadTrigger(Protocol):
     """How the server is pointed at version 1, and how a later version is made live."""
 
@@ -259,15 +272,7 @@ class HotweightsSystem:
         return self._process.pid
 
     def request(self, workload: Workload) -> Request:
-        return Request(
-            "/v1/completions",
-            {
-                "model": MODEL_NAME,
-                "prompt": workload.prompt,
-                "max_tokens": workload.max_tokens,
-                "temperature": 0,
-            },
-        )
+        return completion_request(workload)
 
     def answer_label(self, headers: dict[str, str], body: Any) -> tuple[str, str]:
         match = _FINGERPRINT.match(str(body.get("system_fingerprint", "")))

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-import ray  # type: ignore[import-not-found]
+import ray
 from ray import serve
 
 APP = "bench"
@@ -96,7 +96,7 @@ def application(mode: str, version: dict[str, Any]) -> dict[str, Any]:
 
 def deploy(client: Any, mode: str, version: dict[str, Any]) -> dict[str, Any]:
     """Deploy `version`; return once Serve reports the update finished."""
-    from ray.serve.schema import ServeDeploySchema  # type: ignore[import-not-found]
+    from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate({"applications": [application(mode, version)]})
     before = {r["replica_id"] for r in _deployment(client).get("replicas", [])}
@@ -173,7 +173,7 @@ def main() -> None:
         _temp_dir=temp_dir,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    from ray.serve.context import _get_global_client  # type: ignore[import-not-found]
+    from ray.serve.context import _get_global_client
 
     client = _get_global_client()
     deploy(client, mode, first)
