@@ -17,7 +17,9 @@ one went live ("old after live": after the commit, for the fleet); the version-s
 of each reload (from the send time of the first request the new version answered to that
 of the last one an older version answered: how long both versions were answering new
 requests; zero when no request sent later got an older version); the fleet's prepare,
-commit, drain and finish times; p99 and peak RSS as in reload_under_load.py. Before the
+commit, drain and finish times; p99 and peak RSS as in reload_under_load.py. After its
+load, the fleet row runs the load again for 60 s and kills one replica's process a third
+of the way in: failed requests and the time until a replacement serves. Before the
 load, 3 versions go live with nothing else running (`idle`): the cutover target compares
 the fleet's cutover (prepare + commit, the coordinator's own times) with one replica's
 reload (the server's own time) both idle and under the load.
@@ -36,7 +38,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         "--idle-reloads", type=int, default=3, help="versions made live before the load"
     )
     parser.add_argument("--replicas", type=int, default=2, help="replicas of both fleets")
+    parser.add_argument(
+        "--crash-duration",
+        type=float,
+        default=60.0,
+        help="seconds of load during which one fleet replica is killed (0: none)",
+    )
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--max-in-flight", type=int, default=32, help="client cap")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
@@ -161,6 +171,8 @@ def _run_system(
         entry["reloads"] = [_reload(r) for r in reloads]
         entry["cpu"] = sampler.cpu
         entry["records"] = [r.to_dict() for r in records]
+        if isinstance(system, FleetSystem) and args.crash_duration > 0:
+            entry["crash"] = _crash(system, workload, args)
     except PeerUnavailable as exc:
         entry |= {"status": "failed", "stage": exc.stage, "reason": exc.reason}
     except Exception as exc:  # a broken driver is reported like a broken peer
@@ -201,6 +213,41 @@ def fleet_figures(records: list[Record], reloads: list[ReloadResult]) -> dict[st
             [float(s["duration_s"]) for s in server if "duration_s" in s]
         ),
         "phases_s_median": {k: v for k, v in phases.items() if v is not None},
+    }
+
+
+def _crash(system: FleetSystem, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    """The same load for `crash_duration` s; a third of the way in, one replica's process
+    is killed. Counts what failed, and how long until a replacement serves the committed
+    version."""
+    clock = MonotonicClock()
+    spec = LoadSpec(args.rate, args.crash_duration, args.max_in_flight, args.timeout)
+    done: list[list[Record]] = []
+    loader = threading.Thread(
+        target=lambda: done.append(asyncio.run(run_load(system, workload, spec, clock, []))[0])
+    )
+    loader.start()
+    time.sleep(args.crash_duration / 3)  # a point in the load, not a synchronisation
+    victim = system.kill_replica()
+    killed = clock()
+    recovered = None
+    while loader.is_alive() and recovered is None:
+        if system.recovered(victim):
+            recovered = clock()
+        else:
+            time.sleep(0.1)
+    loader.join()
+    records = done[0] if done else []
+    failed = [r for r in records if r.failed]
+    return {
+        "requests": len(records),
+        "failed": len(failed),
+        "failed_started_before_kill": sum(1 for r in failed if r.start <= killed),
+        "failed_started_after_kill": sum(1 for r in failed if r.start > killed),
+        "failed_by_outcome": dict(Counter(r.outcome for r in failed)),
+        "errors": sorted({(r.error or "")[:160] for r in failed}),
+        "killed_at_s": round(killed, 3),
+        "replaced_after_s": None if recovered is None else round(recovered - killed, 3),
     }
 
 
@@ -292,6 +339,16 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"{entry['idle']['server_reload_s_median'] or '–'} | {phase_text} "
             f"| {g['steady_p99_ms']} → {g['reload_p99_ms']} | {g['rss_peak_ratio']} |"
         )
+    for entry in results:
+        crash = entry.get("crash")
+        if crash:
+            rows.append(
+                f"\n{entry['name']}, one replica's process killed (SIGKILL) "
+                f"{crash['killed_at_s']} s into {crash['requests']} requests: "
+                f"{crash['failed']} failed ({crash['failed_started_before_kill']} sent before "
+                f"the kill, {crash['failed_started_after_kill']} after), a replacement "
+                f"serving the committed version {crash['replaced_after_s']} s after the kill"
+            )
     return "\n".join(rows)
 
 

@@ -11,7 +11,9 @@ with `duration_s` the server's own cutover time: prepare plus commit.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -150,6 +152,24 @@ class FleetSystem:
             if cutover["outcome"] in ("aborted", "skipped"):
                 return dict(cutover)
         return None
+
+    def kill_replica(self) -> str:
+        """SIGKILL one replica's process (a crash, not a graceful stop); its id."""
+        victim = self.status()["replicas"][0]
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        return str(victim["replica"])
+
+    def recovered(self, victim: str) -> bool:
+        """Whether the fleet again runs all its replicas, `victim` replaced, each live on
+        the committed generation."""
+        status = self.status()
+        replicas = [r for r in status["replicas"] if "replica" in r]
+        committed = status["committed"]["generation"]
+        return (
+            len(replicas) == self.replicas
+            and victim not in {r["replica"] for r in replicas}
+            and all(r["live"] == committed for r in replicas)
+        )
 
     def stop(self) -> None:
         if self._admin is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -248,6 +249,7 @@ class FleetReplica:
         ]
         return {
             "replica": self.id,
+            "pid": os.getpid(),
             "live": live.generation if live is not None else None,
             "resident": resident,
             "inflight": {str(g): n for g, n in self.reloader.inflight().items()},
