@@ -147,12 +147,15 @@ class Coordinator:
     # -- driving ---------------------------------------------------------------------------
 
     def watch(self) -> None:
-        """Follow the repository from now on (call once the replicas serve)."""
+        """Follow the repository from now on (call once the replicas serve), starting
+        with a sync in the background: a version published while the fleet started is
+        not missed."""
         config = self.settings.config
         if self._watcher is not None or config.repo is None:
             return
         self._watcher = make_watcher(config.watch, config.repo, interval=config.poll_interval)
         self._watcher.start(self._on_change)
+        threading.Thread(target=self._on_change, name="hotweights-fleet-sync", daemon=True).start()
 
     def sync(self, trigger: str = "watch") -> dict[str, object] | None:
         """Scan the repository; cut over to its target if that is not the committed

@@ -218,8 +218,22 @@ class Ingress:
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready(self) -> dict[str, object]:
-        return {"status": "ready", "generation": self.admissions.generation}
+    async def ready(self) -> JSONResponse:
+        """Ready when a replica holds the committed generation (Serve's proxy routes to
+        the ingress before the replicas have started)."""
+        generation = self.admissions.generation
+        described = await self.replicas.broadcast("describe").results_async(
+            timeout_s=10, return_exceptions=True
+        )
+        serving = sum(
+            1
+            for d in described
+            if isinstance(d, dict) and any(v["generation"] == generation for v in d["resident"])
+        )
+        body = {"status": "ready" if serving else "starting", "generation": generation}
+        return JSONResponse(
+            body | {"replicas_serving": serving}, status_code=200 if serving else 503
+        )
 
     @app.get("/admin/fleet")
     async def fleet(
