@@ -262,6 +262,7 @@ def idle_figures(reloads: list[ReloadResult]) -> dict[str, Any]:
         "server_reload_s_median": _median(
             [float(r.server["duration_s"]) for r in ok if "duration_s" in r.server]
         ),
+        "each": [_reload(r) for r in reloads],
     }
 
 

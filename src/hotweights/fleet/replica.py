@@ -45,6 +45,9 @@ from hotweights.server.runner import build_state
 log = logging.getLogger("hotweights.fleet")
 
 REPLICA_HEADER = "x-hotweights-replica"
+RECENT_RELOADS = 3
+"""A replica's last reloads `describe` shows, with their phases (a held version's load,
+validate and warmup are in its event once it is finished or aborted)."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,14 @@ class FleetReplica:
             "live": live.generation if live is not None else None,
             "resident": resident,
             "inflight": {str(g): n for g, n in self.reloader.inflight().items()},
+            "reloads": [
+                {
+                    "generation": event.new_generation,
+                    "outcome": event.outcome.value,
+                    "phases": {name: round(s, 4) for name, s in event.phases.items()},
+                }
+                for event in self.reloader.log.recent(RECENT_RELOADS)
+            ],
         }
 
     def metrics(self) -> bytes:
