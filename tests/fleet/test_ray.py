@@ -229,13 +229,18 @@ def test_a_version_one_replica_cannot_load_aborts_and_nothing_changes(running: R
 
 def test_rollback_goes_back_through_both_phases(running: Running) -> None:
     committed = running.status()["committed"]
-    answer = running.admin.post("/admin/rollback")
+    assert running.admin.get("/admin/status").json()["committed"] == committed  # `status`
+    answer = running.admin.post("/admin/rollback", json={"description": "a bad eval"})
     assert answer.status_code == 200, answer.text
     record = answer.json()
     assert record["outcome"] == "committed"
+    assert record["description"] == "a bad eval"
     assert record["version"] < committed["version"]
     assert record["generation"] > committed["generation"]
     running.wait(_live_everywhere(record["generation"]))
+    refused = running.admin.post("/admin/reload", json={"path": str(running.repo / MODEL / "1")})
+    assert refused.status_code == 400
+    assert "not a path" in refused.json()["error"]["message"]
     again = running.admin.post("/admin/reload")  # unpinned: the latest good version again
     assert again.status_code == 200, again.text
     assert again.json()["version"] == committed["version"]

@@ -75,6 +75,8 @@ class Cutover:
     generation: int
     version: int
     trigger: str
+    description: str = ""
+    """What the operator said (`hotweights reload --description`), if anything."""
     started_at: float = field(default_factory=time.time)
     outcome: str = "preparing"
     """preparing, committed, aborted, or skipped (no replica to prepare)."""
@@ -91,6 +93,7 @@ class Cutover:
             "generation": self.generation,
             "version": self.version,
             "trigger": self.trigger,
+            "description": self.description,
             "started_at": self.started_at,
             "outcome": self.outcome,
             "error": self.error,
@@ -157,7 +160,7 @@ class Coordinator:
         self._watcher.start(self._on_change)
         threading.Thread(target=self._on_change, name="hotweights-fleet-sync", daemon=True).start()
 
-    def sync(self, trigger: str = "watch") -> dict[str, object] | None:
+    def sync(self, trigger: str = "watch", description: str = "") -> dict[str, object] | None:
         """Scan the repository; cut over to its target if that is not the committed
         version. The cutover's record, or None when there was nothing to do."""
         with self._lock:
@@ -166,24 +169,24 @@ class Coordinator:
             target = self.repository.target(self.model, live=self._number)
             if target is None or target.number == self._number:
                 return None
-            return self._cutover(target, trigger).to_dict()
+            return self._cutover(target, trigger, description).to_dict()
 
-    def reload(self, version: int | None = None) -> dict[str, object] | None:
+    def reload(self, version: int | None = None, description: str = "") -> dict[str, object] | None:
         """Pin `version` (or, with None, follow the latest eligible one again) and sync."""
         self.repository.scan()
         if version is None:
             self.repository.unpin(self.model)
         else:
             self.repository.pin(self.model, version)
-        return self.sync("api")
+        return self.sync("api", description)
 
-    def rollback(self) -> dict[str, object] | None:
+    def rollback(self, description: str = "") -> dict[str, object] | None:
         """Pin the newest eligible version older than the committed one and sync."""
         self.repository.scan()
         with self._state:
             live = self._number
         self.repository.rollback(self.model, live=live)
-        return self.sync("rollback")
+        return self.sync("rollback", description)
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -211,10 +214,10 @@ class Coordinator:
 
     # -- the two phases ----------------------------------------------------------------------
 
-    def _cutover(self, info: VersionInfo, trigger: str) -> Cutover:
+    def _cutover(self, info: VersionInfo, trigger: str, description: str = "") -> Cutover:
         generation, self._next = self._next, self._next + 1
-        target = Target(generation, info.source, _describe(info))
-        record = Cutover(generation, info.number, trigger)
+        target = Target(generation, info.source, description or _describe(info))
+        record = Cutover(generation, info.number, trigger, description)
         with self._state:
             self._cutovers.appendleft(record)
             self._preparing = target

@@ -33,6 +33,7 @@ from hotweights.errors import (
     ReloadFailed,
     ReplicaFailed,
 )
+from hotweights.fleet.admin_body import parse_reload, parse_rollback
 from hotweights.fleet.admissions import Admissions
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.names import COORDINATOR, NAMESPACE
@@ -127,12 +128,6 @@ async def _read(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
     return bytes(body)
-
-
-def _invalid(message: str) -> JSONResponse:
-    return JSONResponse(
-        error_body(message, "invalid_request_error", "invalid_request"), status_code=400
-    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -235,6 +230,7 @@ class Ingress:
             body | {"replicas_serving": serving}, status_code=200 if serving else 503
         )
 
+    @app.get("/admin/status")  # what `hotweights status` reads from a single server
     @app.get("/admin/fleet")
     async def fleet(
         self, authorization: Annotated[str | None, Header()] = None
@@ -250,21 +246,17 @@ class Ingress:
         """Cut over to the repository's latest eligible version, or with `{"version": N}`
         pin version N (the watcher then keeps it until the next reload without one)."""
         self._admin(authorization)
-        raw = await _read(request, 4096)
-        try:
-            wanted = json.loads(raw) if raw.strip() else {}
-            version = wanted.get("version") if isinstance(wanted, dict) else None
-            if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-                raise TypeError
-        except (ValueError, TypeError):
-            return _invalid('the body is {"version": N} (an integer), or empty')
-        return await self._cutover(self.coordinator.reload.remote(version))
+        ask = parse_reload(await _read(request, 4096))
+        return await self._cutover(self.coordinator.reload.remote(ask.version, ask.description))
 
     @app.post("/admin/rollback")
-    async def rollback(self, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+    async def rollback(
+        self, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> JSONResponse:
         """Cut over to the newest eligible version older than the committed one (pinned)."""
         self._admin(authorization)
-        return await self._cutover(self.coordinator.rollback.remote())
+        ask = parse_rollback(await _read(request, 4096))
+        return await self._cutover(self.coordinator.rollback.remote(ask.description))
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
