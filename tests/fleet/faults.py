@@ -4,6 +4,7 @@ exactly one replica (whichever claims it first), shipped to the replicas by valu
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,15 @@ from hotweights.server.runner import transformers_loader
 FAULT_FILE = "fail-on-one-replica"
 """A version directory holding this file fails to load on one replica; the others load
 it (the file is not part of the model, and the publisher copies it like any other)."""
+HOLD_FILE = "hold-until-released"
+"""A version directory holding this file loads only once `released(version)` exists (or
+after `HOLD_LIMIT_S`): a test can act while every replica is in prepare."""
+HOLD_LIMIT_S = 60.0
+
+
+def released(source: Path) -> Path:
+    """The file whose creation lets a held version's loads go on (beside the version)."""
+    return source.parent / f".released-{source.name}"
 
 
 class OneReplicaFails:
@@ -25,6 +35,10 @@ class OneReplicaFails:
         self._inner: Loader[Any] = transformers_loader(config)
 
     def load(self, source: str) -> Any:
+        if (Path(source) / HOLD_FILE).exists():
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while not released(Path(source)).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # another process decides: the filesystem is the signal
         if (Path(source) / FAULT_FILE).exists():
             claim = Path(source).parent / f".claimed-{Path(source).name}"
             try:

@@ -120,10 +120,12 @@ class Running:
         status: dict[str, Any] = response.json()
         return status
 
-    def publish(self, seed: int, *, fault: bool = False) -> int:
-        source = save_tiny_model(self.builds / f"seed-{seed}-{fault}", seed=seed)
+    def publish(self, seed: int, *, fault: bool = False, hold: bool = False) -> int:
+        source = save_tiny_model(self.builds / f"seed-{seed}-{fault}-{hold}", seed=seed)
         if fault:
             (source / faults.FAULT_FILE).write_text("this version fails on one replica\n")
+        if hold:
+            (source / faults.HOLD_FILE).write_text("loads once released\n")
         return publish(source, self.repo, MODEL).version
 
     def wait(self, condition: Callable[[dict[str, Any]], bool], timeout: float = 90.0) -> Any:
@@ -267,6 +269,39 @@ def test_a_killed_replica_comes_back_on_the_committed_version(running: Running) 
     assert all(a.sent_at < killed_at + 30 for a in traffic.failed)
     assert [a for a in traffic.failed if a.sent_at > recovered_at] == []
     assert all(a.generation == generation for a in traffic.answers if a.status == 200)
+
+
+def test_a_replica_that_dies_in_prepare_aborts_the_cutover(running: Running) -> None:
+    import os
+    import signal
+
+    before = running.status()
+    live = before["committed"]
+    with Traffic(running.fleet.url) as traffic:
+        traffic.wait_for(6)
+        version = running.publish(seed=4, hold=True)
+        preparing = running.wait(lambda s: s["preparing"] is not None)
+        assert preparing["preparing"]["version"] == version
+        victim = preparing["replicas"][0]
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        # The coordinator decides once every replica answered: let the survivor load.
+        faults.released(running.repo / MODEL / str(version)).touch()
+        status = running.wait(lambda s: s["last_cutover"]["outcome"] == "aborted")
+        status = running.wait(
+            lambda s: (
+                _live_everywhere(live["generation"])(s)
+                and victim["replica"] not in {r["replica"] for r in s["replicas"]}
+            )
+        )
+        traffic.wait_for(6, after=time.time())
+    cutover = status["last_cutover"]
+    assert cutover["version"] == version
+    assert "a replica failed" in cutover["error"]
+    assert status["committed"] == live
+    held = [v for r in status["replicas"] for v in r["resident"] if v["state"] == "held"]
+    assert held == []  # the replacement did not keep the aborted version either
+    assert all(a.status == 200 for a in traffic.answers if a.sent_at > time.time() - 5)
+    assert {a.generation for a in traffic.answers if a.status == 200} == {live["generation"]}
 
 
 def _replica_actor(replica_id: str) -> Any:

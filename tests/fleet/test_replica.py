@@ -287,3 +287,23 @@ async def test_forward_answers_on_the_stamped_generation_and_names_the_replica(
         assert headers[b"x-hotweights-generation"] == str(generation).encode()
         content = json.loads(head.body)["choices"][0]["message"]["content"]
         assert content.startswith(f"{source(repo, generation)}:0")
+
+
+def test_catch_up_moves_a_starting_replica_to_what_the_fleet_has_now(
+    make: Make, repo: Path
+) -> None:
+    loader = FakeLoader()
+    replica = started(make, repo, loader)  # joined at g3 ...
+    assert replica.hold(Target(4, source(repo, 4)), TIMEOUT).ok  # ... while g4 prepared
+    retired = Retired(replica)
+    # Meanwhile the fleet aborted g4 and committed g5: discard g4, go to g5 (g3 unloaded).
+    assert not replica.catch_up(Joined(Target(5, source(repo, 5))), TIMEOUT)
+    assert retired.wait(4)
+    assert retired.wait(3)
+    assert resident(replica) == [(5, "live")]
+    assert replica.catch_up(Joined(Target(5, source(repo, 5))), TIMEOUT)  # in line now
+    # A cutover began: hold its version too.
+    assert not replica.catch_up(
+        Joined(Target(5, source(repo, 5)), Target(6, source(repo, 6))), TIMEOUT
+    )
+    assert resident(replica) == [(6, "held"), (5, "live")]

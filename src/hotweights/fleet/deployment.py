@@ -30,6 +30,9 @@ from hotweights.fleet.settings import FleetSettings
 log = logging.getLogger("hotweights.fleet")
 CONTROL_TIMEOUT_S = 30.0
 """Bound on the coordinator's short calls (abort, flip, describe)."""
+CATCH_UP_ROUNDS = 5
+"""A starting replica asks the coordinator again after loading, at most this many times,
+until what it holds is what the fleet has (see `FleetReplica.catch_up`)."""
 
 
 class Replica:
@@ -49,6 +52,9 @@ class Replica:
             loader=settings.loader(settings.config) if settings.loader is not None else None,
         )
         self.engine.start(joined, settings.prepare_timeout)
+        for _ in range(CATCH_UP_ROUNDS):  # the fleet may have moved while this one loaded
+            if self.engine.catch_up(ray.get(coordinator.join.remote()), settings.prepare_timeout):
+                break
 
     async def prepare(self, target: Target) -> Prepared:
         return await asyncio.to_thread(self.engine.hold, target, self.settings.prepare_timeout)

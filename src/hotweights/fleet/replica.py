@@ -138,6 +138,27 @@ class FleetReplica:
             if not prepared.ok:
                 log.warning("replica %s: preparing on start failed: %s", self.id, prepared.error)
 
+    def catch_up(self, joined: Joined, timeout: float) -> bool:
+        """Bring a starting replica in line with the fleet as it is now (`joined`, asked
+        again after `start`: a cutover may have ended meanwhile). Discards a held version
+        the fleet no longer prepares, moves to a newer committed version (held, then
+        finished: nothing is routed here yet), holds the version being prepared. True
+        if it was in line already."""
+        in_line = True
+        held, preparing = self.reloader.canary_version, joined.preparing
+        if held is not None and (preparing is None or held.generation != preparing.generation):
+            self.abort(held.generation, "the fleet no longer prepares it")
+            in_line = False
+        live = self.reloader.live_version
+        if live is None or live.generation != joined.committed.generation:
+            if self.hold(joined.committed, timeout).ok:
+                self.finish(joined.committed.generation, timeout)
+            in_line = False
+        if preparing is not None and not self._resident(preparing.generation):
+            self.hold(preparing, timeout)
+            in_line = False
+        return in_line
+
     def hold(self, target: Target, timeout: float) -> Prepared:
         """Load, validate and warm `target` beside the live version and hold it (blocking;
         idempotent: a version already held answers at once with `fresh` False)."""
