@@ -3,6 +3,7 @@ flip, drain the old generation, finish; any failure aborts and marks the version
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hotweights.fleet.coordinator import FINISH_ATTEMPTS, PREPARE_ROUNDS, Coordi
 from hotweights.fleet.replica import Prepared, Target
 from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import publish
-from tests.sources.layouts import WEIGHTS, write_files
+from tests.sources.layouts import WEIGHTS, make_version, write_files
 
 Call = tuple[object, ...]
 Round = Sequence[Prepared | BaseException] | BaseException
@@ -419,3 +420,38 @@ def test_a_prepare_call_that_fails_outright_aborts_and_clears_preparing(fleet: F
     finally:
         assert coordinator.join().preparing is None
     assert fleet.link.names() == ["prepare", "abort"]
+
+
+class Flipped(FakeLink):
+    """Sets `flipped` when the ingress is told to stamp a generation (from the
+    coordinator's threads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flipped = threading.Event()
+
+    def flip(self, generation: int) -> None:
+        super().flip(generation)
+        self.flipped.set()
+
+
+def test_a_version_without_a_manifest_is_cut_over_to_once_its_files_settled(
+    tmp_path: Path,
+) -> None:
+    """No file event says a manifest-less version settled: the coordinator looks again
+    when it may have (and, watching, syncs once at the start)."""
+    repo = tmp_path / "repo"
+    publish(write_files(tmp_path / "build", WEIGHTS), repo, "m")
+    config = Config.load(
+        {"repo": str(repo), "watch": "poll", "poll_interval": 3600.0, "settle_seconds": 0.3},
+        environ={},
+    )
+    link = Flipped()
+    coordinator = Coordinator(FleetSettings(config, "m", prepare_timeout=5.0), link)
+    make_version(repo, "m", 2, manifest=False)
+    try:
+        coordinator.watch()  # its first sync finds v2 settling, and schedules a look
+        assert link.flipped.wait(10), "the settled version was never cut over to"
+    finally:
+        coordinator.close()
+    assert committed(coordinator) == (2, "2")

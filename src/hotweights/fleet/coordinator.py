@@ -41,6 +41,7 @@ log = logging.getLogger("hotweights.fleet")
 
 MAX_CUTOVERS = 32
 FINISH_ATTEMPTS = 3
+SETTLE_MARGIN_S = 0.05
 PREPARE_ROUNDS = 3
 """Prepare is repeated until a round finds every replica already holding the version (a
 replica that started during the round holds it too), at most this many times."""
@@ -134,6 +135,7 @@ class Coordinator:
         self._lock = threading.Lock()  # one cutover at a time
         self._state = threading.Lock()  # the fields `join` and `status` read
         self._watcher: Watcher | None = None
+        self._settle: threading.Timer | None = None
 
     # -- asked by replicas and the ingress ---------------------------------------------------
 
@@ -164,7 +166,9 @@ class Coordinator:
         """Scan the repository; cut over to its target if that is not the committed
         version. The cutover's record, or None when there was nothing to do."""
         with self._lock:
-            if not self.repository.scan().readable:
+            state = self.repository.scan()
+            self._settle_later(state.settle_due)
+            if not state.readable:
                 return None
             target = self.repository.target(self.model, live=self._number)
             if target is None or target.number == self._number:
@@ -191,6 +195,8 @@ class Coordinator:
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
+        if self._settle is not None:
+            self._settle.cancel()
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -315,6 +321,18 @@ class Coordinator:
             why = f"fleet cutover g{generation} aborted: {reason}"
             self.repository.mark_bad(self.model, info.number, why, signature=info.signature)
         return record
+
+    def _settle_later(self, due: float | None) -> None:
+        """A version without a manifest becomes eligible once its files have settled,
+        which no file event announces: look again then (as `RepositorySync` does)."""
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
+        if due is None or self._watcher is None:
+            return
+        self._settle = threading.Timer(due + SETTLE_MARGIN_S, self._watcher.rescan)
+        self._settle.daemon = True
+        self._settle.start()
 
     def _on_change(self) -> None:
         try:
