@@ -220,3 +220,21 @@ def test_a_given_generation_must_be_ahead(make_reloader: MakeReloader) -> None:
     with pytest.raises(ValueError, match="generation 3 is not after generation 3"):
         reloader.submit("/m/2", generation=3)
     assert reloader.reload("/m/2").new_generation == 4  # without one: the next
+
+
+def test_a_held_version_is_never_judged_by_its_requests(make_reloader: MakeReloader) -> None:
+    """A fleet commits a held version as a whole: failures on one replica must not roll
+    it back there (its clock, the fleet or an operator decide)."""
+    policy = CanaryPolicy(0.0, bake_seconds=600, promote_when_baked=False, judge=False)
+    reloader = make_reloader(canary=policy)
+    assert reloader.reload("/m/1").outcome is Outcome.LIVE
+    started = _baking(reloader)
+    ticket = reloader.submit("/m/2")
+    assert started.wait(10)
+    for _ in range(100):  # every request on the held version failed
+        reloader.record(2, ok=False, seconds=0.01)
+        reloader.record(1, ok=True, seconds=0.01)
+    assert reloader.canary_version is not None
+    assert not ticket.done()
+    reloader.promote()
+    assert ticket.wait(10).outcome is Outcome.LIVE

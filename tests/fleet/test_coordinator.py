@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hotweights.config import Config
-from hotweights.fleet.coordinator import FINISH_ATTEMPTS, PREPARE_ROUNDS, Coordinator
+from hotweights.fleet.coordinator import FINISH_ATTEMPTS, Coordinator
 from hotweights.fleet.replica import Prepared, Target
-from hotweights.fleet.settings import FleetSettings
+from hotweights.fleet.settings import PREPARE_ROUNDS, FleetSettings
 from hotweights.sources import publish
 from tests.sources.layouts import WEIGHTS, make_version, write_files
 
@@ -408,6 +408,9 @@ def test_finish_gives_up_after_its_attempts_and_the_cutover_stays_committed(
     assert record["outcome"] == "committed"
     assert fleet.link.names().count("finish") == FINISH_ATTEMPTS
     assert coordinator.committed() == 2
+    assert record["error"] == (
+        "committed, but 1 replica(s) did not finish: ['RuntimeError: r2 died']"
+    )
 
 
 def test_a_prepare_call_that_fails_outright_aborts_and_clears_preparing(fleet: Fleet) -> None:

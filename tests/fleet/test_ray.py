@@ -232,6 +232,9 @@ def test_a_version_one_replica_cannot_load_aborts_and_nothing_changes(running: R
 def test_rollback_goes_back_through_both_phases(running: Running) -> None:
     committed = running.status()["committed"]
     assert running.admin.get("/admin/status").json()["committed"] == committed  # `status`
+    pinned = running.admin.post("/v1/chat/completions", json={**CHAT, "model": f"{MODEL}@g1"})
+    assert pinned.status_code == 400
+    assert "pins (model@N) are for one server" in pinned.json()["error"]["message"]
     answer = running.admin.post("/admin/rollback", json={"description": "a bad eval"})
     assert answer.status_code == 200, answer.text
     record = answer.json()

@@ -307,3 +307,17 @@ def test_catch_up_moves_a_starting_replica_to_what_the_fleet_has_now(
         Joined(Target(5, source(repo, 5)), Target(6, source(repo, 6))), TIMEOUT
     )
     assert resident(replica) == [(6, "held"), (5, "live")]
+
+
+def test_catch_up_finishes_a_held_version_the_fleet_committed_meanwhile(
+    make: Make, repo: Path
+) -> None:
+    loader = FakeLoader()
+    replica = started(make, repo, loader)
+    assert replica.hold(Target(4, source(repo, 4)), TIMEOUT).ok  # joined while g4 prepared
+    retired = Retired(replica)
+    assert not replica.catch_up(Joined(Target(4, source(repo, 4))), TIMEOUT)  # g4 committed
+    assert retired.wait(3)
+    assert resident(replica) == [(4, "live")]
+    assert replica.has(4)
+    assert not replica.has(3)

@@ -35,6 +35,9 @@ class CanaryPolicy:
     promote_when_baked: bool = True
     """What the end of the bake decides when nothing decided earlier: promote (the
     default), or roll back (a held version that nobody committed in time)."""
+    judge: bool = True
+    """Roll back on the requests' outcomes (the thresholds below); False: only the clock
+    or a caller decides (a fleet's held version, which the fleet commits as a whole)."""
     max_error_rate: float = 0.05
     """Roll back when the canary's error rate exceeds the stable one's by more than this."""
     max_latency_ratio: float = 2.0
@@ -128,7 +131,7 @@ class CanaryMonitor:
                 return
             tally.add(ok, seconds, tokens)
             reason = None
-            if generation == self.canary and not self._breached:
+            if generation == self.canary and not self._breached and self.policy.judge:
                 reason = self._breach()
                 self._breached = reason is not None
         if reason is not None:

@@ -22,7 +22,6 @@ repository's target already committed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hotweights.fleet.replica import Joined, Prepared, Target
-from hotweights.fleet.settings import FleetSettings
+from hotweights.fleet.settings import PREPARE_ROUNDS, FleetSettings
 from hotweights.sources import ModelRepository, make_watcher
 from hotweights.sources.state import VersionInfo
 from hotweights.sources.watcher import Watcher
@@ -42,9 +41,6 @@ log = logging.getLogger("hotweights.fleet")
 MAX_CUTOVERS = 32
 FINISH_ATTEMPTS = 3
 SETTLE_MARGIN_S = 0.05
-PREPARE_ROUNDS = 3
-"""Prepare is repeated until a round finds every replica already holding the version (a
-replica that started during the round holds it too), at most this many times."""
 
 
 class FleetLink(Protocol):
@@ -240,8 +236,7 @@ class Coordinator:
         try:
             self.link.flip(generation)
         except Exception as exc:  # not the version's fault: not marked bad
-            with contextlib.suppress(Exception):  # if it flipped after all, flip it back
-                self.link.flip(self._committed.generation)
+            self._flip_back()
             reason = f"the ingress did not flip: {_reason(exc)}"
             return self._abort(record, info, [reason], blame=False)
         with self._state:
@@ -257,13 +252,24 @@ class Coordinator:
             log.warning("cutover g%d: the ingress did not report its drain: %s", generation, exc)
         record.phases["drain"] = time.monotonic() - started
         started = time.monotonic()
-        self._finish(generation)
+        record.error = self._finish(generation)
         record.phases["finish"] = time.monotonic() - started
         return record
 
-    def _finish(self, generation: int) -> None:
-        """Every replica makes `generation` live. Retried: a replica that never finishes
-        would roll its held copy back when its hold ends (`FleetSettings.hold_seconds`)."""
+    def _flip_back(self) -> None:
+        """A flip that failed may have happened all the same: stamp the committed
+        generation again (retried: an ingress left on a discarded one fails everything)."""
+        for _ in range(FINISH_ATTEMPTS):
+            try:
+                self.link.flip(self._committed.generation)
+                return
+            except Exception as exc:
+                back = self._committed.generation
+                log.error("flipping the ingress back to g%d failed: %s", back, exc)
+
+    def _finish(self, generation: int) -> str | None:
+        """Every replica makes `generation` live (a replica that lacks it catches up
+        first). Retried; what still failed, for the record (None: all finished)."""
         finished: Sequence[bool | BaseException] = []
         for _ in range(FINISH_ATTEMPTS):
             try:
@@ -271,8 +277,11 @@ class Coordinator:
             except Exception as exc:
                 finished = [exc]
             if all(answer is True for answer in finished):
-                return
-        log.error("cutover g%d: not every replica finished: %r", generation, finished)
+                return None
+        failed = [a if isinstance(a, bool) else _reason(a) for a in finished if a is not True]
+        error = f"committed, but {len(failed)} replica(s) did not finish: {failed}"
+        log.error("cutover g%d: %s", generation, error)
+        return error
 
     def _prepare(self, target: Target) -> tuple[list[Prepared], list[str]]:
         answers: dict[str, Prepared] = {}

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
@@ -44,6 +45,8 @@ class Replica:
         joined = ray.get(coordinator.join.remote())
         context = serve.get_replica_context()
         self.settings = settings
+        self.coordinator = coordinator
+        self._catching_up = asyncio.Lock()
         self.engine = FleetReplica(
             settings.config,
             settings.model,
@@ -60,14 +63,28 @@ class Replica:
         return await asyncio.to_thread(self.engine.hold, target, self.settings.prepare_timeout)
 
     async def finish(self, generation: int, timeout: float) -> bool:
+        """Make `generation` live here; a replica that never held it (it became
+        routable just as the cutover prepared) catches up with the fleet first."""
+        if not self.engine.has(generation):
+            await self._catch_up()
         return await asyncio.to_thread(self.engine.finish, generation, timeout)
 
     async def abort(self, generation: int, reason: str) -> None:
         await asyncio.to_thread(self.engine.abort, generation, reason)
 
     async def forward(self, generation: int, request: Forwarded) -> AsyncIterator[Head | bytes]:
+        live = self.engine.reloader.live_version
+        if not self.engine.has(generation) and live is not None and generation > live.generation:
+            await self._catch_up()  # the fleet committed a version this replica missed
         async for item in self.engine.forward(generation, request):
             yield item
+
+    async def _catch_up(self) -> None:
+        """Ask the coordinator where the fleet is and get there (one at a time; every
+        request waiting for it waits for the same catch-up)."""
+        async with self._catching_up:
+            joined = await self.coordinator.join.remote()
+            await asyncio.to_thread(self.engine.catch_up, joined, self.settings.prepare_timeout)
 
     async def describe(self) -> dict[str, object]:
         return self.engine.describe()
@@ -96,9 +113,13 @@ class RayLink:
         except Exception as exc:  # not deployed yet
             log.info("no replicas to prepare g%d on: %s", target.generation, exc)
             return []
-        answers: list[Prepared | BaseException] = replicas.broadcast("prepare", target).results(
-            timeout_s=timeout, return_exceptions=True
-        )
+        try:
+            answers: list[Prepared | BaseException] = replicas.broadcast("prepare", target).results(
+                timeout_s=timeout, return_exceptions=True
+            )
+        except DeploymentUnavailableError as exc:  # every replica is (re)starting
+            log.info("no replicas to prepare g%d on: %s", target.generation, exc)
+            return []
         return answers
 
     def abort(self, generation: int, reason: str) -> None:

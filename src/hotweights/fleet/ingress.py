@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from hotweights.errors import (
     HotweightsError,
+    InvalidRequest,
     PayloadTooLarge,
     ReloadFailed,
     ReplicaFailed,
@@ -130,6 +131,23 @@ async def _read(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _refuse_pins(body: bytes) -> None:
+    """`model@N` pins a version on one server; in a fleet the ingress stamps the version
+    (and counts the request under it for the drain), so a pin is refused."""
+    if b"@" not in body:
+        return
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return  # the replica's own server says what is wrong with it
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    if isinstance(model, str) and "@" in model:
+        raise InvalidRequest(
+            f"model {model!r}: a fleet serves the committed version; pins (model@N) are "
+            "for one server"
+        )
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
@@ -174,6 +192,7 @@ class Ingress:
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def v1(self, request: Request, path: str) -> Response:
         body = await _read(request, self.settings.config.max_body_bytes)
+        _refuse_pins(body)
         forwarded = Forwarded(
             request.method,
             request.url.path,
@@ -217,9 +236,12 @@ class Ingress:
         """Ready when a replica holds the committed generation (Serve's proxy routes to
         the ingress before the replicas have started)."""
         generation = self.admissions.generation
-        described = await self.replicas.broadcast("describe").results_async(
-            timeout_s=10, return_exceptions=True
-        )
+        try:
+            described = await self.replicas.broadcast("describe").results_async(
+                timeout_s=10, return_exceptions=True
+            )
+        except Exception:  # no replica running at all (starting, or all restarting)
+            described = []
         serving = sum(
             1
             for d in described

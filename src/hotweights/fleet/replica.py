@@ -102,7 +102,7 @@ class FleetReplica:
     ) -> None:
         self.id = replica_id
         self.name = name
-        hold = CanaryPolicy(0.0, bake_seconds=hold_seconds, promote_when_baked=False)
+        hold = CanaryPolicy(0.0, bake_seconds=hold_seconds, promote_when_baked=False, judge=False)
         self.state = build_state(replica_config(config, name), loader=loader, canary=hold)
         self.reloader: Reloader[Any] = self.state.resolve(name).reloader
         self.app = create_app(self.state)
@@ -146,7 +146,10 @@ class FleetReplica:
         if it was in line already."""
         in_line = True
         held, preparing = self.reloader.canary_version, joined.preparing
-        if held is not None and (preparing is None or held.generation != preparing.generation):
+        if held is not None and held.generation == joined.committed.generation:
+            self.finish(held.generation, timeout)  # committed while this replica started
+            in_line = False
+        elif held is not None and (preparing is None or held.generation != preparing.generation):
             self.abort(held.generation, "the fleet no longer prepares it")
             in_line = False
         live = self.reloader.live_version
@@ -232,8 +235,16 @@ class FleetReplica:
             with contextlib.suppress(NoCanary):
                 self.reloader.end_bake(promote=False, reason=f"fleet abort: {reason}")
 
+    def has(self, generation: int) -> bool:
+        """Whether requests stamped `generation` can be answered here: it is live or
+        held (not draining: a draining version is on its way out)."""
+        return any(
+            v.generation == generation and v.state in (VersionState.LIVE, VersionState.CANARY)
+            for v in self.reloader.resident()
+        )
+
     def _resident(self, generation: int) -> bool:
-        return any(v.generation == generation for v in self.reloader.resident())
+        return self.has(generation)
 
     def _notice(self, notice: Notice) -> None:
         """Wakes `hold`; discards a version the fleet aborted while it loaded. Runs on the

@@ -10,6 +10,9 @@ from typing import Any
 from hotweights.config import Config
 from hotweights.core import Loader
 
+PREPARE_ROUNDS = 3
+"""Prepare is repeated until a round finds every replica already holding the version (a
+replica that started during the round holds it too), at most this many times."""
 HOLD_MARGIN_S = 60.0
 """A held version outlives prepare plus drain by this much before it rolls back alone."""
 
@@ -45,5 +48,7 @@ class FleetSettings:
 
     @property
     def hold_seconds(self) -> float:
-        """How long a replica holds a prepared version that nobody commits or aborts."""
-        return self.prepare_timeout + self.config.drain_timeout + HOLD_MARGIN_S
+        """How long a replica holds a prepared version that nobody commits or aborts:
+        longer than every prepare round, the drain and the finish together."""
+        rounds = PREPARE_ROUNDS * self.prepare_timeout
+        return rounds + self.config.drain_timeout + self.prepare_timeout + HOLD_MARGIN_S
