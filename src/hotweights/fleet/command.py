@@ -1,0 +1,148 @@
+"""`hotweights fleet`: its arguments and what it runs. Imports no Ray until it runs (the
+CLI builds its parser without the ray extra installed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hotweights.backends.transformers_lm import DTYPES
+from hotweights.config import Config
+from hotweights.console import say
+from hotweights.errors import HotweightsError
+from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
+
+FLEET_SETTINGS = (
+    "host",
+    "port",
+    "repo",
+    "watch",
+    "poll_interval",
+    "verify",
+    "settle_seconds",
+    "drain_timeout",
+    "admin_token",
+    "api_key",
+    "max_pending",
+    "dtype",
+    "device",
+    "max_batch_size",
+    "kv_cache_memory",
+)
+
+
+def add_fleet_command(commands: Any, device: Callable[[str], str]) -> None:
+    """Add `hotweights fleet` to the CLI's subcommands (`device` checks --device)."""
+    fleet = commands.add_parser(
+        "fleet",
+        help="serve a repository's model from N replicas on Ray Serve; new versions go "
+        "live on all of them at once (needs the ray extra)",
+    )
+    fleet.add_argument(
+        "--repo", help="repository root, watched (default: a demo repository with version 1)"
+    )
+    fleet.add_argument("--model", help="the repository's model to serve (default: its only one)")
+    fleet.add_argument("--replicas", type=int, default=2, help="replicas, each with its own copy")
+    fleet.add_argument("--ray-address", help="join this Ray cluster (default: start one locally)")
+    fleet.add_argument("--host", help="interface of the HTTP endpoint (default 127.0.0.1)")
+    fleet.add_argument("--port", type=int, help="TCP port (default 8000)")
+    fleet.add_argument(
+        "--prepare-timeout",
+        type=float,
+        default=300.0,
+        help="seconds every replica has to load a new version before the cutover aborts",
+    )
+    fleet.add_argument("--drain-timeout", type=float, help="seconds old requests may finish in")
+    fleet.add_argument("--admin-token", help="bearer token for /admin (required beyond loopback)")
+    fleet.add_argument("--api-key", help="bearer token required on /v1 endpoints")
+    fleet.add_argument("--max-pending", type=int, help="requests per replica at once; then 429")
+    fleet.add_argument("--dtype", choices=DTYPES)
+    fleet.add_argument("--device", type=device, help="cpu (default), cuda or cuda:N")
+    fleet.add_argument("--max-batch-size", type=int, help="sequences one engine steps together")
+    fleet.add_argument("--kv-cache-memory", help="each engine's key/value cache (auto)")
+    fleet.add_argument("--watch", choices=WATCHER_KINDS, help="file events, polling, or auto")
+    fleet.add_argument("--poll-interval", type=float, help="seconds between scans when polling")
+    fleet.add_argument("--verify", choices=VERIFY_MODES, help="check files against the manifest")
+    fleet.add_argument("--settle-seconds", type=float, help="quiet time for manifest-less versions")
+    fleet.set_defaults(run=_fleet)
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    """`hotweights fleet`: start the fleet, serve until SIGINT or SIGTERM, stop it."""
+    overrides = {key: getattr(args, key) for key in FLEET_SETTINGS}
+    try:
+        from hotweights.fleet.settings import FleetSettings
+
+        if args.repo is None:
+            overrides["repo"], model = _fleet_demo_repository()
+        else:
+            model = args.model or _only_model(args.repo)
+        config = Config.load(overrides)
+        settings = FleetSettings(
+            config,
+            model,
+            replicas=args.replicas,
+            prepare_timeout=args.prepare_timeout,
+            ray_address=args.ray_address,
+        )
+        from hotweights.fleet import deployment
+    except ImportError as exc:
+        print(f"hotweights fleet needs Ray Serve: pip install 'hotweights[ray]' ({exc})")
+        return 2
+    except (ValueError, HotweightsError) as exc:
+        print(f"hotweights fleet: {exc}", file=sys.stderr)
+        return 2
+    say(f"starting {settings.replicas} replicas of {model} from {config.repo} on Ray Serve")
+    try:
+        fleet = deployment.start(settings)
+    except (ValueError, RuntimeError) as exc:
+        print(f"hotweights fleet: {exc}", file=sys.stderr)
+        return 1
+    say(f"fleet serving {model} on {fleet.url} (GET /admin/fleet; Ctrl-C stops it)")
+    try:
+        _wait_for_stop()
+    finally:
+        say("stopping the fleet")
+        fleet.stop()
+    return 0
+
+
+def _fleet_demo_repository() -> tuple[str, str]:
+    """A repository holding the demo's first version (built and published if missing);
+    prints how to publish the second one."""
+    from hotweights.demo.versions import build_demo_versions, default_cache_dir
+    from hotweights.sources import ModelRepository, publish
+
+    first, second = build_demo_versions(progress=say)
+    repo, model = default_cache_dir() / "fleet-demo", "hotweights-demo"
+    repository = ModelRepository(repo)
+    repository.scan()
+    if not repository.eligible(model):
+        publish(first, repo, model, description="demo version 1")
+    say(f"publish the next version with: hotweights publish {second} --repo {repo} --model {model}")
+    return str(repo), model
+
+
+def _only_model(repo: str) -> str:
+    from hotweights.sources import ModelRepository
+
+    repository = ModelRepository(repo)
+    if not repository.scan().readable:
+        raise ValueError(f"cannot read the model repository {repo}")
+    models = repository.models()
+    if len(models) != 1:
+        raise ValueError(f"{repo} holds {len(models)} models ({', '.join(models)}): give --model")
+    return models[0]
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    stop.wait()
