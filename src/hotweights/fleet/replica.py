@@ -157,7 +157,7 @@ class FleetReplica:
             if self.hold(joined.committed, timeout).ok:
                 self.finish(joined.committed.generation, timeout)
             in_line = False
-        if preparing is not None and not self._resident(preparing.generation):
+        if preparing is not None and not self.has(preparing.generation):
             self.hold(preparing, timeout)
             in_line = False
         return in_line
@@ -166,7 +166,7 @@ class FleetReplica:
         """Load, validate and warm `target` beside the live version and hold it (blocking;
         idempotent: a version already held answers at once with `fresh` False)."""
         started = time.monotonic()
-        if self._resident(target.generation):
+        if self.has(target.generation):
             return Prepared(self.id, target.generation, ok=True, fresh=False)
         try:
             ticket = self.reloader.submit(
@@ -178,7 +178,7 @@ class FleetReplica:
             return Prepared(self.id, target.generation, ok=False, error=str(exc))
         deadline = started + timeout
         with self._lock:
-            while not (self._resident(target.generation) or ticket.id in self._finished):
+            while not (self.has(target.generation) or ticket.id in self._finished):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._aborted.add(target.generation)
@@ -194,7 +194,7 @@ class FleetReplica:
         seconds = time.monotonic() - started
         if aborted:  # the fleet gave up on it while it loaded (`_notice` discards it)
             return Prepared(self.id, target.generation, ok=False, error="aborted", seconds=seconds)
-        if self._resident(target.generation):
+        if self.has(target.generation):
             return Prepared(self.id, target.generation, ok=True, seconds=seconds)
         event = ticket.wait(max(0.0, deadline - time.monotonic()))
         error = event.error_message or event.outcome.value
@@ -242,9 +242,6 @@ class FleetReplica:
             v.generation == generation and v.state in (VersionState.LIVE, VersionState.CANARY)
             for v in self.reloader.resident()
         )
-
-    def _resident(self, generation: int) -> bool:
-        return self.has(generation)
 
     def _notice(self, notice: Notice) -> None:
         """Wakes `hold`; discards a version the fleet aborted while it loaded. Runs on the
