@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from hotweights.errors import (
     HotweightsError,
     InvalidRequest,
+    NotReady,
     PayloadTooLarge,
     ReloadFailed,
     ReplicaFailed,
@@ -258,7 +259,7 @@ class Ingress:
         self, authorization: Annotated[str | None, Header()] = None
     ) -> dict[str, object]:
         self._admin(authorization)
-        status: dict[str, object] = await self.coordinator.status.remote()
+        status: dict[str, object] = await self._ask(self.coordinator.status.remote())
         return status
 
     @app.post("/admin/reload")
@@ -293,14 +294,21 @@ class Ingress:
     def _admin(self, authorization: str | None) -> None:
         check_bearer(self.settings.config.admin_token, authorization, "admin token")
 
-    async def _cutover(self, pending: Any) -> JSONResponse:
+    async def _ask(self, pending: Any) -> Any:
+        """The coordinator's answer; its own errors as they are, and 503 when it cannot
+        be reached (it died: Ray does not restart it, see the README)."""
         try:
-            record: dict[str, Any] | None = await pending
+            return await pending
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as exc:
+            raise NotReady(f"the coordinator is unavailable: {_first_line(exc)}") from None
         except Exception as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, HotweightsError):
                 raise cause from None
             raise
+
+    async def _cutover(self, pending: Any) -> JSONResponse:
+        record: dict[str, Any] | None = await self._ask(pending)
         if record is None:
             generation = self.admissions.generation
             return JSONResponse({"outcome": "unchanged", "generation": generation})
