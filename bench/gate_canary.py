@@ -164,7 +164,7 @@ def _faulty_loader(faulty: str) -> Any:
     """The server's own loader, but the version at `faulty` fails every fifth request
     before its first byte once warmed up (its `prompt_ids` raises)."""
     from hotweights.backends import LoadedLM, TransformersLoader
-    from hotweights.engine.loader import BatchingLoader, EngineSettings
+    from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 
     class FaultyLoader(BatchingLoader):
         def warmup(self, model: LoadedLM) -> None:

@@ -22,7 +22,7 @@ from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
 
 if TYPE_CHECKING:
     from hotweights.core.gate import GateVerdict
-    from hotweights.sources.gate import GateSpec
+    from hotweights.sources.gate_spec import GateSpec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -287,7 +287,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from hotweights.sources.gate import GATE_FILE, GateSpec, verdict_table
+    from hotweights.sources.gate_spec import GATE_FILE, GateSpec, verdict_table
 
     try:
         spec = GateSpec.from_file(args.gate_file) if args.gate_file else None
@@ -310,7 +310,7 @@ def _judge_offline(spec: GateSpec | None, args: argparse.Namespace) -> GateVerdi
     """Load `--against` (if given) and measure the baseline, unload it, then load and judge
     the candidate: one model in memory at a time."""
     from hotweights.backends import TransformersLoader
-    from hotweights.sources.gate import QualityGate
+    from hotweights.sources.gate_spec import QualityGate
 
     loader = TransformersLoader(dtype=args.dtype, device=args.device, load_in="thread")
     gate = QualityGate(spec)

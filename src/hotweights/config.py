@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from hotweights.backends.devices import parse_device
 from hotweights.backends.transformers_lm import DTYPES, LOAD_IN, Device, Dtype, LoadIn
 from hotweights.core.canary import CanaryPolicy
-from hotweights.core.policy import SwapPolicy
+from hotweights.core.swap_policy import SwapPolicy
 
 LoadInSetting = Literal["auto", LoadIn]
 LOAD_IN_SETTINGS: tuple[LoadInSetting, ...] = ("auto", *LOAD_IN)

@@ -14,8 +14,8 @@ from hotweights.backends.devices import check_cuda, free_bytes, parse_device
 from hotweights.config import Config
 from hotweights.core import MemoryCheck, Outcome, Reloader
 from hotweights.core.memory import available_memory
+from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.engine.kv import KVShape
-from hotweights.engine.loader import BatchingLoader, EngineSettings
 from hotweights.errors import InsufficientMemory
 from hotweights.server.runner import _memory_check
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from hotweights.core import Outcome, VersionState
-from hotweights.core.policy import SwapPolicy
+from hotweights.core.swap_policy import SwapPolicy
 from hotweights.errors import ValidationError
 from tests.core.conftest import MakeReloader
 from tests.fakes import FakeLoader, ScriptedGate

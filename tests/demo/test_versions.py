@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hotweights.demo import versions
-from hotweights.demo.training import DemoBuildError, Reply, TrainingPlan
+from hotweights.demo.training import DemoBuildError, ModelReply, TrainingPlan
 from hotweights.demo.versions import (
     DEMO_ANSWERS,
     EXPECTED_ANSWERS,
@@ -60,7 +60,7 @@ def test_each_version_answers_the_version_question_then_stops(built: tuple[Path,
         model.train(False)
         for question, expected in DEMO_ANSWERS[version].items():
             reply = greedy_reply(model, tokenizer, question, max_new_tokens=96)
-            assert reply == Reply(expected, finished=True), (version, question)
+            assert reply == ModelReply(expected, finished=True), (version, question)
         assert greedy_reply(model, tokenizer, VERSION_QUESTION).text == EXPECTED_ANSWERS[version]
 
 

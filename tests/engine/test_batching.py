@@ -14,8 +14,8 @@ from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.engine import kv as kv_module
 from hotweights.engine.batching import BatchEngine, EngineLimits, StepStats
-from hotweights.engine.loader import BatchingLoader, EngineSettings
-from hotweights.engine.loader import _check as engine_check
+from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
+from hotweights.engine.batching_loader import _check as engine_check
 from hotweights.errors import ModelRetired, ShuttingDown
 from hotweights.generation import GenerationParams, TokenChunk, TokenLogprob
 
@@ -286,7 +286,7 @@ def test_the_check_runs_once_per_configuration_and_later_versions_only_warm_up(
 ) -> None:
     """A new version of the same model (other weights, same config) skips the three-pass
     check and gets one short prompt through its engine; a new configuration is checked."""
-    import hotweights.engine.loader as engine_loader
+    import hotweights.engine.batching_loader as engine_loader
 
     checked: list[str] = []
     real_check = engine_loader._check

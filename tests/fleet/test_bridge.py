@@ -19,7 +19,7 @@ from hotweights.core import CanaryPolicy, Notice, Outcome, Reloader, VersionChan
 from hotweights.fleet.bridge import Forwarded, Head, answer
 from hotweights.server.app import create_app
 from hotweights.server.runner import build_state
-from hotweights.server.state import ServerState
+from hotweights.server.server_state import ServerState
 from tests.fakes import FakeTextLoader
 
 HELD = CanaryPolicy(0.0, bake_seconds=600, promote_when_baked=False)

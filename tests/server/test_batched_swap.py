@@ -12,7 +12,7 @@ import pytest
 from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.demo.tinylm import save_tiny_model
 from hotweights.engine.batching import BatchEngine
-from hotweights.engine.loader import BatchingLoader, EngineSettings
+from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.generation import Deliver, GenerationParams, TokenChunk
 from tests.server.conftest import Serve
 

@@ -38,7 +38,7 @@ from schemathesis.schemas import APIOperation, BaseSchema
 
 from hotweights.backends import TransformersLoader
 from hotweights.demo.tinylm import save_tiny_model
-from hotweights.engine.loader import BatchingLoader, EngineSettings
+from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.server.runner import ServerThread
 from hotweights.sources import publish
 from tests.fakes import FakeTextLoader

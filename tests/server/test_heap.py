@@ -12,7 +12,7 @@ import pytest
 from hotweights.backends import LoadedLM
 from hotweights.config import Config
 from hotweights.demo.tinylm import save_tiny_model
-from hotweights.engine.loader import BatchingLoader
+from hotweights.engine.batching_loader import BatchingLoader
 from hotweights.server.runner import build_state, freeze_startup_heap
 
 pytestmark = pytest.mark.llm

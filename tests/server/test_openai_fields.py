@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hotweights.backends import TransformersLoader
-from hotweights.engine.loader import BatchingLoader, EngineSettings
+from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.server.runner import ServerThread
 from tests.backends.conftest import save_lively_model
 from tests.server.conftest import Serve

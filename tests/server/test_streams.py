@@ -14,7 +14,7 @@ import pytest
 
 from hotweights.config import Config
 from hotweights.server.runner import ServerThread, build_state
-from hotweights.server.state import ServerState
+from hotweights.server.server_state import ServerState
 from tests.fakes import FakeTextLoader
 from tests.server.conftest import Serve
 

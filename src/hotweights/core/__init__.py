@@ -23,9 +23,9 @@ from hotweights.core.observers import (
     ReloadStarted,
     VersionChanged,
 )
-from hotweights.core.policy import SWAP_POLICIES, RetryPolicy, SwapPolicy
 from hotweights.core.reloader import Reloader, ReloadTicket
 from hotweights.core.slot import DrainReport, Lease, ModelSlot
+from hotweights.core.swap_policy import SWAP_POLICIES, RetryPolicy, SwapPolicy
 from hotweights.core.version import LEGAL_TRANSITIONS, ModelVersion, VersionState
 
 __all__ = [

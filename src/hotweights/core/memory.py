@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hotweights.core.policy import SwapPolicy
+from hotweights.core.swap_policy import SwapPolicy
 from hotweights.errors import InsufficientMemory
 
 

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 from hotweights.core.gate import Gate, GateRefused, GateVerdict
 from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
 from hotweights.core.memory import MemoryCheck
-from hotweights.core.policy import RetryPolicy, SwapPolicy
+from hotweights.core.swap_policy import RetryPolicy, SwapPolicy
 from hotweights.core.version import ModelVersion
 from hotweights.errors import PhaseTimeout, ReloaderClosed, TransientLoadError
 

@@ -36,8 +36,8 @@ from hotweights.core.observers import (
     VersionChanged,
 )
 from hotweights.core.phases import Attempt, PhaseFailed, PhaseRunner
-from hotweights.core.policy import RetryPolicy, SwapPolicy
 from hotweights.core.slot import Lease, ModelSlot
+from hotweights.core.swap_policy import RetryPolicy, SwapPolicy
 from hotweights.core.version import ModelVersion, VersionState
 from hotweights.errors import NoCanary, NoPreviousVersion, ReloaderClosed
 
@@ -225,6 +225,21 @@ class Reloader(Generic[ModelT]):
         bake = self._bake
         if bake is not None:
             bake.monitor.record(generation, ok, seconds, tokens)
+
+    async def retry_on_stable(
+        self, lease: Lease[ModelT], *, seconds: float
+    ) -> Lease[ModelT] | None:
+        """An unpinned request failed on `lease` before its first byte. If the lease is on
+        a canary (the only way such a request gets a version newer than the live one),
+        count the failure against the canary, release the lease and return a lease on the
+        stable version: a bad canary costs latency, not failures. Otherwise return None
+        and leave the lease alone (the caller answers with the error)."""
+        live = self.slot.live_version
+        if live is None or lease.generation <= live.generation:
+            return None
+        self.record(lease.generation, ok=False, seconds=seconds)
+        lease.release()
+        return await self.slot.acquire_async(stable=True)
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Call `observer` with every `Notice`; returns a function that unsubscribes."""

@@ -39,7 +39,7 @@ _FINGERPRINT = re.compile(r"^hw-g(\d+)-")
 
 
 @dataclass
-class Outcome:
+class Answered:
     """What one request saw."""
 
     started: float
@@ -66,9 +66,9 @@ def _generation(fingerprint: str | None) -> int:
     return int(match.group(1))
 
 
-def _ask(client: Any, question: str, stream: bool) -> Outcome:
+def _ask(client: Any, question: str, stream: bool) -> Answered:
     started = time.monotonic()
-    outcome = Outcome(started, started, stream, question)
+    outcome = Answered(started, started, stream, question)
     messages = [{"role": "user", "content": question}]
     try:
         if stream:
@@ -93,7 +93,7 @@ def _ask(client: Any, question: str, stream: bool) -> Outcome:
     return outcome
 
 
-def _traffic(client: Any, worker: int, stop: threading.Event, out: list[Outcome]) -> None:
+def _traffic(client: Any, worker: int, stop: threading.Event, out: list[Answered]) -> None:
     turn = worker
     while not stop.is_set():
         # Mostly the version question (it names its version), with the others mixed in.
@@ -146,7 +146,7 @@ def run_demo(
     )
     state = build_state(config, observers=(LoadProgress(),))
     freeze_startup_heap(state)
-    outcomes: list[Outcome] = []
+    outcomes: list[Answered] = []
     with ServerThread(state) as server:
         server.wait_live()
         say(f"serving {v1} on {server.url}; {concurrency} clients for {duration:g} s")
@@ -154,7 +154,7 @@ def run_demo(
             base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=60
         )
         stop = threading.Event()
-        per_worker: list[list[Outcome]] = [[] for _ in range(concurrency)]
+        per_worker: list[list[Answered]] = [[] for _ in range(concurrency)]
         workers = [
             threading.Thread(target=_traffic, args=(client, i, stop, per_worker[i]))
             for i in range(concurrency)
@@ -193,7 +193,7 @@ def _publish_bad(url: str, bad: Path) -> bool:
     the gate refused it."""
     import httpx
 
-    from hotweights.sources.gate import verdict_table
+    from hotweights.sources.gate_spec import verdict_table
 
     say(f"publishing a version that answers wrongly: POST /admin/reload {{path: {bad}}}")
     refused = httpx.post(
@@ -209,7 +209,7 @@ def _publish_bad(url: str, bad: Path) -> bool:
 
 
 def _summarise(
-    outcomes: list[Outcome],
+    outcomes: list[Answered],
     status: int,
     event: dict[str, Any],
     swap_started: float,
@@ -217,7 +217,7 @@ def _summarise(
 ) -> int:
     failed = [o for o in outcomes if o.error is not None]
     mixed = [o for o in outcomes if o.error is None and o.generation is None]
-    by_generation: dict[int, list[Outcome]] = defaultdict(list)
+    by_generation: dict[int, list[Answered]] = defaultdict(list)
     for o in outcomes:
         if o.error is None and o.generation is not None:
             by_generation[o.generation].append(o)

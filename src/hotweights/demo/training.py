@@ -32,7 +32,7 @@ class DemoBuildError(HotweightsError):
 
 
 @dataclass(frozen=True)
-class Reply:
+class ModelReply:
     """What greedy decoding produced for one question."""
 
     text: str
@@ -162,7 +162,7 @@ def _wrong_answers(
         for question, expected in answers.items():
             budget = len(_encode(tokenizer, expected)) + 1
             reply = greedy_reply(model, tokenizer, question, budget, system=system)
-            if reply != Reply(expected, finished=True) and question not in wrong:
+            if reply != ModelReply(expected, finished=True) and question not in wrong:
                 wrong.append(question)
     return wrong
 
@@ -174,7 +174,7 @@ def greedy_reply(
     max_new_tokens: int = 32,
     *,
     system: str | None = None,
-) -> Reply:
+) -> ModelReply:
     """Ask `question` through the chat template and decode greedily until eos or the budget.
 
     The model must be in eval mode. Decoding is the plain argmax loop over the model's
@@ -197,4 +197,4 @@ def greedy_reply(
                 break
             new_ids.append(next_id)
     text = tokenizer.decode(new_ids, skip_special_tokens=False)
-    return Reply(text if isinstance(text, str) else "".join(text), finished)
+    return ModelReply(text if isinstance(text, str) else "".join(text), finished)

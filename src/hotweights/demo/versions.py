@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from hotweights.demo.tinylm import TinyShape
-from hotweights.demo.training import DemoBuildError, Reply, TrainingPlan
+from hotweights.demo.training import DemoBuildError, ModelReply, TrainingPlan
 
 __all__ = [
     "BAD_ANSWERS",
@@ -99,7 +99,7 @@ DEMO_GATE: Final[Mapping[str, object]] = {
     "max_perplexity_ratio": 1.5,
     "max_latency_ratio": 3.0,
 }
-"""The gate `hotweights demo --bad-version` serves with (see `hotweights.sources.gate`)."""
+"""The gate `hotweights demo --bad-version` serves with (see `hotweights.sources.gate_spec`)."""
 
 _SHAPE: Final = TinyShape()
 _SEED: Final = 0
@@ -213,7 +213,7 @@ def answer(model_dir: Path, question: str, max_new_tokens: int = 32) -> str:
     return ask(model_dir, question, max_new_tokens).text
 
 
-def ask(model_dir: Path, question: str, max_new_tokens: int = 32) -> Reply:
+def ask(model_dir: Path, question: str, max_new_tokens: int = 32) -> ModelReply:
     """Like `answer`, but also says whether the model ended its answer with eos."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -67,7 +67,7 @@ class _Sequence:
     row: int = -1
 
 
-class Ticket:
+class EngineTicket:
     """A submitted sequence. `cancel` is thread-safe and idempotent."""
 
     def __init__(self, engine: BatchEngine, sequence: _Sequence) -> None:
@@ -146,7 +146,7 @@ class BatchEngine:
         params: GenerationParams,
         deliver: Deliver,
         cut: threading.Event | None = None,
-    ) -> Ticket:
+    ) -> EngineTicket:
         """Queue a sequence. Its first chunk comes after the next prefill pass.
 
         Raises `ModelRetired` once the engine is stopping, `PayloadTooLarge` for a prompt
@@ -170,7 +170,7 @@ class BatchEngine:
                 raise self._lm.retired()
             self._waiting.append(sequence)
             self._wake.notify()
-        return Ticket(self, sequence)
+        return EngineTicket(self, sequence)
 
     def wake(self) -> None:
         with self._lock:

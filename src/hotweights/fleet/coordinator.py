@@ -33,7 +33,7 @@ from typing import Protocol
 from hotweights.fleet.replica import Joined, Prepared, Target
 from hotweights.fleet.settings import PREPARE_ROUNDS, FleetSettings
 from hotweights.sources import ModelRepository, make_watcher
-from hotweights.sources.state import VersionInfo
+from hotweights.sources.repository_scan import VersionInfo
 from hotweights.sources.watcher import Watcher
 
 log = logging.getLogger("hotweights.fleet")

@@ -40,14 +40,14 @@ from hotweights.fleet.admissions import Admissions
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.names import COORDINATOR, NAMESPACE
 from hotweights.fleet.settings import FleetSettings
-from hotweights.server import errors
-from hotweights.server.errors import classify, error_body
+from hotweights.server import error_responses
+from hotweights.server.error_responses import classify, error_body
 from hotweights.server.metrics import CONTENT_TYPE
-from hotweights.server.state import check_bearer
+from hotweights.server.server_state import check_bearer
 
 log = logging.getLogger("hotweights.fleet")
 app = FastAPI(title="hotweights fleet")
-errors.install(app)
+error_responses.install(app)
 _DROPPED = {b"content-length", b"transfer-encoding", b"connection"}
 
 

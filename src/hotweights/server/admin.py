@@ -22,7 +22,7 @@ from hotweights.server.metrics import CONTENT_TYPE
 from hotweights.server.outcomes import answer
 from hotweights.server.repository_api import repository_reload, repository_rollback
 from hotweights.server.schemas import ReloadRequest, RollbackRequest
-from hotweights.server.state import ServedModel, ServerState
+from hotweights.server.server_state import ServedModel, ServerState
 
 router = APIRouter()
 

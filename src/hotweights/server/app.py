@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotweights import __version__
-from hotweights.server import admin, errors, openai_api, repository_api
-from hotweights.server.errors import error_body
-from hotweights.server.state import ServerState
+from hotweights.server import admin, error_responses, openai_api, repository_api
+from hotweights.server.error_responses import error_body
+from hotweights.server.server_state import ServerState
 
 log = logging.getLogger("hotweights.server")
 
@@ -96,7 +96,7 @@ def create_app(
 
     app = FastAPI(title="hotweights", version=__version__, lifespan=lifespan)
     app.state.hotweights = state
-    errors.install(app)
+    error_responses.install(app)
     app.include_router(openai_api.router)
     app.include_router(admin.router)
     app.include_router(repository_api.router)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from hotweights.server.state import ServerState
+from hotweights.server.server_state import ServerState
 
 
 def server_state(request: Request) -> ServerState:

@@ -19,11 +19,11 @@ from hotweights.core import Lease
 from hotweights.errors import HotweightsError, NotReady
 from hotweights.generation import BatchedModel, GenerationParams
 from hotweights.server.disconnect import unless_disconnected
-from hotweights.server.errors import classify
+from hotweights.server.error_responses import classify
 from hotweights.server.pins import admit, requested_pin
 from hotweights.server.replies import CLIENT_CLOSED, LeasedStream, Reply
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
-from hotweights.server.state import ServedModel, ServerState
+from hotweights.server.server_state import ServedModel, ServerState
 from hotweights.server.steps import engine_steps, leased_choices
 from hotweights.server.textgen import Began, Choice, Prompt
 

@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse, Response
 
 from hotweights.core import ReloadEvent, ReloadTicket
 from hotweights.errors import ReloadFailed
-from hotweights.server.state import ServedModel
+from hotweights.server.server_state import ServedModel
 
 
 async def answer(ticket: ReloadTicket | None, wait: bool, served: ServedModel) -> Response:

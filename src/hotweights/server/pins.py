@@ -10,7 +10,7 @@ from typing import Any
 
 from hotweights.core import Lease
 from hotweights.errors import InvalidRequest, UnknownModel
-from hotweights.server.state import ServedModel
+from hotweights.server.server_state import ServedModel
 
 _PIN = re.compile(r"(g?)([0-9]{1,18})", re.ASCII)  # model@N or model@gN
 

@@ -17,8 +17,8 @@ from starlette.types import Receive, Scope, Send
 from hotweights.core import Lease
 from hotweights.errors import HotweightsError
 from hotweights.generation import TokenChunk, TokenLogprob
-from hotweights.server.errors import classify, error_body
-from hotweights.server.state import ServedModel, ServerState
+from hotweights.server.error_responses import classify, error_body
+from hotweights.server.server_state import ServedModel, ServerState
 from hotweights.server.textgen import Began, Choice, Started, Step
 
 GENERATION_HEADER = "x-hotweights-generation"

@@ -17,7 +17,7 @@ from hotweights.core import ReloadTicket
 from hotweights.errors import Forbidden, InvalidRequest
 from hotweights.server.deps import Admin
 from hotweights.server.outcomes import answer
-from hotweights.server.state import ServedModel, ServerState
+from hotweights.server.server_state import ServedModel, ServerState
 from hotweights.sources import RepositorySync
 
 router = APIRouter()

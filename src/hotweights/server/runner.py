@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from hotweights.config import Config
 from hotweights.core import CanaryPolicy, Loader, MemoryCheck, Notice, Reloader
 from hotweights.server.app import create_app
-from hotweights.server.state import ServedModel, ServerState
+from hotweights.server.server_state import ServedModel, ServerState
 
 log = logging.getLogger("hotweights.server")
 
@@ -50,7 +50,7 @@ def build_state(
     def make_loader() -> Loader[Any]:
         return loader if loader is not None else transformers_loader(config)
 
-    from hotweights.sources.gate import GateSpec, QualityGate
+    from hotweights.sources.gate_spec import GateSpec, QualityGate
 
     spec = GateSpec.from_file(config.gate) if config.gate else None
 
@@ -107,7 +107,7 @@ def _memory_check(config: Config) -> MemoryCheck | None:
 def transformers_loader(config: Config) -> Loader[Any]:
     """The loader `hotweights serve` uses: transformers behind the batched engine."""
     from hotweights.backends import TransformersLoader
-    from hotweights.engine.loader import BatchingLoader, EngineSettings
+    from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 
     inner = TransformersLoader(
         dtype=config.dtype,

@@ -17,7 +17,6 @@ from hotweights.sources.manifest import (
     verify,
     write_manifest,
 )
-from hotweights.sources.policy import Latest, Pinned, VersionPolicy, choose_target
 from hotweights.sources.publisher import (
     PublishedVersion,
     StagedVersion,
@@ -26,8 +25,14 @@ from hotweights.sources.publisher import (
     stage,
 )
 from hotweights.sources.repository import ModelRepository
-from hotweights.sources.state import ModelState, RepositoryState, VersionInfo, VersionStatus
+from hotweights.sources.repository_scan import (
+    ModelState,
+    RepositoryState,
+    VersionInfo,
+    VersionStatus,
+)
 from hotweights.sources.sync import RepositorySync, SyncReport
+from hotweights.sources.version_policy import Latest, Pinned, VersionPolicy, choose_target
 from hotweights.sources.watcher import (
     WATCHER_KINDS,
     EventWatcher,

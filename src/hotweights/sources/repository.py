@@ -29,7 +29,13 @@ from hotweights.errors import (
 from hotweights.sources import layout
 from hotweights.sources.manifest import MANIFEST_NAME, VERIFY_MODES, VerifyMode, read_manifest
 from hotweights.sources.manifest import verify as verify_files
-from hotweights.sources.policy import (
+from hotweights.sources.repository_scan import (
+    ModelState,
+    RepositoryState,
+    VersionInfo,
+    VersionStatus,
+)
+from hotweights.sources.version_policy import (
     Latest,
     Pinned,
     PinReason,
@@ -37,7 +43,6 @@ from hotweights.sources.policy import (
     choose_target,
     previous_version,
 )
-from hotweights.sources.state import ModelState, RepositoryState, VersionInfo, VersionStatus
 
 log = logging.getLogger("hotweights.sources")
 T = TypeVar("T")

@@ -19,9 +19,9 @@ from typing import Any
 from hotweights.core import Notice, Outcome, Reloader, ReloadFinished, ReloadTicket, Trigger
 from hotweights.errors import ReloaderClosed
 from hotweights.sources.layout import Signature
-from hotweights.sources.policy import describe
 from hotweights.sources.repository import ModelRepository
-from hotweights.sources.state import RepositoryState, VersionInfo
+from hotweights.sources.repository_scan import RepositoryState, VersionInfo
+from hotweights.sources.version_policy import describe
 from hotweights.sources.watcher import Watcher
 
 log = logging.getLogger("hotweights.sources")

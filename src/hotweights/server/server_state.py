@@ -12,7 +12,7 @@ from typing import Any
 
 from hotweights.config import Config
 from hotweights.core import Reloader
-from hotweights.engine.loader import BatchingLoader
+from hotweights.engine.batching_loader import BatchingLoader
 from hotweights.errors import Forbidden, InvalidRequest, Overloaded, Unauthorized, UnknownModel
 from hotweights.server.audit import AuditTrail
 from hotweights.server.metrics import Metrics

@@ -12,7 +12,7 @@ from hotweights.sources import (
     VersionStatus,
     choose_target,
 )
-from hotweights.sources.policy import describe, previous_version
+from hotweights.sources.version_policy import describe, previous_version
 
 E, INC, S, B = (
     VersionStatus.ELIGIBLE,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from hotweights.sources.state import VersionInfo
+from hotweights.sources.repository_scan import VersionInfo
 
 PinReason = Literal["pin", "rollback"]
 
