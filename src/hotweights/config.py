@@ -200,7 +200,7 @@ class Config:
             raise ValueError(
                 f"canary must be a share like 10% or 0.1, got {self.canary!r}"
             ) from None
-        if not 0 < share < 1:  # a 0 share (a held version) is the fleet's, not a setting
+        if not 0 < share < 1:
             raise ValueError(f"canary must be a share between 0 and 1, got {self.canary!r}")
         return CanaryPolicy(
             share=share,

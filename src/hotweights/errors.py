@@ -42,6 +42,10 @@ class NoCanary(HotweightsError):
     """A promotion (or the end of a bake) was asked for, but no canary is baking."""
 
 
+class NotPrepared(HotweightsError):
+    """A commit or discard named a prepared version that was already decided."""
+
+
 class ReloaderClosed(HotweightsError):
     """A reload was requested after the reloader was closed."""
 

@@ -187,54 +187,9 @@ def test_the_monitor_judges_error_rate_and_latency_by_table(
         assert reasons[0].startswith(breach)
 
 
-def test_a_held_version_is_reached_only_when_pinned_and_rolls_back_if_never_committed(
-    make_reloader: MakeReloader, loader: FakeLoader
-) -> None:
-    """Share 0 with `promote_when_baked=False`: a fleet replica's prepared version. No
-    unpinned request reaches it; a pin does; a bake nobody decides ends in a rollback."""
-    policy = CanaryPolicy(0.0, bake_seconds=0.5, promote_when_baked=False)
-    reloader = make_reloader(canary=policy)
-    assert reloader.reload("/m/1", generation=4).new_generation == 4
-    started = _baking(reloader)
-    ticket = reloader.submit("/m/2", generation=7)
-    assert started.wait(10)
-    for _ in range(1000):
-        with reloader.slot.acquire() as lease:
-            assert lease.model() == "/m/1"
-    pinned = reloader.acquire_resident(lambda v: v.generation == 7)
-    assert pinned is not None
-    assert pinned.model() == "/m/2"
-    pinned.release()
-    event = ticket.wait(10)
-    assert event.outcome is Outcome.CANARY_FAILED
-    assert "nothing committed it within 0.5 s" in (event.error_message or "")
-    assert reloader.live_version is not None
-    assert reloader.live_version.generation == 4
-    assert reloader.wait_drained(10)
-    assert [model.source for model in loader.unloaded] == ["/m/2"]
-
-
 def test_a_given_generation_must_be_ahead(make_reloader: MakeReloader) -> None:
     reloader = make_reloader()
     assert reloader.reload("/m/1", generation=3).new_generation == 3
     with pytest.raises(ValueError, match="generation 3 is not after generation 3"):
         reloader.submit("/m/2", generation=3)
     assert reloader.reload("/m/2").new_generation == 4  # without one: the next
-
-
-def test_a_held_version_is_never_judged_by_its_requests(make_reloader: MakeReloader) -> None:
-    """A fleet commits a held version as a whole: failures on one replica must not roll
-    it back there (its clock, the fleet or an operator decide)."""
-    policy = CanaryPolicy(0.0, bake_seconds=600, promote_when_baked=False, judge=False)
-    reloader = make_reloader(canary=policy)
-    assert reloader.reload("/m/1").outcome is Outcome.LIVE
-    started = _baking(reloader)
-    ticket = reloader.submit("/m/2")
-    assert started.wait(10)
-    for _ in range(100):  # every request on the held version failed
-        reloader.record(2, ok=False, seconds=0.01)
-        reloader.record(1, ok=True, seconds=0.01)
-    assert reloader.canary_version is not None
-    assert not ticket.done()
-    reloader.promote()
-    assert ticket.wait(10).outcome is Outcome.LIVE

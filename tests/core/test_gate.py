@@ -109,7 +109,9 @@ def test_requests_keep_the_live_version_while_the_gate_judges(
         with reloader.slot.acquire(timeout=0) as lease:
             versions.append(lease.model())
     assert set(versions) == {"/m/1"}
-    assert reloader.status()["reloading"] == {
+    running = reloader.status().reloading
+    assert running is not None
+    assert running.to_dict() == {
         "id": ticket.id,
         "target": "/m/2",
         "trigger": "api",

@@ -19,7 +19,7 @@ def _validating(source: str) -> ModelVersion:
 def test_history_is_bounded_and_most_recent_first(max_history: int, n: int) -> None:
     coordinator = VersionHistory(max_history)
     for i in range(n):
-        assert coordinator.go_live(_validating(f"/m/{i}")) == i + 1
+        assert coordinator.number(_validating(f"/m/{i}")) == i + 1
     history = coordinator.history()
     assert len(history) == min(n, max_history) == coordinator.retained
     assert [v.generation for v in history] == list(range(n, n - len(history), -1))
@@ -72,7 +72,7 @@ def test_rollback_target_skips_the_current_source() -> None:
     coordinator = VersionHistory()
     assert coordinator.rollback_target() is None
     for source in ("/m/1", "/m/2", "/m/2"):
-        coordinator.go_live(_validating(source))
+        coordinator.number(_validating(source))
     target = coordinator.rollback_target()
     assert target is not None
     assert target.source == "/m/1"

@@ -194,7 +194,8 @@ def test_observers_see_every_state_and_a_broken_one_changes_nothing(
     S = VersionState
     assert first == [
         (S.LOADING, S.VALIDATING),
-        (S.VALIDATING, S.LIVE),
+        (S.VALIDATING, S.PREPARED),
+        (S.PREPARED, S.LIVE),
         (S.LIVE, S.DRAINING),
         (S.DRAINING, S.RETIRED),
     ]
@@ -248,5 +249,8 @@ def test_a_version_that_cannot_fit_beside_the_live_one_is_refused(
     assert (event.outcome, event.error_type) == (Outcome.FAILED, "InsufficientMemory")
     assert "the resource policy would fit it" in (event.error_message or "")
     assert loader.loads["/m/2"] == 0
-    reloader.policy = "resource"
-    assert reloader.reload("/m/2").outcome is Outcome.LIVE
+    free_now = [1200]
+    resource = make_reloader(policy="resource", memory=MemoryCheck(available=lambda: free_now[0]))
+    assert resource.reload("/m/1").outcome is Outcome.LIVE
+    free_now[0] = 300  # the same room as above: enough once the live version is gone
+    assert resource.reload("/m/2").outcome is Outcome.LIVE

@@ -13,11 +13,17 @@ from tests.core.conftest import MakeReloader
 from tests.fakes import FakeLoader, FakeModel
 
 
-def _live(source: str, generation: int) -> ModelVersion:
+def _prepared(source: str, generation: int) -> ModelVersion:
     version = ModelVersion(source, generation=generation)
     version.transition(VersionState.VALIDATING)
-    version.transition(VersionState.LIVE)
+    version.transition(VersionState.PREPARED)
     return version
+
+
+def _go_live(slot: ModelSlot[FakeModel], source: str, generation: int) -> None:
+    """Hold a prepared version in `slot`, then commit it (the reloader's two phases)."""
+    slot.hold(_prepared(source, generation), FakeModel(source))
+    ModelSlot.commit_together([(slot, generation)])
 
 
 def test_a_lease_keeps_its_version_across_a_swap(
@@ -98,13 +104,13 @@ def test_admission_without_a_live_version_fails_fast() -> None:
 
 async def test_async_admission_waits_through_a_gap() -> None:
     slot: ModelSlot[FakeModel] = ModelSlot(lambda model: None)
-    slot.publish(_live("/m/1", 1), FakeModel("/m/1"))
+    _go_live(slot, "/m/1", 1)
     assert slot.withdraw() == 1
     assert slot.in_gap
     waiting = asyncio.ensure_future(slot.acquire_async(timeout=30))
     await asyncio.sleep(0)  # let it register as a waiter; publish wakes it either way
     assert not waiting.done()
-    slot.publish(_live("/m/2", 2), FakeModel("/m/2"))
+    _go_live(slot, "/m/2", 2)
     lease = await waiting
     assert (lease.generation, lease.model()) == (2, "/m/2")
     lease.release()
@@ -115,7 +121,7 @@ async def test_async_admission_waits_through_a_gap() -> None:
 
 def test_a_gap_that_ends_without_a_version_fails_waiters() -> None:
     slot: ModelSlot[FakeModel] = ModelSlot(lambda model: None)
-    slot.publish(_live("/m/1", 1), FakeModel("/m/1"))
+    _go_live(slot, "/m/1", 1)
     slot.withdraw()
     failures: list[BaseException] = []
     started = threading.Event()

@@ -11,9 +11,11 @@ S = VersionState
 LEGAL = {
     (S.LOADING, S.VALIDATING),
     (S.LOADING, S.FAILED),
-    (S.VALIDATING, S.LIVE),
-    (S.VALIDATING, S.CANARY),
+    (S.VALIDATING, S.PREPARED),
     (S.VALIDATING, S.FAILED),
+    (S.PREPARED, S.LIVE),
+    (S.PREPARED, S.CANARY),
+    (S.PREPARED, S.DRAINING),
     (S.CANARY, S.LIVE),
     (S.CANARY, S.DRAINING),
     (S.LIVE, S.DRAINING),
@@ -25,10 +27,11 @@ def _at(state: VersionState) -> ModelVersion:
     path = {
         S.LOADING: [],
         S.VALIDATING: [S.VALIDATING],
-        S.LIVE: [S.VALIDATING, S.LIVE],
-        S.CANARY: [S.VALIDATING, S.CANARY],
-        S.DRAINING: [S.VALIDATING, S.LIVE, S.DRAINING],
-        S.RETIRED: [S.VALIDATING, S.LIVE, S.DRAINING, S.RETIRED],
+        S.PREPARED: [S.VALIDATING, S.PREPARED],
+        S.LIVE: [S.VALIDATING, S.PREPARED, S.LIVE],
+        S.CANARY: [S.VALIDATING, S.PREPARED, S.CANARY],
+        S.DRAINING: [S.VALIDATING, S.PREPARED, S.LIVE, S.DRAINING],
+        S.RETIRED: [S.VALIDATING, S.PREPARED, S.LIVE, S.DRAINING, S.RETIRED],
         S.FAILED: [S.FAILED],
     }[state]
     version = ModelVersion("/m/1")
@@ -59,6 +62,7 @@ def test_live_stamps_times_and_fingerprint() -> None:
     assert version.age == 0.0
     version.generation = 3
     version.fingerprint = "1a2b3c4d5e6f"
+    version.transition(S.PREPARED)  # reachable by a pin from here: its age starts
     version.transition(S.LIVE)
     assert version.loaded_at is not None
     assert version.age >= 0.0

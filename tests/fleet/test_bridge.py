@@ -15,14 +15,13 @@ import pytest
 from fastapi import FastAPI
 
 from hotweights.config import Config
-from hotweights.core import CanaryPolicy, Notice, Outcome, Reloader, VersionChanged, VersionState
+from hotweights.core import Outcome, PreparedVersion, Reloader
 from hotweights.fleet.bridge import Forwarded, Head, answer
 from hotweights.server.app import create_app
 from hotweights.server.runner import build_state
 from hotweights.server.server_state import ServerState
 from tests.fakes import FakeTextLoader
 
-HELD = CanaryPolicy(0.0, bake_seconds=600, promote_when_baked=False)
 """A fleet replica's hold: the second version stays resident, reachable only when pinned."""
 EXTRA = (b"x-hotweights-replica", b"replica-1")
 
@@ -45,19 +44,12 @@ def served(tmp_path: Path) -> Iterator[Served]:
         {"source": sources[1], "model_name": "m", "model_roots": (str(tmp_path),)}, environ={}
     )
     loader = FakeTextLoader()
-    state = build_state(config, loader, canary=HELD)
+    state = build_state(config, loader)
     reloader = state.resolve("m").reloader
-    held = threading.Event()
-
-    def on_notice(notice: Notice) -> None:
-        if isinstance(notice, VersionChanged) and notice.new is VersionState.CANARY:
-            held.set()
-
-    reloader.subscribe(on_notice)
     try:
         assert reloader.reload(sources[1], generation=1, timeout=10).outcome is Outcome.LIVE
-        reloader.submit(sources[2], generation=2)
-        assert held.wait(10), "g2 was not held beside g1"
+        held = reloader.prepare(sources[2], generation=2).wait(10)
+        assert isinstance(held, PreparedVersion), "g2 was not held beside g1"
         yield Served(create_app(state), state, reloader, loader, sources)
     finally:
         state.close(timeout=10)

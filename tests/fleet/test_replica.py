@@ -237,15 +237,15 @@ def test_an_abort_after_the_hold_timed_out_discards_the_version_once_loaded(
     assert retired.wait(5, timeout=2), "g5 stayed held after the fleet aborted it"
 
 
-def test_an_abort_right_after_the_hold_returned_discards_the_version(
-    make: Make, repo: Path
-) -> None:
+def test_an_abort_while_the_version_is_announced_discards_it(make: Make, repo: Path) -> None:
+    """The fleet aborts while the reloader's worker is still telling its observers that
+    g5 is prepared (before the replica has its handle): g5 is discarded all the same."""
     loader = FakeLoader()
     replica = started(make, repo, loader)
     announced, proceed = threading.Event(), threading.Event()
 
-    def slow_observer(notice: Notice) -> None:  # after the replica's own, on the worker
-        if isinstance(notice, VersionChanged) and notice.new is VersionState.CANARY:
+    def slow_observer(notice: Notice) -> None:  # on the worker, before the ticket resolves
+        if isinstance(notice, VersionChanged) and notice.new is VersionState.PREPARED:
             announced.set()
             proceed.wait(TIMEOUT)
 
@@ -255,10 +255,11 @@ def test_an_abort_right_after_the_hold_returned_discards_the_version(
         holding = pool.submit(replica.hold, Target(5, source(repo, 5)), TIMEOUT)
         try:
             assert announced.wait(TIMEOUT)
-            assert holding.result(TIMEOUT).ok  # the hold returns while the worker is told
             replica.abort(5, "another replica failed")
         finally:
             proceed.set()
+        prepared = holding.result(TIMEOUT)
+    assert (prepared.ok, prepared.error) == (False, "aborted")
     assert retired.wait(5, timeout=2), "g5 stayed held after the fleet aborted it"
 
 

@@ -14,6 +14,7 @@ from hotweights.core.events import (
     Trigger,
 )
 from hotweights.core.history import VersionHistory
+from hotweights.core.lease import Lease
 from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
 from hotweights.core.memory import MemoryCheck, available_memory
 from hotweights.core.observers import (
@@ -23,8 +24,12 @@ from hotweights.core.observers import (
     ReloadStarted,
     VersionChanged,
 )
-from hotweights.core.reloader import Reloader, ReloadTicket
-from hotweights.core.slot import DrainReport, Lease, ModelSlot
+from hotweights.core.prepared import Decision, PreparedVersion
+from hotweights.core.reload_queue import JobStatus, PrepareTicket, ReloadTicket
+from hotweights.core.reload_status import CanaryStatus, ReloaderStatus
+from hotweights.core.reloader import Reloader
+from hotweights.core.serving_view import ServingView
+from hotweights.core.slot import DrainReport, ModelSlot
 from hotweights.core.swap_policy import SWAP_POLICIES, RetryPolicy, SwapPolicy
 from hotweights.core.version import LEGAL_TRANSITIONS, ModelVersion, VersionState
 
@@ -34,8 +39,11 @@ __all__ = [
     "SWAP_POLICIES",
     "TRIGGERS",
     "CanaryPolicy",
+    "CanaryStatus",
+    "Decision",
     "DrainReport",
     "Fingerprinting",
+    "JobStatus",
     "Lease",
     "Loader",
     "MemoryCheck",
@@ -45,13 +53,17 @@ __all__ = [
     "Observer",
     "Outcome",
     "Phase",
+    "PrepareTicket",
+    "PreparedVersion",
     "ReloadEvent",
     "ReloadFinished",
     "ReloadLog",
     "ReloadStarted",
     "ReloadTicket",
     "Reloader",
+    "ReloaderStatus",
     "RetryPolicy",
+    "ServingView",
     "SizeEstimating",
     "SwapPolicy",
     "Trigger",

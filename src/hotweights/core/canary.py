@@ -3,8 +3,8 @@ stable one, and is promoted or rolled back on how its requests fared.
 
 `CanaryPolicy` says how; `CanaryMonitor` keeps both generations' request outcomes during
 one bake (fed by the server, on the request path) and names the first threshold the canary
-crosses; `Bake` is the decision the reloader's worker waits for: promote or roll back, by
-the clock, the monitor or an operator, whichever comes first.
+crosses. The bake itself (`core/bake.py`) is a prepared version with a share of requests,
+committed or discarded by the clock, the monitor or an operator, whichever comes first.
 """
 
 from __future__ import annotations
@@ -28,16 +28,9 @@ class CanaryPolicy:
     """How a new version is baked under `availability`."""
 
     share: float
-    """Share of new requests the canary takes, in [0, 1). 0 holds the version: only
-    requests pinned to it reach it (a fleet replica's prepared version, see `fleet/`)."""
+    """Share of new requests the canary takes, in (0, 1)."""
     bake_seconds: float = 60.0
-    """How long the canary serves its share before the bake ends."""
-    promote_when_baked: bool = True
-    """What the end of the bake decides when nothing decided earlier: promote (the
-    default), or roll back (a held version that nobody committed in time)."""
-    judge: bool = True
-    """Roll back on the requests' outcomes (the thresholds below); False: only the clock
-    or a caller decides (a fleet's held version, which the fleet commits as a whole)."""
+    """How long the canary serves its share before it is promoted."""
     max_error_rate: float = 0.05
     """Roll back when the canary's error rate exceeds the stable one's by more than this."""
     max_latency_ratio: float = 2.0
@@ -49,8 +42,8 @@ class CanaryPolicy:
     """Latency differences smaller than this never roll back (noise on a busy machine)."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.share < 1:
-            raise ValueError(f"the canary share must be in [0, 1), got {self.share!r}")
+        if not 0 < self.share < 1:
+            raise ValueError(f"the canary share must be in (0, 1), got {self.share!r}")
         if self.bake_seconds <= 0:
             raise ValueError(f"the bake must last more than 0 s, got {self.bake_seconds!r}")
         if not 0 <= self.max_error_rate < 1:
@@ -131,7 +124,7 @@ class CanaryMonitor:
                 return
             tally.add(ok, seconds, tokens)
             reason = None
-            if generation == self.canary and not self._breached and self.policy.judge:
+            if generation == self.canary and not self._breached:
                 reason = self._breach()
                 self._breached = reason is not None
         if reason is not None:
@@ -171,35 +164,6 @@ class CanaryMonitor:
                     f"g{self.stable} (allowed: {policy.max_latency_ratio:g}x)"
                 )
         return None
-
-
-class Bake:
-    """The decision one bake waits for. Thread-safe; the first `end` wins."""
-
-    def __init__(self, monitor: CanaryMonitor) -> None:
-        self.monitor = monitor
-        self._ended = threading.Event()
-        self._lock = threading.Lock()
-        self.promote = True
-        self.reason = "the bake passed"
-
-    def end(self, promote: bool, reason: str) -> bool:
-        """Decide now; False if it was already decided."""
-        with self._lock:
-            if self._ended.is_set():
-                return False
-            self.promote, self.reason = promote, reason
-            self._ended.set()
-            return True
-
-    def wait(self, seconds: float, *, promote: bool = True) -> None:
-        """Until decided, or `seconds` pass (then the bake passed: `promote` decides)."""
-        if self._ended.wait(seconds):
-            return
-        if promote:
-            self.end(True, f"the bake of {seconds:g} s passed")
-        else:
-            self.end(False, f"nothing committed it within {seconds:g} s")
 
 
 def _rounded(value: float | None) -> float | None:

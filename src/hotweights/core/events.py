@@ -37,6 +37,9 @@ class Outcome(Enum):
     CANARY_FAILED = "canary_failed"
     """The target served a share of requests as a canary and was rolled back (by its
     error rate or latency, or by an operator); the stable version serves everything."""
+    DISCARDED = "discarded"
+    """The target was prepared beside the live version and discarded before anyone
+    committed it (a fleet's abort, a hold that nobody committed in time, a shutdown)."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,9 @@ class ReloadEvent:
     old_generation: int
     """The generation serving when the attempt started (0 if none)."""
     new_generation: int | None = None
-    """The generation that went live; None unless the outcome is live or rolled_back."""
+    """The generation that went live; None unless the outcome is live or rolled_back
+    (a canary rolled back and a discarded version name theirs in `fingerprint` and the
+    error message)."""
     description: str = ""
     error_type: str | None = None
     error_message: str | None = None

@@ -11,10 +11,10 @@ DEFAULT_MAX_HISTORY = 32
 
 
 class VersionHistory:
-    """Counts versions that went live and remembers the most recent of them.
+    """Counts versions that became reachable and remembers the most recent of them.
 
     Thread-safe. `generation` is a plain attribute read (atomic in CPython), cheap enough
-    for the request path. Only `go_live` advances it: failed attempts never do.
+    for the request path. Only `number` advances it: failed attempts never do.
     """
 
     def __init__(self, max_history: int = DEFAULT_MAX_HISTORY) -> None:
@@ -35,16 +35,12 @@ class VersionHistory:
         maxlen = self._history.maxlen
         return maxlen if maxlen is not None else 0
 
-    def go_live(
-        self,
-        version: ModelVersion,
-        state: VersionState = VersionState.LIVE,
-        generation: int | None = None,
-    ) -> int:
-        """Assign `version` the next generation (or `generation`, which must be greater
-        than every generation so far: a fleet numbers its cutovers), mark it LIVE (or
-        CANARY: it serves a share of requests) and record it; return the generation.
-        `version` must be VALIDATING. Raises `ValueError` for a generation not ahead."""
+    def number(self, version: ModelVersion, generation: int | None = None) -> int:
+        """Give `version` the next generation (or `generation`, which must be greater than
+        every generation so far: a fleet numbers its cutovers), mark it PREPARED and
+        record it; return the generation. `version` must be VALIDATING. A version is
+        numbered once it can serve (a pin reaches it), before it is committed. Raises
+        `ValueError` for a generation not ahead."""
         with self._lock:
             if generation is None:
                 generation = self._generation + 1
@@ -53,14 +49,14 @@ class VersionHistory:
                     f"generation {generation} is not after generation {self._generation}"
                 )
             version.generation = generation
-            version.transition(state)
+            version.transition(VersionState.PREPARED)
             self._history.appendleft(version)
             self._generation = generation
             self._total_live += 1
             return generation
 
     def withdraw(self, version: ModelVersion) -> None:
-        """Forget `version` (a canary that was rolled back): it stays counted in the
+        """Forget `version` (discarded, or a canary rolled back): it stays counted in the
         generations, but is no longer current nor a rollback target."""
         with self._lock:
             if version in self._history:

@@ -7,9 +7,12 @@ lease is released or its deadline passes, then marks it retired (leases still he
 `ModelRetired` on their next use), waits for steps already running to return, and calls
 `unload` exactly once.
 
-During a canary's bake a second version (`publish_canary`) takes a fixed share of new
-admissions, spread evenly (every tenth request for 10%), until it is promoted to live or
-withdrawn to drain.
+A prepared version (`hold`) is resident beside the live one and reachable only through
+`acquire_resident` (a request pinned to its generation). During a canary's bake it
+(`start_canary`) takes a fixed share of new admissions, spread evenly (every tenth request
+for 10%). `commit_together` makes prepared versions live, in one or several slots at once,
+under all their locks: no request sees one slot's new version beside another's old one.
+`withdraw_prepared` stops admitting to one, so that it drains.
 """
 
 from __future__ import annotations
@@ -18,12 +21,11 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from hotweights.core.lease import Lease, Resident
 from hotweights.core.version import ModelVersion, VersionState
 from hotweights.errors import ModelRetired, NotReady
 
@@ -31,22 +33,6 @@ ModelT = TypeVar("ModelT")
 
 _WHOLE = 1_000_000
 StateCallback = Callable[[ModelVersion, VersionState, VersionState], None]
-
-
-class _Resident(Generic[ModelT]):
-    """A version that is live or draining, with its lease bookkeeping (guarded by the
-    slot's lock)."""
-
-    __slots__ = ("active", "drained", "leases", "model", "retired", "unloaded", "version")
-
-    def __init__(self, version: ModelVersion, model: ModelT) -> None:
-        self.version = version
-        self.model: ModelT | None = model
-        self.leases = 0
-        self.active = 0
-        self.retired = False
-        self.unloaded = False
-        self.drained = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -60,96 +46,12 @@ class DrainReport:
     """Leases still held at the deadline; they get `ModelRetired` on their next use."""
 
 
-class Lease(Generic[ModelT]):
-    """A request's hold on one version, from admission to its end.
-
-    Sync and async context manager; `release` is idempotent. The lease pins its version:
-    it never switches to a newer one. Use the model through `model` (for a quick call) or
-    `use()` (for a step that must not overlap an unload); both raise `ModelRetired` once
-    the version was retired under the lease. One lease belongs to one request: it is not
-    meant to be shared between threads.
-    """
-
-    __slots__ = ("_entry", "_released", "_slot")
-
-    def __init__(self, slot: ModelSlot[ModelT], entry: _Resident[ModelT]) -> None:
-        self._slot = slot
-        self._entry = entry
-        self._released = False
-
-    @property
-    def version(self) -> ModelVersion:
-        return self._entry.version
-
-    @property
-    def generation(self) -> int:
-        return self._entry.version.generation
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    @property
-    def model(self) -> ModelT:
-        """The pinned model; raises `ModelRetired` if the version was retired."""
-        self.check()
-        model = self._entry.model
-        if model is None:  # unreachable while check() passes; kept for the type checker
-            raise ModelRetired(f"version {self._entry.version.label} was unloaded")
-        return model
-
-    def check(self) -> None:
-        """Raise `ModelRetired` if the version was retired, or the lease released."""
-        if self._released:
-            raise ModelRetired(f"lease on {self._entry.version.label} was already released")
-        if self._entry.retired:
-            raise ModelRetired(
-                f"version {self._entry.version.label} passed its drain deadline and was "
-                "retired while this request was still running"
-            )
-
-    @contextmanager
-    def use(self) -> Iterator[ModelT]:
-        """Run one step on the model; unload will not start until the step returns."""
-        model = self._slot._begin_use(self)
-        try:
-            yield model
-        finally:
-            self._slot._end_use(self._entry)
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._slot._release(self._entry)
-
-    def __enter__(self) -> Lease[ModelT]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    async def __aenter__(self) -> Lease[ModelT]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
 class ModelSlot(Generic[ModelT]):
     """Holds the live version of one model and every version still draining.
 
-    Thread-safe. `acquire`/`acquire_async` are the request path; `publish`, `withdraw`,
-    `drain` and `end_gap` belong to the reloader.
+    Thread-safe. `acquire`/`acquire_async`/`acquire_resident` are the request path;
+    `hold`, `start_canary`, `commit_together`, `withdraw_prepared`, `withdraw`, `drain` and
+    `end_gap` belong to the reloader.
     """
 
     def __init__(
@@ -164,11 +66,11 @@ class ModelSlot(Generic[ModelT]):
         self._on_state = on_state
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._live: _Resident[ModelT] | None = None
-        self._canary: _Resident[ModelT] | None = None
+        self._live: Resident[ModelT] | None = None
+        self._canary: Resident[ModelT] | None = None
         self._share = 0
         self._credit = 0
-        self._residents: dict[int, _Resident[ModelT]] = {}
+        self._residents: dict[int, Resident[ModelT]] = {}
         self._gap = False
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
@@ -231,7 +133,7 @@ class ModelSlot(Generic[ModelT]):
                     return Lease(self, entry)
         return None
 
-    def _admit(self, stable: bool) -> _Resident[ModelT] | None:
+    def _admit(self, stable: bool) -> Resident[ModelT] | None:
         # Called with the lock held: the live entry, or the canary's turn.
         canary = self._canary
         if canary is None or stable or self._live is None:
@@ -242,7 +144,7 @@ class ModelSlot(Generic[ModelT]):
             return canary
         return self._live
 
-    def _wait_live(self, timeout: float) -> _Resident[ModelT]:
+    def _wait_live(self, timeout: float) -> Resident[ModelT]:
         # Called with the lock held (through the condition).
         if not self._gap:
             raise NotReady("no model version is live")
@@ -254,10 +156,10 @@ class ModelSlot(Generic[ModelT]):
             raise NotReady("the reload that took the live version down did not bring one up")
         return self._live
 
-    def _release(self, entry: _Resident[ModelT]) -> None:
+    def _release(self, entry: Resident[ModelT]) -> None:
         with self._lock:
             entry.leases -= 1
-            if entry.leases == 0 and entry is not self._live and entry is not self._canary:
+            if entry.leases == 0 and not self._serving(entry):
                 entry.drained.set()
 
     def _begin_use(self, lease: Lease[ModelT]) -> ModelT:
@@ -270,7 +172,7 @@ class ModelSlot(Generic[ModelT]):
             raise ModelRetired(f"version {entry.version.label} was unloaded")
         return model
 
-    def _end_use(self, entry: _Resident[ModelT]) -> None:
+    def _end_use(self, entry: Resident[ModelT]) -> None:
         with self._lock:
             entry.active -= 1
             if entry.active == 0 and entry.retired:
@@ -299,7 +201,7 @@ class ModelSlot(Generic[ModelT]):
             return {gen: entry.leases for gen, entry in self._residents.items()}
 
     def resident(self) -> list[ModelVersion]:
-        """Versions live or draining (still loaded), newest first."""
+        """Versions loaded (prepared, canary, live or draining), newest first."""
         with self._lock:
             entries = sorted(self._residents.items(), reverse=True)
         return [entry.version for _, entry in entries]
@@ -310,65 +212,88 @@ class ModelSlot(Generic[ModelT]):
             entries = sorted(self._residents.items(), reverse=True)
         return [(entry.version, entry.model) for _, entry in entries if entry.model is not None]
 
-    def publish(self, version: ModelVersion, model: ModelT) -> int | None:
-        """Make `version` (already LIVE, with its generation) the one new leases get.
-        Returns the generation that stopped being live (now DRAINING), if any; the caller
-        must `drain` it."""
-        entry = _Resident(version, model)
+    def hold(self, version: ModelVersion, model: ModelT) -> None:
+        """Make `version` (already PREPARED, with its generation) resident beside the live
+        one, reachable only through `acquire_resident`."""
         with self._lock:
-            old = self._live
-            self._residents[version.generation] = entry
-            self._live = entry  # the swap
-            self._gap = False
-            if old is not None and old.leases == 0:
-                old.drained.set()
-            self._wake_waiters()
-        if old is None:
-            return None
-        self._transition(old.version, VersionState.DRAINING)
-        return old.version.generation
+            if version.generation in self._residents:
+                raise ValueError(f"generation {version.generation} is already resident")
+            self._residents[version.generation] = Resident(version, model, held=True)
 
-    def publish_canary(self, version: ModelVersion, model: ModelT, share: float) -> None:
-        """Give `version` (already CANARY, with its generation) `share` of new admissions
-        beside the live version, which stays live."""
-        entry = _Resident(version, model)
+    def start_canary(self, generation: int, share: float) -> None:
+        """Give the prepared `generation` `share` of new admissions beside the live
+        version, which stays live; the version becomes CANARY."""
         with self._lock:
-            if self._live is None or self._canary is not None:
-                raise ValueError("a canary needs a live version and no other canary")
-            self._residents[version.generation] = entry
+            entry = self._residents.get(generation)
+            if entry is None or not entry.held or self._live is None or self._canary:
+                raise ValueError(
+                    f"g{generation}: a canary needs a prepared version, a live one and "
+                    "no other canary"
+                )
             self._canary = entry
             self._share = round(share * _WHOLE)
             self._credit = 0
+        self._transition(entry.version, VersionState.CANARY)
 
-    def promote_canary(self) -> int:
-        """Make the canary the live version; returns the generation that stopped being
-        live (now DRAINING), which the caller must `drain`."""
-        with self._lock:
-            canary, old = self._canary, self._live
-            if canary is None or old is None:
-                raise ValueError("no canary to promote")
-            self._live, self._canary = canary, None
-            if old.leases == 0:
-                old.drained.set()
-        self._transition(canary.version, VersionState.LIVE)
-        self._transition(old.version, VersionState.DRAINING)
-        return old.version.generation
+    @staticmethod
+    def commit_together(moves: Sequence[tuple[ModelSlot[Any], int]]) -> list[int | None]:
+        """Make each prepared (or canary) generation live in its slot, all in one step:
+        every slot's lock is held while the references change. Returns, per move, the
+        generation that stopped being live (now DRAINING; the caller must `drain` it)."""
+        slots = sorted({id(slot): slot for slot, _ in moves}.values(), key=id)
+        with contextlib.ExitStack() as locks:
+            for slot in slots:
+                locks.enter_context(slot._lock)
+            entries = [slot._committable(generation) for slot, generation in moves]
+            olds = [slot._swap(entry) for (slot, _), entry in zip(moves, entries, strict=True)]
+        for (slot, _), entry, old in zip(moves, entries, olds, strict=True):
+            slot._transition(entry.version, VersionState.LIVE)
+            if old is not None:
+                slot._transition(old.version, VersionState.DRAINING)
+        return [old.version.generation if old is not None else None for old in olds]
 
-    def withdraw_canary(self) -> int:
-        """Stop admitting to the canary; returns its generation (now DRAINING), which the
-        caller must `drain`."""
+    def withdraw_prepared(self, generation: int) -> int:
+        """Stop admitting to the prepared (or canary) `generation`; returns it (now
+        DRAINING), and the caller must `drain` it."""
         with self._lock:
-            canary, self._canary = self._canary, None
-            if canary is None:
-                raise ValueError("no canary to withdraw")
-            if canary.leases == 0:
-                canary.drained.set()
-        self._transition(canary.version, VersionState.DRAINING)
-        return canary.version.generation
+            entry = self._residents.get(generation)
+            if entry is None or not (entry.held or entry is self._canary):
+                raise ValueError(f"generation {generation} is not prepared")
+            entry.held = False
+            if entry is self._canary:
+                self._canary = None
+            if entry.leases == 0:
+                entry.drained.set()
+        self._transition(entry.version, VersionState.DRAINING)
+        return generation
+
+    def _committable(self, generation: int) -> Resident[ModelT]:
+        # Called with the lock held.
+        entry = self._residents.get(generation)
+        if entry is None or not (entry.held or entry is self._canary):
+            raise ValueError(f"generation {generation} is not prepared")
+        return entry
+
+    def _swap(self, entry: Resident[ModelT]) -> Resident[ModelT] | None:
+        # Called with the lock held: the one reference assignment of a commit.
+        old = self._live
+        self._live = entry
+        entry.held = False
+        if entry is self._canary:
+            self._canary = None
+        self._gap = False
+        if old is not None and old.leases == 0:
+            old.drained.set()
+        self._wake_waiters()
+        return old
+
+    def _serving(self, entry: Resident[ModelT]) -> bool:
+        # Called with the lock held: whether new or pinned requests may still reach it.
+        return entry is self._live or entry is self._canary or entry.held
 
     def withdraw(self) -> int | None:
-        """Take the live version down and make admissions wait for the next `publish`
-        (or `end_gap`). Returns the generation now draining, if there was one."""
+        """Take the live version down and make admissions wait for the next commit (or
+        `end_gap`). Returns the generation now draining, if there was one."""
         with self._lock:
             old = self._live
             self._live = None
@@ -392,8 +317,8 @@ class ModelSlot(Generic[ModelT]):
         started = time.monotonic()
         with self._lock:
             entry = self._residents.get(generation)
-        if entry is None or entry is self._live or entry is self._canary:
-            raise ValueError(f"generation {generation} is not draining")
+            if entry is None or self._serving(entry):
+                raise ValueError(f"generation {generation} is not draining")
         entry.drained.wait(timeout)
         with self._lock:
             entry.retired = True

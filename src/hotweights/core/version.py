@@ -1,9 +1,9 @@
 """A model version and the state machine of its life.
 
 ```
-LOADING ──► VALIDATING ──────────────► LIVE ──► DRAINING ──► RETIRED
-   │             │      └──► CANARY ──┘            ▲
-   └──► FAILED ◄─┘              └──────────────────┘ (rolled back)
+LOADING ──► VALIDATING ──► PREPARED ──────────────► LIVE ──► DRAINING ──► RETIRED
+   │             │            │  └──► CANARY ──────┘            ▲
+   └──► FAILED ◄─┘            └──────────┴──────────────────────┘ (discarded)
 ```
 """
 
@@ -23,6 +23,10 @@ class VersionState(Enum):
 
     LOADING = "loading"
     VALIDATING = "validating"
+    PREPARED = "prepared"
+    """Loaded, validated, warmed up and gated beside the live version, numbered, and
+    reachable only by a request pinned to its generation, until it is committed or
+    discarded."""
     LIVE = "live"
     CANARY = "canary"
     """Serving a share of new requests during its bake, beside the live version."""
@@ -33,8 +37,9 @@ class VersionState(Enum):
 
 LEGAL_TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
     VersionState.LOADING: frozenset({VersionState.VALIDATING, VersionState.FAILED}),
-    VersionState.VALIDATING: frozenset(
-        {VersionState.LIVE, VersionState.CANARY, VersionState.FAILED}
+    VersionState.VALIDATING: frozenset({VersionState.PREPARED, VersionState.FAILED}),
+    VersionState.PREPARED: frozenset(
+        {VersionState.LIVE, VersionState.CANARY, VersionState.DRAINING}
     ),
     VersionState.CANARY: frozenset({VersionState.LIVE, VersionState.DRAINING}),
     VersionState.LIVE: frozenset({VersionState.DRAINING}),
@@ -50,7 +55,8 @@ _attempt_ids = itertools.count(1)
 class ModelVersion:
     """One attempt to bring a source into service, and, if it went live, its generation.
 
-    `generation` is 0 until the version goes live; generations count live versions only.
+    `generation` is 0 until the version is prepared; generations count versions that
+    became reachable by requests (live, canary, prepared), never failed loads.
     State changes go through `transition`, which is thread-safe and rejects illegal edges.
     """
 
@@ -63,15 +69,15 @@ class ModelVersion:
     size_bytes: int | None = None
     """The loader's estimate of its resident size, when it gives one."""
     generation: int = 0
-    """Position in the sequence of versions that went live; 0 while not live yet."""
+    """Position in the sequence of versions that became reachable; 0 before that."""
     attempt: int = field(default_factory=lambda: next(_attempt_ids))
     """Process-unique id of this load attempt."""
     created_at: float = field(default_factory=time.time)
     """Wall-clock time the load started."""
     loaded_at: float | None = None
-    """Wall-clock time it went live."""
+    """Wall-clock time it became reachable (prepared)."""
     loaded_at_monotonic: float | None = None
-    """Monotonic time it went live, for ages immune to clock changes."""
+    """Monotonic time it became reachable, for ages immune to clock changes."""
     retired_at: float | None = None
     """Wall-clock time it was unloaded after serving."""
     _state: VersionState = VersionState.LOADING
@@ -90,7 +96,7 @@ class ModelVersion:
                     f"version {self.label}: cannot go from {old.value} to {new.value}"
                 )
             self._state = new
-            if new in (VersionState.LIVE, VersionState.CANARY) and self.loaded_at is None:
+            if new is VersionState.PREPARED and self.loaded_at is None:
                 self.loaded_at = time.time()
                 self.loaded_at_monotonic = time.monotonic()
             elif new is VersionState.RETIRED:

@@ -2,12 +2,12 @@
 model, answering requests pinned to the generation the ingress stamped on them.
 
 A replica holds at most two versions: the committed one and, during a cutover, the one
-being prepared. `prepare` loads, validates and warms a version beside the live one and
-keeps it *held* (a canary with a share of 0: only requests pinned to its generation reach
-it) under the fleet's generation number; `finish` makes it the replica's live version
-once the fleet committed it (the old one drains and is unloaded); `abort` discards it.
-A held version that nobody finishes or aborts within `hold_seconds` rolls back by
-itself, so a lost coordinator cannot pin a second copy of the model in memory forever.
+being prepared. `hold` is the reloader's prepare: it loads, validates and warms a version
+beside the live one under the fleet's generation number, reachable only by requests
+pinned to it; `finish` is the reloader's commit, once the fleet committed (the old
+version drains and is unloaded); `abort` is its discard. A prepared version that nobody
+finishes or aborts within `hold_seconds` is discarded by the reloader itself, so a lost
+coordinator cannot pin a second copy of the model in memory forever.
 
 Ray-free: `fleet/deployment.py` wraps it in a Ray Serve deployment; tests drive it
 directly with a fake loader.
@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,16 +27,14 @@ from typing import Any
 
 from hotweights.config import Config
 from hotweights.core import (
-    CanaryPolicy,
     Loader,
-    Notice,
     Outcome,
+    PreparedVersion,
     Reloader,
-    ReloadFinished,
-    VersionChanged,
+    ReloadEvent,
     VersionState,
 )
-from hotweights.errors import NoCanary
+from hotweights.errors import NotPrepared
 from hotweights.fleet.bridge import Forwarded, Head, answer
 from hotweights.server.app import create_app
 from hotweights.server.runner import build_state
@@ -102,16 +99,13 @@ class FleetReplica:
     ) -> None:
         self.id = replica_id
         self.name = name
-        hold = CanaryPolicy(0.0, bake_seconds=hold_seconds, promote_when_baked=False, judge=False)
-        self.state = build_state(replica_config(config, name), loader=loader, canary=hold)
+        self.hold_seconds = hold_seconds
+        self.state = build_state(replica_config(config, name), loader=loader)
         self.reloader: Reloader[Any] = self.state.resolve(name).reloader
         self.app = create_app(self.state)
+        self._held: dict[int, PreparedVersion[Any]] = {}
         self._aborted: set[int] = set()
-        self._finished: deque[int] = deque(maxlen=64)
-        """Ids of the reloads that ended lately (their notice comes before their ticket)."""
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self.reloader.subscribe(self._notice)
 
     # -- the versions ---------------------------------------------------------------------
 
@@ -145,12 +139,12 @@ class FleetReplica:
         finished: nothing is routed here yet), holds the version being prepared. True
         if it was in line already."""
         in_line = True
-        held, preparing = self.reloader.canary_version, joined.preparing
-        if held is not None and held.generation == joined.committed.generation:
-            self.finish(held.generation, timeout)  # committed while this replica started
+        held, preparing = self.held_generation(), joined.preparing
+        if held is not None and held == joined.committed.generation:
+            self.finish(held, timeout)  # committed while this replica started
             in_line = False
-        elif held is not None and (preparing is None or held.generation != preparing.generation):
-            self.abort(held.generation, "the fleet no longer prepares it")
+        elif held is not None and (preparing is None or held != preparing.generation):
+            self.abort(held, "the fleet no longer prepares it")
             in_line = False
         live = self.reloader.live_version
         if live is None or live.generation != joined.committed.generation:
@@ -163,102 +157,93 @@ class FleetReplica:
         return in_line
 
     def hold(self, target: Target, timeout: float) -> Prepared:
-        """Load, validate and warm `target` beside the live version and hold it (blocking;
-        idempotent: a version already held answers at once with `fresh` False)."""
+        """Prepare `target` beside the live version (blocking; idempotent: a version
+        already held answers at once with `fresh` False)."""
         started = time.monotonic()
-        if self.has(target.generation):
-            return Prepared(self.id, target.generation, ok=True, fresh=False)
+        generation = target.generation
+        if self.has(generation):
+            return Prepared(self.id, generation, ok=True, fresh=False)
         try:
-            ticket = self.reloader.submit(
+            ticket = self.reloader.prepare(
                 target.source,
-                description=target.description or f"fleet g{target.generation}",
-                generation=target.generation,
+                description=target.description or f"fleet g{generation}",
+                generation=generation,
+                hold_seconds=self.hold_seconds,
             )
         except ValueError as exc:
-            return Prepared(self.id, target.generation, ok=False, error=str(exc))
-        deadline = started + timeout
-        with self._lock:
-            while not (self.has(target.generation) or ticket.id in self._finished):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._aborted.add(target.generation)
-                    return Prepared(
-                        self.id,
-                        target.generation,
-                        ok=False,
-                        error=f"replica {self.id}: not ready within {timeout:g} s",
-                        seconds=time.monotonic() - started,
-                    )
-                self._changed.wait(left)
-            aborted = target.generation in self._aborted
+            return Prepared(self.id, generation, ok=False, error=str(exc))
+        ticket.then(lambda result: self._arrived(generation, result))
+        try:
+            result = ticket.wait(timeout)
+        except TimeoutError:
+            self.abort(generation, f"not ready within {timeout:g} s")
+            error = f"replica {self.id}: not ready within {timeout:g} s"
+            return Prepared(self.id, generation, ok=False, error=error, seconds=timeout)
         seconds = time.monotonic() - started
-        if aborted:  # the fleet gave up on it while it loaded (`_notice` discards it)
-            return Prepared(self.id, target.generation, ok=False, error="aborted", seconds=seconds)
-        if self.has(target.generation):
-            return Prepared(self.id, target.generation, ok=True, seconds=seconds)
-        event = ticket.wait(max(0.0, deadline - time.monotonic()))
-        error = event.error_message or event.outcome.value
-        return Prepared(
-            self.id,
-            target.generation,
-            ok=False,
-            error=f"replica {self.id}: {error}",
-            seconds=seconds,
-        )
+        if isinstance(result, ReloadEvent):
+            error = f"replica {self.id}: {result.error_message or result.outcome.value}"
+            return Prepared(self.id, generation, ok=False, error=error, seconds=seconds)
+        if result.decision is not None:  # the fleet gave up on it while it loaded
+            return Prepared(self.id, generation, ok=False, error="aborted", seconds=seconds)
+        return Prepared(self.id, generation, ok=True, seconds=seconds)
 
     def finish(self, generation: int, timeout: float) -> bool:
-        """Make the held `generation` this replica's live version (the fleet committed it
-        and every request admitted before the commit has finished); the old version
-        drains and is unloaded. True if it is live now."""
+        """Commit the held `generation` here (the fleet committed it, and every request
+        admitted before the commit has finished); the old version drains and is
+        unloaded. True if it is live now. `timeout` is kept for the coordinator's call:
+        the commit is one swap and does not wait."""
         live = self.reloader.live_version
         if live is not None and live.generation == generation:
             return True
-        canary = self.reloader.canary_version
-        if canary is None or canary.generation != generation:
+        with self._lock:
+            handle = self._held.pop(generation, None)
+        if handle is None:
             log.warning("replica %s: g%d is not held here, nothing to finish", self.id, generation)
             return False
         try:
-            ticket = self.reloader.promote(reason=f"the fleet committed g{generation}")
-        except NoCanary:
+            event = self.reloader.commit(handle, reason=f"the fleet committed g{generation}")
+        except NotPrepared:
             return False
-        return ticket.wait(timeout).outcome is Outcome.LIVE
+        return event.outcome is Outcome.LIVE
 
     def abort(self, generation: int, reason: str) -> None:
-        """Discard `generation` (held, or still loading: then when it is ready)."""
+        """Discard `generation` (held, or still loading: then as soon as it is ready)."""
         with self._lock:
             self._aborted.add(generation)
-        self._discard(generation, reason)
+            handle = self._held.pop(generation, None)
+        if handle is not None:
+            with contextlib.suppress(NotPrepared):
+                self.reloader.discard(handle, f"fleet abort: {reason}")
 
-    def _discard(self, generation: int, reason: str) -> None:
-        canary = self.reloader.canary_version
-        if canary is not None and canary.generation == generation:
-            with contextlib.suppress(NoCanary):
-                self.reloader.end_bake(promote=False, reason=f"fleet abort: {reason}")
+    def held_generation(self) -> int | None:
+        """The generation prepared here and not yet decided, if any."""
+        with self._lock:
+            for generation, handle in list(self._held.items()):
+                if handle.decision is None:
+                    return generation
+                del self._held[generation]  # discarded by its hold time
+        return None
 
     def has(self, generation: int) -> bool:
         """Whether requests stamped `generation` can be answered here: it is live or
         held (not draining: a draining version is on its way out)."""
         return any(
-            v.generation == generation and v.state in (VersionState.LIVE, VersionState.CANARY)
+            v.generation == generation and v.state in (VersionState.LIVE, VersionState.PREPARED)
             for v in self.reloader.resident()
         )
 
-    def _notice(self, notice: Notice) -> None:
-        """Wakes `hold`; discards a version the fleet aborted while it loaded. Runs on the
-        reloader's thread (after the version is decidable: see `Reloader._bake_canary`)."""
-        discard = None
+    def _arrived(self, generation: int, result: PreparedVersion[Any] | ReloadEvent) -> None:
+        """A prepare's result (on the reloader's worker): kept for `finish`, or discarded
+        at once if the fleet aborted it while it loaded."""
+        if not isinstance(result, PreparedVersion):
+            return
         with self._lock:
-            if isinstance(notice, ReloadFinished) and not notice.drained:
-                self._finished.append(notice.event.id)
-            elif (
-                isinstance(notice, VersionChanged)
-                and notice.new is VersionState.CANARY
-                and notice.version.generation in self._aborted
-            ):
-                discard = notice.version.generation
-            self._changed.notify_all()
-        if discard is not None:
-            self._discard(discard, "aborted while it loaded")
+            aborted = generation in self._aborted
+            if not aborted:
+                self._held[generation] = result
+        if aborted:
+            with contextlib.suppress(NotPrepared):
+                self.reloader.discard(result, "fleet abort: aborted while it loaded")
 
     # -- requests and reports ---------------------------------------------------------------
 
@@ -275,7 +260,7 @@ class FleetReplica:
             {
                 "generation": v.generation,
                 "version": Path(v.source).name,
-                "state": "held" if v.state is VersionState.CANARY else v.state.value,
+                "state": "held" if v.state is VersionState.PREPARED else v.state.value,
             }
             for v in self.reloader.resident()
         ]

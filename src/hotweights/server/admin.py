@@ -145,11 +145,10 @@ async def reload_event(state: Admin, event_id: int, name: str | None = None) -> 
     event = reloader.log.get(event_id)
     if event is not None:
         return event.to_dict()
-    status = reloader.status()
-    for key in ("reloading", "queued"):
-        job = status[key]
-        if isinstance(job, dict) and job.get("id") == event_id:
-            return {"id": event_id, "outcome": None, "status": key, **job}
+    found = reloader.status().job(event_id)
+    if found is not None:
+        key, job = found
+        return {"id": event_id, "outcome": None, "status": key, **job.to_dict()}
     raise HTTPException(404, f"no reload event {event_id} in the log")
 
 
@@ -157,7 +156,7 @@ async def reload_event(state: Admin, event_id: int, name: str | None = None) -> 
 async def status(state: Admin) -> dict[str, Any]:
     return {
         "models": {
-            name: {**m.reloader.status(), "engines": _engines(m)}
+            name: {**m.reloader.status().to_dict(), "engines": _engines(m)}
             for name, m in state.models.items()
         },
         "config": {

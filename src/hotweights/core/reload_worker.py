@@ -1,0 +1,191 @@
+"""The reloader's worker: one thread that runs each job of the queue through its strategy's
+prepare and then waits with the prepared version until it is decided (a reload commits at
+once, a canary bakes, a prepare waits for its caller or its hold time). Also the two
+decisions: `commit` (the one swap, of one or several prepared versions) and the
+application of a discard.
+
+Who applies what: a commit is applied by its caller (one swap under every slot's lock, so
+several models can go live together); a discard by its caller, or by the worker for a
+discard that was only claimed (a canary's breach, seen on the request path; a hold that
+timed out; a shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Generic, TypeVar
+
+from hotweights.core.bake import bake
+from hotweights.core.canary import CanaryPolicy
+from hotweights.core.events import Outcome, ReloadEvent
+from hotweights.core.observers import ReloadStarted
+from hotweights.core.prepared import Decision, PreparedVersion, claim_all
+from hotweights.core.reload_queue import ReloadJob, ReloadQueue
+from hotweights.core.reload_records import ReloadRecords
+from hotweights.core.slot import ModelSlot
+from hotweights.core.swap_strategies import PrepareFailed, SwapStrategy
+from hotweights.core.version import ModelVersion
+from hotweights.errors import NotPrepared
+
+ModelT = TypeVar("ModelT")
+log = logging.getLogger("hotweights.reload")
+
+
+def commit(handles: tuple[PreparedVersion[Any], ...], reason: str) -> ReloadEvent:
+    """Make every prepared version in `handles` live in one step (see `Reloader.commit`);
+    returns the first one's event. Raises `NotPrepared` if any was already decided."""
+    if not claim_all(handles, Decision.COMMIT, reason):
+        raise NotPrepared(f"{', '.join(map(repr, handles))}: already committed or discarded")
+    for handle in handles:
+        handle.begin_apply()
+    try:
+        olds = ModelSlot.commit_together([(handle.slot, handle.generation) for handle in handles])
+    except Exception as exc:  # never leave a worker waiting on a version nobody settles
+        for handle in handles:
+            handle.settle(handle.records.event(handle.job, Outcome.FAILED, error=exc))
+        raise
+    events = [
+        handle.records.committed(handle, old) for handle, old in zip(handles, olds, strict=True)
+    ]
+    return events[0]
+
+
+class ReloadWorker(Generic[ModelT]):
+    """Runs the jobs of one reloader. Thread-safe; `held` is the version prepared now."""
+
+    def __init__(
+        self,
+        name: str,
+        queue: ReloadQueue,
+        strategy: SwapStrategy[ModelT],
+        records: ReloadRecords,
+        canary: CanaryPolicy | None,
+    ) -> None:
+        self.name = name
+        self.queue = queue
+        self.strategy = strategy
+        self.records = records
+        self.slot = records.slot
+        self.canary = canary
+        self._lock = threading.Lock()
+        self._held: PreparedVersion[ModelT] | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name=f"hotweights-reloader-{name}")
+        self._thread.daemon = True
+        self._thread.start()
+
+    @property
+    def held(self) -> PreparedVersion[ModelT] | None:
+        """The version prepared now and not yet settled, if any."""
+        handle = self._held
+        return handle if handle is not None and not handle.settled.is_set() else None
+
+    def discard(self, handle: PreparedVersion[ModelT], reason: str) -> ReloadEvent | None:
+        """See `Reloader.discard`."""
+        if not handle.claim(Decision.DISCARD, reason):
+            decided = handle.decision.value if handle.decision else "decided"
+            raise NotPrepared(f"{handle!r} was already {decided}")
+        if threading.current_thread() is self._thread or not handle.begin_apply():
+            return None  # the worker applies it as soon as this call returns
+        self._apply_discard(handle)
+        return handle.event
+
+    def close(self, timeout: float | None) -> None:
+        """End the queued job, discard the prepared version, let the running job end."""
+        with self._lock:
+            self._closing = True
+            held = self._held
+        pending = self.queue.close()
+        if held is not None:
+            held.claim(Decision.DISCARD, "the reloader is closing")
+        if pending is not None:
+            event = self.records.event(pending, Outcome.SUPERSEDED, error="closed")
+            self.records.finish(pending, event)
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while (job := self.queue.take()) is not None:
+            live = self.slot.live_version
+            job.old_generation = live.generation if live is not None else 0
+            self.records.observers.notify(ReloadStarted(self.name, job.id, job.source, job.trigger))
+            try:
+                self._run(job)
+            except Exception as exc:  # a bug in the reloader itself: never kill the worker
+                log.exception("reload %d of %s crashed", job.id, self.name)
+                if self.slot.in_gap and self.slot.live_version is None:
+                    self.slot.end_gap()  # never leave admissions waiting on nothing
+                if not job.future.done():
+                    self.records.finish(job, self.records.event(job, Outcome.FAILED, error=exc))
+            finally:
+                with self._lock:
+                    self._held = None
+                self.queue.done()
+
+    def _run(self, job: ReloadJob) -> None:
+        prepared = self.strategy.prepare(job)
+        if isinstance(prepared, PrepareFailed):
+            restored = self._restore(prepared.restore) if prepared.restore else None
+            self.slot.end_gap()
+            self.records.finish(job, prepared.event, *([restored] if restored else []))
+            return
+        handle = prepared
+        with self._lock:
+            self._held = handle
+            if self._closing:
+                handle.claim(Decision.DISCARD, "the reloader is closing")
+        stable = self.slot.live_version
+        if job.kind == "prepare":
+            job.future.set_result(handle)
+            hold = job.hold_seconds or 0.0
+            if not handle.wait_decided(hold):
+                handle.claim(Decision.DISCARD, f"nothing committed it within {hold:g} s")
+        elif self.canary and job.trigger != "rollback" and stable and not handle.decision:
+            bake(self.canary, handle, stable, self._commit_one)
+        elif not handle.decision:
+            self._commit_one(handle, "reloaded")
+        if handle.decision is Decision.DISCARD and handle.begin_apply():
+            self._apply_discard(handle)
+        handle.settled.wait()
+        if not job.future.done() and handle.event is not None:
+            job.future.set_result(handle.event)
+
+    def _commit_one(self, handle: PreparedVersion[Any], reason: str) -> object:
+        return commit((handle,), reason)
+
+    def _apply_discard(self, handle: PreparedVersion[ModelT]) -> None:
+        """Withdraw, record and drain a discarded version (under `resource`, drain it now
+        and bring the old version back)."""
+        try:
+            generation = self.slot.withdraw_prepared(handle.generation)
+            self.records.history.withdraw(handle.version)
+            event = self.records.discarded(handle)
+        except Exception as exc:
+            handle.settle(self.records.event(handle.job, Outcome.FAILED, error=exc))
+            raise
+        if handle.previous is None:
+            self.records.record(event)
+            self.records.drain_later(generation, event.id)
+            handle.settle(event)
+            return
+        self.slot.drain(generation, self.records.drain_timeout)
+        restored = self._restore(handle.previous)
+        self.slot.end_gap()
+        for done in (event, restored):
+            self.records.record(done)
+        handle.settle(event)
+
+    def _restore(self, previous: ModelVersion) -> ReloadEvent:
+        """Under `resource`, the old version was unloaded for a version that failed or was
+        discarded: bring its source back so that something serves again."""
+        text = f"restore g{previous.generation} after a failed reload"
+        job = self.queue.new_job(previous.source, "rollback", text)
+        job.old_generation = self.records.history.generation
+        prepared = self.strategy.prepare(job)
+        if isinstance(prepared, PrepareFailed):
+            log.error("%s: restoring %s failed too", self.name, previous.label)
+            return prepared.event
+        claim_all((prepared,), Decision.COMMIT, text)
+        prepared.begin_apply()
+        (old,) = ModelSlot.commit_together([(self.slot, prepared.generation)])
+        return self.records.committed(prepared, old, record=False)
