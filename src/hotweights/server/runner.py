@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from hotweights.config import Config
 from hotweights.core import CanaryPolicy, Loader, MemoryCheck, Notice, Reloader
+from hotweights.core.loader import LibraryImporting
 from hotweights.server.app import create_app
 from hotweights.server.server_state import ServedModel, ServerState
 
@@ -184,9 +185,9 @@ def freeze_startup_heap(state: ServerState) -> None:
     under a millisecond. Objects created later (every model version) are collected as
     before."""
     for served in state.models.values():
-        prepare = getattr(served.reloader.loader, "import_libraries", None)
-        if callable(prepare):
-            prepare()
+        loader = served.reloader.loader
+        if isinstance(loader, LibraryImporting):
+            loader.import_libraries()
     gc.collect()
     gc.freeze()
     log.debug("%d objects frozen before the first load", gc.get_freeze_count())

@@ -12,6 +12,7 @@ from typing import Any
 
 from hotweights.config import Config
 from hotweights.core import Reloader
+from hotweights.core.loader import Closing
 from hotweights.engine.batching_loader import BatchingLoader
 from hotweights.errors import Forbidden, InvalidRequest, Overloaded, Unauthorized, UnknownModel
 from hotweights.server.audit import AuditTrail
@@ -129,9 +130,9 @@ class ServerState:
             self.sync.close()
         for served in self.models.values():
             served.reloader.close(timeout)
-            close_loader = getattr(served.reloader.loader, "close", None)
-            if callable(close_loader):  # a transformers loader's load process, say
-                close_loader()
+            loader = served.reloader.loader
+            if isinstance(loader, Closing):  # a transformers loader's load process, say
+                loader.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
