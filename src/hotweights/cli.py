@@ -241,7 +241,8 @@ def _device(value: str) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hotweights.server.runner import build_state, serve
+    from hotweights.server.assembly import build_state
+    from hotweights.server.runner import serve
 
     overrides = {key: getattr(args, key) for key in SERVE_SETTINGS}
     if args.model_roots:

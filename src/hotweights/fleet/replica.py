@@ -40,7 +40,7 @@ from hotweights.core import (
 from hotweights.errors import NoCanary
 from hotweights.fleet.bridge import Forwarded, Head, answer
 from hotweights.server.app import create_app
-from hotweights.server.runner import build_state
+from hotweights.server.assembly import build_state
 
 log = logging.getLogger("hotweights.fleet")
 
