@@ -24,7 +24,7 @@ from hotweights.config import Config
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.generation import GenerationParams
 from hotweights.server.assembly import build_state
-from hotweights.server.runner import ServerThread
+from hotweights.testing import ServerThread
 
 SHAPE = TinyShape(
     hidden_size=256,

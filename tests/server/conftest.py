@@ -9,7 +9,7 @@ import pytest
 from hotweights.config import Config
 from hotweights.core import Loader
 from hotweights.server.assembly import build_state
-from hotweights.server.runner import ServerThread
+from hotweights.testing import ServerThread
 
 Serve = Callable[..., ServerThread]
 

@@ -126,7 +126,7 @@ def run_demo(
     import openai
 
     from hotweights.server.assembly import build_state, freeze_startup_heap
-    from hotweights.server.runner import ServerThread
+    from hotweights.testing import ServerThread
 
     v1, v2 = build_demo_versions(force=rebuild, progress=say)
     bad: Path | None = None
