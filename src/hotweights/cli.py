@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hotweights import __version__
@@ -147,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--description", default="", help="recorded in the manifest")
     publish.set_defaults(run=_publish)
 
-    add_fleet_command(commands, _device)
+    add_fleet_command(commands, _device, _demo_repository)
 
     gate = commands.add_parser(
         "gate", help="judge a candidate version with a gate file offline; exit 0 if it passes"
@@ -218,6 +219,13 @@ def _device(value: str) -> str:
         return parse_device(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _demo_repository() -> tuple[Path, str]:
+    """The repository `hotweights fleet` serves when given none: the demo's version one."""
+    from hotweights.demo.versions import demo_repository
+
+    return demo_repository(progress=say)
 
 
 def _serve(args: argparse.Namespace) -> int:
