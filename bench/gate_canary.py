@@ -186,7 +186,8 @@ def _faulty_loader(faulty: str) -> Any:
 
 def _server(v1: Path, loader: Any = None, **options: Any) -> Any:
     from hotweights.config import Config
-    from hotweights.server.runner import ServerThread, build_state, freeze_startup_heap
+    from hotweights.server.assembly import build_state, freeze_startup_heap
+    from hotweights.testing import ServerThread
 
     config = Config.load(
         {

@@ -23,7 +23,8 @@ from hotweights.backends import TransformersLoader
 from hotweights.config import Config
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.generation import GenerationParams
-from hotweights.server.runner import ServerThread, build_state
+from hotweights.server.assembly import build_state
+from hotweights.testing import ServerThread
 
 SHAPE = TinyShape(
     hidden_size=256,

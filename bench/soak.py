@@ -40,8 +40,8 @@ import httpx
 import psutil
 
 from hotweights.demo.versions import DEMO_QUESTIONS, EXPECTED_ANSWERS, build_demo_versions
-from hotweights.server.runner import free_port
 from hotweights.sources import publish
+from hotweights.testing import free_port
 
 MODEL = "soak"
 WEIGHTS = (1, 2)

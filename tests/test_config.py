@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_type_hints
+
 import pytest
 
 from hotweights.config import AUTO_THREAD_FROM, Config
+from hotweights.sources.manifest import VERIFY_MODES, VerifyMode
+from hotweights.sources.watcher import WATCHER_KINDS, WatcherKind
 
 
 def test_flags_override_the_environment_which_overrides_defaults() -> None:
@@ -42,6 +46,8 @@ def test_auto_loads_in_a_process_only_where_requests_run_during_small_loads(
         ("canary", "0", "between 0 and 1"),
         ("device", "gpu", "device must be cpu, cuda or cuda:N"),
         ("device", "cpu:0", "device must be cpu, cuda or cuda:N"),
+        ("watch", "inotify", "watch must be one of"),
+        ("verify", "crc", "verify must be one of"),
     ],
 )
 def test_a_bad_setting_is_named(setting: str, value: object, message: str) -> None:
@@ -72,3 +78,14 @@ def test_canary_settings_become_a_policy() -> None:
         policy
     )(share=0.25, bake_seconds=90.0)
     assert Config.load({}, environ={}).canary_policy() is None
+
+
+def test_the_watcher_and_verify_settings_are_the_sources_own_choices() -> None:
+    """One definition of each choice: the config field is typed by the watcher's and the
+    manifest's `Literal`, and accepts exactly their members."""
+    hints = get_type_hints(Config)
+    assert (hints["watch"], hints["verify"]) == (WatcherKind, VerifyMode)
+    for kind in WATCHER_KINDS:
+        assert Config.load({"watch": kind}, environ={}).watch == kind
+    for mode in VERIFY_MODES:
+        assert Config.load({"verify": mode}, environ={}).verify == mode

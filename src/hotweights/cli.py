@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hotweights import __version__
 from hotweights.backends.devices import parse_device
@@ -18,13 +19,12 @@ from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
 from hotweights.errors import HotweightsError
 from hotweights.fleet.command import add_fleet_command
+from hotweights.server.admin_client import add_client_commands
 from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
 
 if TYPE_CHECKING:
     from hotweights.core.gate import GateVerdict
     from hotweights.sources.gate_spec import GateSpec
-
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--description", default="", help="recorded in the manifest")
     publish.set_defaults(run=_publish)
 
-    add_fleet_command(commands, _device)
+    add_fleet_command(commands, _device, _demo_repository)
 
     gate = commands.add_parser(
         "gate", help="judge a candidate version with a gate file offline; exit 0 if it passes"
@@ -163,26 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument("--json", action="store_true", help="print the verdict as JSON")
     gate.set_defaults(run=_gate)
 
-    for name, helptext, runner in (
-        ("reload", "make a new version live on a running server", _reload),
-        ("rollback", "make the previous version live again (or roll a canary back)", _rollback),
-        ("promote", "end a canary's bake now and make it live", _promote),
-        ("status", "show the live version, in-flight requests and recent reloads", _status),
-    ):
-        client = commands.add_parser(name, help=helptext)
-        client.add_argument("--url", default=os.environ.get("HOTWEIGHTS_URL", DEFAULT_URL))
-        client.add_argument("--admin-token", default=os.environ.get("HOTWEIGHTS_ADMIN_TOKEN"))
-        if name == "reload":
-            client.add_argument(
-                "path", nargs="?", help="model directory (default: reload the live one)"
-            )
-            client.add_argument("--description", default="")
-            client.add_argument(
-                "--no-wait", action="store_true", help="return at once with the event id"
-            )
-        if name == "rollback":
-            client.add_argument("--description", default="")
-        client.set_defaults(run=runner)
+    add_client_commands(commands)
 
     demo = commands.add_parser("demo", help="swap a model live under traffic and show it")
     demo.add_argument("--duration", type=float, default=24.0, help="seconds of traffic")
@@ -240,8 +221,16 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _demo_repository() -> tuple[Path, str]:
+    """The repository `hotweights fleet` serves when given none: the demo's version one."""
+    from hotweights.demo.versions import demo_repository
+
+    return demo_repository(progress=say)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from hotweights.server.runner import build_state, serve
+    from hotweights.server.assembly import build_state
+    from hotweights.server.runner import serve
 
     overrides = {key: getattr(args, key) for key in SERVE_SETTINGS}
     if args.model_roots:
@@ -332,55 +321,6 @@ def _judge_offline(spec: GateSpec | None, args: argparse.Namespace) -> GateVerdi
             loader.unload(candidate)
     finally:
         loader.close()
-
-
-def _client(args: argparse.Namespace) -> Any:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {args.admin_token}"} if args.admin_token else {}
-    return httpx.Client(base_url=args.url, headers=headers, timeout=None)
-
-
-def _call(
-    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
-) -> int:
-    import httpx
-
-    try:
-        with _client(args) as client:
-            response = client.request(method, path, json=body)
-    except httpx.HTTPError as exc:
-        print(f"hotweights: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 3
-    payload = response.json() if response.content else {}
-    print(json.dumps(payload, indent=2))
-    if response.is_success:
-        return 0
-    error = payload.get("error", {}) if isinstance(payload, dict) else {}
-    print(
-        f"hotweights: {response.status_code}: {error.get('message', response.text)}",
-        file=sys.stderr,
-    )
-    return 1
-
-
-def _reload(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"description": args.description, "wait": not args.no_wait}
-    if args.path:
-        body["path"] = os.path.abspath(args.path)
-    return _call(args, "POST", "/admin/reload", body)
-
-
-def _rollback(args: argparse.Namespace) -> int:
-    return _call(args, "POST", "/admin/rollback", {"description": args.description})
-
-
-def _promote(args: argparse.Namespace) -> int:
-    return _call(args, "POST", "/admin/promote")
-
-
-def _status(args: argparse.Namespace) -> int:
-    return _call(args, "GET", "/admin/status")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ from hotweights.backends.devices import parse_device
 from hotweights.backends.transformers_lm import DTYPES, LOAD_IN, Device, Dtype, LoadIn
 from hotweights.core.canary import CanaryPolicy
 from hotweights.core.swap_policy import SwapPolicy
+from hotweights.sources.manifest import VERIFY_MODES, VerifyMode
+from hotweights.sources.watcher import WATCHER_KINDS, WatcherKind
 
 LoadInSetting = Literal["auto", LoadIn]
 LOAD_IN_SETTINGS: tuple[LoadInSetting, ...] = ("auto", *LOAD_IN)
@@ -35,11 +37,11 @@ class Config:
     """Model directory to serve; None serves the built-in demo model."""
     repo: str | None = None
     """A model repository (ROOT/<model>/<version>/) to serve every model of, and watch."""
-    watch: Literal["auto", "events", "poll"] = "auto"
+    watch: WatcherKind = "auto"
     """How the repository is watched: file events (watchfiles), polling, or auto."""
     poll_interval: float = 1.0
     """Seconds between scans when polling."""
-    verify: Literal["digest", "size", "none"] = "digest"
+    verify: VerifyMode = "digest"
     """How a version's files are checked against its manifest before it may load."""
     settle_seconds: float = 10.0
     """A version without a manifest is eligible once its files are unchanged this long."""
@@ -160,10 +162,10 @@ class Config:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         self.kv_cache_bytes()  # raises for a size it cannot read
         self.canary_policy()  # raises for a share, duration or threshold out of range
-        if self.watch not in ("auto", "events", "poll"):
-            raise ValueError(f"watch must be auto, events or poll, got {self.watch!r}")
-        if self.verify not in ("digest", "size", "none"):
-            raise ValueError(f"verify must be digest, size or none, got {self.verify!r}")
+        if self.watch not in WATCHER_KINDS:
+            raise ValueError(f"watch must be one of {WATCHER_KINDS}, got {self.watch!r}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {self.verify!r}")
         for name in (
             "drain_timeout",
             "admission_timeout",

@@ -17,7 +17,7 @@ from hotweights.core.memory import available_memory
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.engine.kv import KVShape
 from hotweights.errors import InsufficientMemory
-from hotweights.server.runner import _memory_check
+from hotweights.server.assembly import memory_check
 
 GIB = 2**30
 
@@ -85,7 +85,7 @@ def test_a_version_that_does_not_fit_beside_the_live_one_on_the_gpu_is_refused_w
     on the GPU refuses a 3 GiB version under availability and names the resource policy,
     which would fit it beside nothing (the live 4 GiB version unloaded first)."""
     FakeGpus(monkeypatch, free=2 * GIB)
-    check = _memory_check(Config.load({"device": "cuda:0"}, environ={}))
+    check = memory_check(Config.load({"device": "cuda:0"}, environ={}))
     assert check is not None
     with pytest.raises(InsufficientMemory, match="the resource policy would fit it"):
         check.check("v2", 3 * GIB, "availability", resident=4 * GIB)

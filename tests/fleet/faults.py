@@ -11,7 +11,7 @@ from typing import Any
 from hotweights.config import Config
 from hotweights.core import Loader
 from hotweights.errors import LoadError
-from hotweights.server.runner import transformers_loader
+from hotweights.server.assembly import transformers_loader
 
 FAULT_FILE = "fail-on-one-replica"
 """A version directory holding this file fails to load on one replica; the others load

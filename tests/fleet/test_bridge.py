@@ -18,7 +18,7 @@ from hotweights.config import Config
 from hotweights.core import Outcome, PreparedVersion, Reloader
 from hotweights.fleet.bridge import Forwarded, Head, answer
 from hotweights.server.app import create_app
-from hotweights.server.runner import build_state
+from hotweights.server.assembly import build_state
 from hotweights.server.server_state import ServerState
 from tests.fakes import FakeTextLoader
 

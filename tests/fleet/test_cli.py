@@ -40,3 +40,26 @@ def test_an_exposed_endpoint_needs_an_admin_token(
     publish(write_files(tmp_path / "build", WEIGHTS), tmp_path / "repo", "a")
     assert main(["fleet", "--repo", str(tmp_path / "repo"), "--host", "0.0.0.0"]) == 2
     assert "set an admin token" in capsys.readouterr().err
+
+
+def test_without_a_repository_the_fleet_serves_the_one_it_is_handed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI hands `hotweights fleet` the demo's repository; the fleet imports no demo."""
+    import argparse
+
+    from hotweights.fleet.command import add_fleet_command
+
+    publish(write_files(tmp_path / "build", WEIGHTS), tmp_path / "repo", "a")
+    handed: list[str] = []
+
+    def repository() -> tuple[Path, str]:
+        handed.append("repo")
+        return tmp_path / "repo", "a"
+
+    parser = argparse.ArgumentParser()
+    add_fleet_command(parser.add_subparsers(), str, repository)
+    args = parser.parse_args(["fleet", "--replicas", "0"])
+    assert args.run(args) == 2
+    assert handed == ["repo"]
+    assert "a fleet needs at least 1 replica, got 0" in capsys.readouterr().err

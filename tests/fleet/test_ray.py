@@ -20,8 +20,8 @@ from hotweights.config import Config  # noqa: E402
 from hotweights.demo.tinylm import save_tiny_model  # noqa: E402
 from hotweights.fleet import deployment  # noqa: E402
 from hotweights.fleet.settings import FleetSettings  # noqa: E402
-from hotweights.server.runner import free_port  # noqa: E402
 from hotweights.sources import publish  # noqa: E402
+from hotweights.testing import free_port  # noqa: E402
 from tests.fleet import faults  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.llm, pytest.mark.timeout(300)]

@@ -8,7 +8,8 @@ import pytest
 
 from hotweights.config import Config
 from hotweights.core import Loader
-from hotweights.server.runner import ServerThread, build_state
+from hotweights.server.assembly import build_state
+from hotweights.testing import ServerThread
 
 Serve = Callable[..., ServerThread]
 

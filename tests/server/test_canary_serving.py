@@ -17,8 +17,8 @@ import pytest
 from hotweights.cli import main
 from hotweights.core import Notice, VersionChanged, VersionState
 from hotweights.generation import GenerationParams, TokenChunk
-from hotweights.server.runner import ServerThread
 from hotweights.sources import publish
+from hotweights.testing import ServerThread
 from tests.fakes import FakeTextLoader, FakeTextModel
 from tests.server.conftest import Serve
 from tests.server.test_repository_serving import Finished

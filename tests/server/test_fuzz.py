@@ -39,8 +39,8 @@ from schemathesis.schemas import APIOperation, BaseSchema
 from hotweights.backends import TransformersLoader
 from hotweights.demo.tinylm import save_tiny_model
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
-from hotweights.server.runner import ServerThread
 from hotweights.sources import publish
+from hotweights.testing import ServerThread
 from tests.fakes import FakeTextLoader
 from tests.server.conftest import Serve
 from tests.sources.layouts import WEIGHTS, write_files

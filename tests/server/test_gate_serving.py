@@ -24,9 +24,9 @@ from hotweights.demo.versions import (
     build_demo_versions,
 )
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
-from hotweights.server.runner import ServerThread
 from hotweights.sources import publish
 from hotweights.sources.gate_spec import GATE_FILE
+from hotweights.testing import ServerThread
 from tests.backends.conftest import save_lively_model
 from tests.server.conftest import Serve
 from tests.server.test_repository_serving import Finished

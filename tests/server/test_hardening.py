@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hotweights.server.runner import free_port
+from hotweights.testing import free_port
 from tests.fakes import FakeTextLoader
 from tests.server.conftest import Serve
 from tests.server.test_streams import StepGate, _chat, _events, _reload

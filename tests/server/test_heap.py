@@ -13,7 +13,7 @@ from hotweights.backends import LoadedLM
 from hotweights.config import Config
 from hotweights.demo.tinylm import save_tiny_model
 from hotweights.engine.batching_loader import BatchingLoader
-from hotweights.server.runner import build_state, freeze_startup_heap
+from hotweights.server.assembly import build_state, freeze_startup_heap
 
 pytestmark = pytest.mark.llm
 

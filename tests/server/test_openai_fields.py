@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hotweights.backends import TransformersLoader
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
-from hotweights.server.runner import ServerThread
+from hotweights.testing import ServerThread
 from tests.backends.conftest import save_lively_model
 from tests.server.conftest import Serve
 

@@ -11,8 +11,8 @@ import httpx
 
 from hotweights.core import Notice, ReloadFinished
 from hotweights.errors import ValidationError
-from hotweights.server.runner import ServerThread
 from hotweights.sources import publish
+from hotweights.testing import ServerThread
 from tests.fakes import FakeTextLoader
 from tests.server.conftest import Serve
 from tests.sources.layouts import WEIGHTS, make_version, write_files

@@ -14,8 +14,8 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from hotweights.server.runner import free_port
 from hotweights.sources import publish
+from hotweights.testing import free_port
 
 pytestmark = pytest.mark.llm
 

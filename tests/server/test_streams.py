@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from hotweights.config import Config
-from hotweights.server.runner import ServerThread, build_state
+from hotweights.server.assembly import build_state
 from hotweights.server.server_state import ServerState
+from hotweights.testing import ServerThread
 from tests.fakes import FakeTextLoader
 from tests.server.conftest import Serve
 

@@ -55,3 +55,25 @@ class SizeEstimating(Protocol):
     def estimate_bytes(self, source: str) -> int:
         """Approximate resident size of `source` once loaded, in bytes."""
         ...
+
+
+@runtime_checkable
+class Closing(Protocol):
+    """Optional: a loader that holds something of its own beyond its models (a helper
+    process, say), released by `close`."""
+
+    def close(self) -> None:
+        """Release what the loader holds. Called once, by whoever built the loader, after
+        its reloader has closed (no load runs any more); a later load may start it again."""
+        ...
+
+
+@runtime_checkable
+class LibraryImporting(Protocol):
+    """Optional: a loader whose libraries take long to import, imported ahead of the first
+    load (so a process can freeze its startup heap with them in it)."""
+
+    def import_libraries(self) -> None:
+        """Import what `load` needs (and start any helper it uses). Called once, before the
+        first load, from the thread that starts serving; safe to skip."""
+        ...

@@ -125,7 +125,8 @@ def run_demo(
     import httpx
     import openai
 
-    from hotweights.server.runner import ServerThread, build_state, freeze_startup_heap
+    from hotweights.server.assembly import build_state, freeze_startup_heap
+    from hotweights.testing import ServerThread
 
     v1, v2 = build_demo_versions(force=rebuild, progress=say)
     bad: Path | None = None

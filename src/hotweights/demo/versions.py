@@ -41,6 +41,7 @@ __all__ = [
     "build_bad_version",
     "build_demo_versions",
     "default_cache_dir",
+    "demo_repository",
 ]
 
 RECIPE_VERSION: Final = 1
@@ -155,6 +156,25 @@ def build_demo_versions(
             shutil.rmtree(staging, ignore_errors=True)
     report(f"demo models ready in {root}")
     return targets
+
+
+def demo_repository(progress: Progress | None = None) -> tuple[Path, str]:
+    """A model repository holding demo version one (`hotweights fleet` without `--repo`),
+    and its model's name: built and published on first use, in the cache. `progress` also
+    receives how to publish version two."""
+    from hotweights.sources import ModelRepository, publish
+
+    report = progress or _ignore
+    first, second = build_demo_versions(progress=report)
+    repo, model = default_cache_dir() / "fleet-demo", "hotweights-demo"
+    repository = ModelRepository(repo)
+    repository.scan()
+    if not repository.eligible(model):
+        publish(first, repo, model, description="demo version 1")
+    report(
+        f"publish the next version with: hotweights publish {second} --repo {repo} --model {model}"
+    )
+    return repo, model
 
 
 def build_bad_version(cache_dir: Path | None = None, *, progress: Progress | None = None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hotweights.backends.transformers_lm import DTYPES
@@ -13,6 +14,10 @@ from hotweights.config import Config
 from hotweights.console import say
 from hotweights.errors import HotweightsError
 from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
+
+DemoRepository = Callable[[], tuple[Path, str]]
+"""Builds (once) a repository to serve when `--repo` is not given; returns it and its
+model's name. The CLI passes the demo's, so the fleet imports no demo."""
 
 FLEET_SETTINGS = (
     "host",
@@ -33,8 +38,11 @@ FLEET_SETTINGS = (
 )
 
 
-def add_fleet_command(commands: Any, device: Callable[[str], str]) -> None:
-    """Add `hotweights fleet` to the CLI's subcommands (`device` checks --device)."""
+def add_fleet_command(
+    commands: Any, device: Callable[[str], str], demo_repository: DemoRepository
+) -> None:
+    """Add `hotweights fleet` to the CLI's subcommands (`device` checks --device;
+    `demo_repository` gives the repository to serve when none is named)."""
     fleet = commands.add_parser(
         "fleet",
         help="serve a repository's model from N replicas on Ray Serve; new versions go "
@@ -66,7 +74,7 @@ def add_fleet_command(commands: Any, device: Callable[[str], str]) -> None:
     fleet.add_argument("--poll-interval", type=float, help="seconds between scans when polling")
     fleet.add_argument("--verify", choices=VERIFY_MODES, help="check files against the manifest")
     fleet.add_argument("--settle-seconds", type=float, help="quiet time for manifest-less versions")
-    fleet.set_defaults(run=_fleet)
+    fleet.set_defaults(run=_fleet, demo_repository=demo_repository)
 
 
 def _fleet(args: argparse.Namespace) -> int:
@@ -76,7 +84,8 @@ def _fleet(args: argparse.Namespace) -> int:
         from hotweights.fleet.settings import FleetSettings
 
         if args.repo is None:
-            overrides["repo"], model = _fleet_demo_repository()
+            repo, model = args.demo_repository()
+            overrides["repo"] = str(repo)
         else:
             model = args.model or _only_model(args.repo)
         config = Config.load(overrides)
@@ -107,22 +116,6 @@ def _fleet(args: argparse.Namespace) -> int:
         say("stopping the fleet")
         fleet.stop()
     return 0
-
-
-def _fleet_demo_repository() -> tuple[str, str]:
-    """A repository holding the demo's first version (built and published if missing);
-    prints how to publish the second one."""
-    from hotweights.demo.versions import build_demo_versions, default_cache_dir
-    from hotweights.sources import ModelRepository, publish
-
-    first, second = build_demo_versions(progress=say)
-    repo, model = default_cache_dir() / "fleet-demo", "hotweights-demo"
-    repository = ModelRepository(repo)
-    repository.scan()
-    if not repository.eligible(model):
-        publish(first, repo, model, description="demo version 1")
-    say(f"publish the next version with: hotweights publish {second} --repo {repo} --model {model}")
-    return str(repo), model
 
 
 def _only_model(repo: str) -> str:

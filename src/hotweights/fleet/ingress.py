@@ -41,9 +41,9 @@ from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.names import COORDINATOR, NAMESPACE
 from hotweights.fleet.settings import FleetSettings
 from hotweights.server import error_responses
+from hotweights.server.bearer import check_bearer
 from hotweights.server.error_responses import classify, error_body
 from hotweights.server.metrics import CONTENT_TYPE
-from hotweights.server.server_state import check_bearer
 
 log = logging.getLogger("hotweights.fleet")
 app = FastAPI(title="hotweights fleet")

@@ -37,7 +37,7 @@ from hotweights.core import (
 from hotweights.errors import NotPrepared
 from hotweights.fleet.bridge import Forwarded, Head, answer
 from hotweights.server.app import create_app
-from hotweights.server.runner import build_state
+from hotweights.server.assembly import build_state
 
 log = logging.getLogger("hotweights.fleet")
 

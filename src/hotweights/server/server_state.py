@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +11,11 @@ from typing import Any
 
 from hotweights.config import Config
 from hotweights.core import Reloader
+from hotweights.core.loader import Closing
 from hotweights.engine.batching_loader import BatchingLoader
-from hotweights.errors import Forbidden, InvalidRequest, Overloaded, Unauthorized, UnknownModel
+from hotweights.errors import Forbidden, InvalidRequest, Overloaded, UnknownModel
 from hotweights.server.audit import AuditTrail
+from hotweights.server.bearer import check_bearer
 from hotweights.server.metrics import Metrics
 from hotweights.sources import RepositorySync
 
@@ -129,18 +130,7 @@ class ServerState:
             self.sync.close()
         for served in self.models.values():
             served.reloader.close(timeout)
-            close_loader = getattr(served.reloader.loader, "close", None)
-            if callable(close_loader):  # a transformers loader's load process, say
-                close_loader()
+            loader = served.reloader.loader
+            if isinstance(loader, Closing):  # a transformers loader's load process, say
+                loader.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def check_bearer(expected: str | None, authorization: str | None, what: str) -> None:
-    """Compare a bearer token in constant time; nothing to check when none is configured."""
-    if not expected:
-        return
-    if not authorization or not authorization.startswith("Bearer "):
-        raise Unauthorized(f"this endpoint needs 'Authorization: Bearer <{what}>'")
-    presented = authorization.removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(presented.encode(), expected.encode()):
-        raise Forbidden(f"the {what} is wrong")
