@@ -276,7 +276,8 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from hotweights.sources.gate_spec import GATE_FILE, GateSpec, verdict_table
+    from hotweights.sources.gate_spec import GATE_FILE, GateSpec
+    from hotweights.sources.quality_gate import verdict_table
 
     try:
         spec = GateSpec.from_file(args.gate_file) if args.gate_file else None
@@ -299,7 +300,7 @@ def _judge_offline(spec: GateSpec | None, args: argparse.Namespace) -> GateVerdi
     """Load `--against` (if given) and measure the baseline, unload it, then load and judge
     the candidate: one model in memory at a time."""
     from hotweights.backends import TransformersLoader
-    from hotweights.sources.gate_spec import QualityGate
+    from hotweights.sources.quality_gate import QualityGate
 
     loader = TransformersLoader(dtype=args.dtype, device=args.device, load_in="thread")
     gate = QualityGate(spec)

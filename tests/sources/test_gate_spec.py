@@ -12,7 +12,8 @@ import pytest
 
 from hotweights.errors import GateFileError
 from hotweights.generation import GenerationParams, TokenChunk, TokenLogprob
-from hotweights.sources.gate_spec import GATE_FILE, GateSpec, QualityGate, verdict_table
+from hotweights.sources.gate_spec import GATE_FILE, GateSpec
+from hotweights.sources.quality_gate import QualityGate, verdict_table
 from tests.fakes import FakeClock
 
 

@@ -24,8 +24,8 @@ from hotweights.core.observers import (
     ReloadStarted,
     VersionChanged,
 )
-from hotweights.core.prepared import Decision, PreparedVersion
-from hotweights.core.reload_queue import JobStatus, PrepareTicket, ReloadTicket
+from hotweights.core.prepared import Decision, PreparedVersion, PrepareTicket
+from hotweights.core.reload_queue import JobStatus, ReloadTicket
 from hotweights.core.reload_status import CanaryStatus, ReloaderStatus
 from hotweights.core.reloader import Reloader
 from hotweights.core.serving_view import ServingView

@@ -12,20 +12,21 @@ in the reloader. `settled` is set once the decision was applied and its event re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from hotweights.core.version import ModelVersion
 
 if TYPE_CHECKING:
     from hotweights.core.canary import CanaryMonitor
-    from hotweights.core.events import ReloadEvent
+    from hotweights.core.events import Outcome, ReloadEvent
     from hotweights.core.phases import Attempt
     from hotweights.core.reload_queue import ReloadJob
-    from hotweights.core.reload_records import ReloadRecords
     from hotweights.core.slot import ModelSlot
 
 ModelT = TypeVar("ModelT")
@@ -36,6 +37,16 @@ class Decision(Enum):
 
     COMMIT = "commit"
     DISCARD = "discard"
+
+
+class DecisionRecords(Protocol):
+    """Where a prepared version's decision is written down (`ReloadRecords`)."""
+
+    def event(
+        self, job: ReloadJob, outcome: Outcome, *, error: BaseException | str | None = None
+    ) -> ReloadEvent: ...
+
+    def committed(self, handle: PreparedVersion[Any], old: int | None) -> ReloadEvent: ...
 
 
 class PreparedVersion(Generic[ModelT]):
@@ -52,7 +63,7 @@ class PreparedVersion(Generic[ModelT]):
         model: str,
         version: ModelVersion,
         slot: ModelSlot[ModelT],
-        records: ReloadRecords,
+        records: DecisionRecords,
         job: ReloadJob,
         attempt: Attempt,
         *,
@@ -137,3 +148,29 @@ def claim_all(handles: Sequence[PreparedVersion[Any]], decision: Decision, reaso
             handle._decision, handle._reason = decision, reason
             handle._decided.set()
     return True
+
+
+class PrepareTicket(Generic[ModelT]):
+    """A handle on an accepted prepare request. Its result is the prepared version, or the
+    reload event of the attempt that failed (with its outcome and phase) or was
+    superseded."""
+
+    def __init__(self, job: ReloadJob) -> None:
+        self.id = job.id
+        self.target = job.source
+        self._future: Future[PreparedVersion[ModelT] | ReloadEvent] = job.future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> PreparedVersion[ModelT] | ReloadEvent:
+        """Block until prepared or failed; raises `TimeoutError` if neither in time."""
+        return self._future.result(timeout)
+
+    async def wait_async(self) -> PreparedVersion[ModelT] | ReloadEvent:
+        return await asyncio.wrap_future(self._future)
+
+    def then(self, callback: Callable[[PreparedVersion[ModelT] | ReloadEvent], object]) -> None:
+        """Call `callback` with the result once there is one: at once if there is, else on
+        the reloader's worker as it hands the result over (a callback may `discard`)."""
+        self._future.add_done_callback(lambda done: callback(done.result()))

@@ -12,18 +12,12 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from hotweights.core.events import ReloadEvent, Trigger
 from hotweights.errors import ReloaderClosed
-
-if TYPE_CHECKING:
-    from hotweights.core.prepared import PreparedVersion
-
-ModelT = TypeVar("ModelT")
 
 JobKind = Literal["reload", "prepare"]
 """`reload`: prepare, then commit (or bake as a canary); `prepare`: prepare and hold
@@ -69,32 +63,6 @@ class ReloadTicket:
 
     async def wait_async(self) -> ReloadEvent:
         return await asyncio.wrap_future(self._future)
-
-
-class PrepareTicket(Generic[ModelT]):
-    """A handle on an accepted prepare request. Its result is the prepared version, or the
-    reload event of the attempt that failed (with its outcome and phase) or was
-    superseded."""
-
-    def __init__(self, job: ReloadJob) -> None:
-        self.id = job.id
-        self.target = job.source
-        self._future: Future[PreparedVersion[ModelT] | ReloadEvent] = job.future
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout: float | None = None) -> PreparedVersion[ModelT] | ReloadEvent:
-        """Block until prepared or failed; raises `TimeoutError` if neither in time."""
-        return self._future.result(timeout)
-
-    async def wait_async(self) -> PreparedVersion[ModelT] | ReloadEvent:
-        return await asyncio.wrap_future(self._future)
-
-    def then(self, callback: Callable[[PreparedVersion[ModelT] | ReloadEvent], object]) -> None:
-        """Call `callback` with the result once there is one: at once if there is, else on
-        the reloader's worker as it hands the result over (a callback may `discard`)."""
-        self._future.add_done_callback(lambda done: callback(done.result()))
 
 
 @dataclass(frozen=True)

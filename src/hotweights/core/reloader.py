@@ -31,11 +31,10 @@ from hotweights.core.loader import Loader
 from hotweights.core.memory import MemoryCheck
 from hotweights.core.observers import Observer
 from hotweights.core.phases import PhaseRunner
-from hotweights.core.prepared import PreparedVersion
+from hotweights.core.prepared import PreparedVersion, PrepareTicket
 from hotweights.core.preparer import Preparer
 from hotweights.core.reload_queue import (
     JobKind,
-    PrepareTicket,
     ReloadJob,
     ReloadQueue,
     ReloadTicket,

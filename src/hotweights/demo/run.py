@@ -194,7 +194,7 @@ def _publish_bad(url: str, bad: Path) -> bool:
     the gate refused it."""
     import httpx
 
-    from hotweights.sources.gate_spec import verdict_table
+    from hotweights.sources.quality_gate import verdict_table
 
     say(f"publishing a version that answers wrongly: POST /admin/reload {{path: {bad}}}")
     refused = httpx.post(

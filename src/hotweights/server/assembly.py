@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hotweights.config import Config
-from hotweights.core import CanaryPolicy, Loader, MemoryCheck, Notice, Reloader
+from hotweights.core import Loader, MemoryCheck, Notice, Reloader
 from hotweights.core.loader import LibraryImporting
 from hotweights.server.server_state import ServedModel, ServerState
 
@@ -33,17 +33,16 @@ def build_state(
     config: Config,
     loader: Loader[Any] | None = None,
     observers: tuple[Callable[[Notice], None], ...] = (),
-    canary: CanaryPolicy | None = None,
 ) -> ServerState:
     """The models `config` asks for, each with its own reloader: every model of
     `config.repo` (watched), or the one directory `config.source`. `loader` (default: a
-    transformers loader per model) turns a version directory into a model; `canary`
-    replaces the config's canary (a fleet replica holds each prepared version)."""
+    transformers loader per model) turns a version directory into a model."""
 
     def make_loader() -> Loader[Any]:
         return loader if loader is not None else transformers_loader(config)
 
-    from hotweights.sources.gate_spec import GateSpec, QualityGate
+    from hotweights.sources.gate_spec import GateSpec
+    from hotweights.sources.quality_gate import QualityGate
 
     spec = GateSpec.from_file(config.gate) if config.gate else None
 
@@ -57,7 +56,7 @@ def build_state(
             phase_timeout=config.phase_timeout or None,
             memory=memory_check(config),
             gate=QualityGate(spec),
-            canary=canary or config.canary_policy(),
+            canary=config.canary_policy(),
         )
         for observer in observers:
             reloader.subscribe(observer)

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +30,8 @@ from hotweights.sources import layout
 from hotweights.sources.manifest import MANIFEST_NAME, VERIFY_MODES, VerifyMode, read_manifest
 from hotweights.sources.manifest import verify as verify_files
 from hotweights.sources.repository_scan import (
+    BadMark,
+    CheckedVersion,
     ModelState,
     RepositoryState,
     VersionInfo,
@@ -47,23 +49,6 @@ from hotweights.sources.version_policy import (
 log = logging.getLogger("hotweights.sources")
 T = TypeVar("T")
 _Key = tuple[str, int]
-
-
-@dataclass(frozen=True)
-class _Checked:
-    """A cached outcome of checking a version that has a manifest."""
-
-    signature: layout.Signature
-    status: VersionStatus
-    reason: str
-    description: str
-    metadata: dict[str, object]
-
-
-@dataclass
-class _BadMark:
-    reason: str
-    signature: layout.Signature | None
 
 
 class ModelRepository:
@@ -95,9 +80,9 @@ class ModelRepository:
         self._scan_lock = threading.Lock()
         self._lock = threading.Lock()
         self._state: RepositoryState | None = None
-        self._checked: dict[_Key, _Checked] = {}
+        self._checked: dict[_Key, CheckedVersion] = {}
         self._settling: dict[_Key, tuple[layout.Signature, float]] = {}
-        self._bad: dict[_Key, _BadMark] = {}
+        self._bad: dict[_Key, BadMark] = {}
         self._policies: dict[str, VersionPolicy] = {}
         self._logged: set[tuple[str, str]] = set()
         self._visited: set[str] = set()  # paths looked at by the scan in progress
@@ -235,7 +220,7 @@ class ModelRepository:
             info = found.get(version) if found else None
             signature = info.signature if info is not None else None
         with self._lock:
-            self._bad[(model, version)] = _BadMark(reason, signature)
+            self._bad[(model, version)] = BadMark(reason, signature)
 
     def bad_reason(self, model: str, version: int) -> str | None:
         with self._lock:
@@ -341,15 +326,17 @@ class ModelRepository:
             metadata=cached.metadata,
         )
 
-    def _verify(self, base: VersionInfo) -> _Checked:
+    def _verify(self, base: VersionInfo) -> CheckedVersion:
         try:
             manifest = read_manifest(base.path)
             verify_files(base.path, self.verify_mode, manifest=manifest)
         except (ManifestError, VerificationError) as exc:
             log.warning("%s/%d is not eligible: %s", base.model, base.number, exc)
-            return _Checked(base.signature, VersionStatus.INCOMPLETE, str(exc), "", {})
+            return CheckedVersion(base.signature, VersionStatus.INCOMPLETE, str(exc), "", {})
         metadata = dict(manifest.metadata)
-        return _Checked(base.signature, VersionStatus.ELIGIBLE, "", manifest.description, metadata)
+        return CheckedVersion(
+            base.signature, VersionStatus.ELIGIBLE, "", manifest.description, metadata
+        )
 
     def _settle(
         self, key: _Key, base: VersionInfo, now: float, due: list[float]

@@ -106,3 +106,22 @@ class RepositoryState:
 
     def model(self, name: str) -> ModelState | None:
         return self.models.get(name)
+
+
+@dataclass(frozen=True)
+class CheckedVersion:
+    """A cached outcome of checking a version that has a manifest."""
+
+    signature: Signature
+    status: VersionStatus
+    reason: str
+    description: str
+    metadata: dict[str, object]
+
+
+@dataclass
+class BadMark:
+    """Why a version was marked bad, and the files it had then (a change clears it)."""
+
+    reason: str
+    signature: Signature | None
