@@ -293,3 +293,22 @@ class ScriptedGate:
         answer = candidate()
         passed = source not in self.refuse
         return GateVerdict((GateCheck("prompt 1 (exact)", passed, answer, "good"),))
+
+
+def engine_modes(url: str, model: str) -> dict[int, str]:
+    """How each resident generation of `model` generates, as the server at `url` says in
+    /admin/status: "batched (...)" once its engine started, "per-request (why)" when the
+    loader fell back to the per-request loop."""
+    import httpx
+
+    status = httpx.get(f"{url}/admin/status", timeout=30).json()
+    engines = status["models"][model]["engines"]
+    return {int(generation): engine["mode"] for generation, engine in engines.items()}
+
+
+def assert_batched(url: str, model: str, *generations: int) -> None:
+    """Fail unless each of `generations` runs on its batched engine, not the fallback."""
+    modes = engine_modes(url, model)
+    for generation in generations:
+        mode = modes.get(generation, "not resident")
+        assert mode.startswith("batched"), f"g{generation} generates {mode}: {modes}"

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hotweights.backends import IncrementalDecoder, StopMatcher
-from hotweights.backends.decoding import REPLACEMENT
+from hotweights.backends.decoding import HELD_TOKENS, REPLACEMENT
 from tests.backends.stop_reference import first_stop_reference
 
 
@@ -56,6 +56,40 @@ def test_tokens_without_text_emit_nothing() -> None:
 
     decoder = IncrementalDecoder(decode)
     assert push_all(decoder, [0x68, special, 0x69]) == ["h", "", "i"]
+
+
+@pytest.mark.parametrize(
+    ("ids", "text"),
+    [
+        ([0x80] * 1000, REPLACEMENT * 1000),  # continuation bytes with nothing to continue
+        ([0xF0] * 50, REPLACEMENT * 50),  # lead bytes, each cut short by the next
+        ([0x80] * 30 + list("😀é".encode()), REPLACEMENT * 30 + "😀é"),
+        ([999] * 40 + [0x68, 999, 0x69], "hi"),  # tokens without text
+    ],
+)
+def test_a_long_run_that_is_not_text_yet_is_released_as_it_comes(ids: list[int], text: str) -> None:
+    """Each push decodes a window of bounded length, and at most `HELD_TOKENS` tokens'
+    text waits: invalid bytes go out as U+FFFD instead of being held (and re-decoded) to
+    the end of the stream, which made a run of them cost quadratic time."""
+    windows: list[int] = []
+
+    def plain(window: Sequence[int]) -> str:
+        return decode_bytes([token for token in window if token != 999])
+
+    def decode(window: Sequence[int]) -> str:
+        windows.append(len(window))
+        return plain(window)
+
+    decoder = IncrementalDecoder(decode)
+    sent = 0
+    for pushed, token in enumerate(ids, start=1):
+        sent += len(decoder.push(token))
+        assert len(plain(ids[:pushed])) - sent <= HELD_TOKENS, pushed
+    assert max(windows) < 2 * HELD_TOKENS
+    rest = decoder.flush()
+    assert sent + len(rest) == len(text)
+    decoder = IncrementalDecoder(decode)
+    assert "".join([*push_all(decoder, ids), decoder.flush()]) == text
 
 
 @given(st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\ufffd")))

@@ -132,9 +132,13 @@ def test_on_a_gpu_a_swap_returns_the_old_versions_memory(lively_dir: Path) -> No
     try:
         before = torch.cuda.memory_allocated()
         assert reloader.reload(str(lively_dir)).outcome is Outcome.LIVE
+        [(_, first)] = reloader.models()
+        assert first.engine is not None, first.engine_note  # batched, not the fallback
         one = torch.cuda.memory_allocated() - before
         assert one >= 2**24  # the cache at least, on the GPU
         assert reloader.reload(str(lively_dir), description="again").outcome is Outcome.LIVE
+        second = reloader.models()[0][1]
+        assert second.engine is not None, second.engine_note
         assert reloader.wait_drained(60)
         assert torch.cuda.memory_allocated() - before <= one * 1.05
     finally:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -62,9 +63,17 @@ def test_live_stamps_times_and_fingerprint() -> None:
     assert version.age == 0.0
     version.generation = 3
     version.fingerprint = "1a2b3c4d5e6f"
+    wall, before = time.time(), time.monotonic()
     version.transition(S.PREPARED)  # reachable by a pin from here: its age starts
     version.transition(S.LIVE)
+    after = time.monotonic()
     assert version.loaded_at is not None
-    assert version.age >= 0.0
+    assert wall <= version.loaded_at <= time.time()
+    went_live = version.loaded_at_monotonic
+    assert went_live is not None
+    assert before <= went_live <= after
+    asked = time.monotonic()
+    age = version.age
+    assert asked - went_live <= age <= time.monotonic() - went_live  # counted from being prepared
     assert version.system_fingerprint == "hw-g3-1a2b3c4d"
     assert version.to_dict()["state"] == "live"

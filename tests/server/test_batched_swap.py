@@ -14,6 +14,7 @@ from hotweights.demo.tinylm import save_tiny_model
 from hotweights.engine.batching import BatchEngine
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.generation import Deliver, GenerationParams, TokenChunk
+from tests.fakes import assert_batched
 from tests.server.conftest import Serve
 
 pytestmark = pytest.mark.llm
@@ -68,6 +69,7 @@ def test_32_streams_finish_on_g1_while_g2_goes_live_beside_it(serve: Serve, tmp_
     v2 = save_tiny_model(tmp_path / "2", seed=2)
     loader = FreezingLoader()
     server = serve(loader, v1, model_name="tiny")
+    assert_batched(server.url, "tiny", 1)
     url = f"{server.url}/v1/chat/completions"
     results: dict[int, dict[str, Any]] = {}
 
@@ -113,6 +115,7 @@ def test_32_streams_finish_on_g1_while_g2_goes_live_beside_it(serve: Serve, tmp_
     )
     assert fresh.headers["x-hotweights-generation"] == "2"  # g1's engine is still frozen
     assert reloader.inflight() == {1: STREAMS, 2: 0}
+    assert_batched(server.url, "tiny", 1, 2)  # g2's engine runs beside g1's
     loader.thaw.set()
     for thread in threads:
         thread.join(120)

@@ -41,7 +41,7 @@ from hotweights.demo.tinylm import save_tiny_model
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.sources import publish
 from hotweights.testing import ServerThread
-from tests.fakes import FakeTextLoader
+from tests.fakes import FakeTextLoader, assert_batched
 from tests.server.conftest import Serve
 from tests.sources.layouts import WEIGHTS, write_files
 
@@ -271,6 +271,7 @@ def test_fuzz_generation_on_a_real_model(serve: Serve, tmp_path: Path) -> None:
     source = save_tiny_model(tmp_path / "models" / "1", seed=1)
     loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=8, kv_cache_bytes=2**22))
     server = serve(loader, source, model_name=MODEL, max_tokens_limit=4, max_prompt_tokens=64)
+    assert_batched(server.url, MODEL, 1)
     target = Target(server, reload_root=source.parent)
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=10)
     operations = [op for op in _operations(schema) if op.label in GENERATION]

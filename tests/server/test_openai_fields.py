@@ -23,6 +23,7 @@ from hotweights.backends import TransformersLoader
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.testing import ServerThread
 from tests.backends.conftest import save_lively_model
+from tests.fakes import engine_modes
 from tests.server.conftest import Serve
 
 pytestmark = pytest.mark.llm
@@ -48,7 +49,10 @@ def _loader(batched: bool) -> BatchingLoader:
 @pytest.fixture(params=["batched", "per-request"])
 def server(request: pytest.FixtureRequest, serve: Serve, models: dict[str, Path]) -> ServerThread:
     """The same tests on the batched engine and on the per-request loop."""
-    return serve(_loader(request.param == "batched"), models["v1"], model_name="tiny")
+    server = serve(_loader(request.param == "batched"), models["v1"], model_name="tiny")
+    [mode] = engine_modes(server.url, "tiny").values()
+    assert mode.startswith(request.param), mode  # not a silent fallback to the other
+    return server
 
 
 @pytest.fixture

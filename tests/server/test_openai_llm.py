@@ -17,6 +17,7 @@ from hotweights.demo.tinylm import save_tiny_model
 from hotweights.engine.batching import BatchEngine
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.generation import Deliver, GenerationParams, TokenChunk
+from tests.fakes import assert_batched
 from tests.server.conftest import Serve
 
 pytestmark = pytest.mark.llm
@@ -77,6 +78,7 @@ MESSAGES: Any = [{"role": "user", "content": "Which version are you?"}]
 
 def test_chat_and_completions_streamed_and_not(serve: Serve, models: dict[str, Path]) -> None:
     server = serve(batched(), models["v1"], model_name="tiny")
+    assert_batched(server.url, "tiny", 1)
     client = _client(server.url)
     chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5)
     assert _generation(chat.system_fingerprint) == 1
@@ -164,6 +166,7 @@ def test_a_stream_on_g1_finishes_on_g1_while_g2_goes_live(
 ) -> None:
     loader = HeldLoader(at=2)
     server = serve(loader, models["v1"], model_name="tiny")
+    assert_batched(server.url, "tiny", 1)  # the hold is on the engine: no engine, no hold
     loader.armed.set()
     client = _client(server.url)
     stream = client.chat.completions.create(
@@ -175,6 +178,7 @@ def test_a_stream_on_g1_finishes_on_g1_while_g2_goes_live(
     assert reload.json()["new_generation"] == 2
     fresh = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
     assert _generation(fresh.system_fingerprint) == 2
+    assert_batched(server.url, "tiny", 1, 2)  # two engines side by side
     loader.release.set()
     rest = list(stream)
     assert {_generation(c.system_fingerprint) for c in [first, *rest]} == {1}
@@ -226,6 +230,7 @@ def test_reload_rollback_versions_and_log(serve: Serve, models: dict[str, Path])
     # Same weights as generation 1 (same digest), served as generation 3.
     assert third.system_fingerprint.split("-")[2] == first.system_fingerprint.split("-")[2]
     assert _generation(third.system_fingerprint) == 3
+    assert_batched(server.url, "tiny", 3)
     versions = httpx.get(f"{url}/admin/versions").json()["versions"]
     assert (versions[0]["generation"], versions[0]["state"]) == (3, "live")
     events = httpx.get(f"{url}/admin/reloads").json()["events"]

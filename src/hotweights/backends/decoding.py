@@ -12,6 +12,13 @@ from collections.abc import Callable, Sequence
 
 REPLACEMENT = "\ufffd"
 """What a decoder produces for bytes that are not (yet) a whole UTF-8 character."""
+MAX_CHARACTER_BYTES = 4
+"""The longest UTF-8 sequence: a character still missing bytes began in the last three
+tokens, since each token adds at least one byte."""
+HELD_TOKENS = MAX_CHARACTER_BYTES + 4
+"""The most tokens `IncrementalDecoder` holds back. A few more than a character's bytes, so
+that a token without text in between does not cut a character; a longer run that still
+decodes to U+FFFD is invalid bytes, which are released as such."""
 
 
 class IncrementalDecoder:
@@ -20,8 +27,11 @@ class IncrementalDecoder:
     `decode` turns a list of ids into text, as `tokenizer.decode` does. Each `push`
     re-decodes a short window starting at the last clean boundary and returns the text
     the new token completed, or "" while the window ends in U+FFFD (a character still
-    missing bytes) or the token added no text (a skipped special token). `flush` returns
-    whatever is still held, replacement characters included, at the end of a stream.
+    missing bytes) or the token added no text (a skipped special token). It never holds
+    more than `HELD_TOKENS` tokens: past that, all but the last few are released, invalid
+    bytes as U+FFFD, so a run of them costs each push a bounded window, not the whole run.
+    `flush` returns whatever is still held, replacement characters included, at the end
+    of a stream.
     Decoding from the last clean boundary keeps tokenizers whose pieces depend on the
     previous token (SentencePiece's leading spaces) right.
     """
@@ -37,10 +47,17 @@ class IncrementalDecoder:
         self._ids.append(token_id)
         emitted = self._decode(self._ids[self._prefix : self._read])
         window = self._decode(self._ids[self._prefix :])
-        if len(window) <= len(emitted) or window.endswith(REPLACEMENT):
+        if len(window) > len(emitted) and not window.endswith(REPLACEMENT):
+            self._prefix, self._read = self._read, len(self._ids)
+            return window[len(emitted) :]
+        if len(self._ids) - self._read <= HELD_TOKENS:
             return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return window[len(emitted) :]
+        # Too long to be one character missing bytes: release all but the tokens that
+        # could still begin one.
+        end = len(self._ids) - (MAX_CHARACTER_BYTES - 1)
+        released = self._decode(self._ids[self._prefix : end])
+        self._prefix, self._read = self._read, end
+        return released[len(emitted) :]
 
     def flush(self) -> str:
         """Return the text still held back, even if it ends in an incomplete character."""
