@@ -19,7 +19,7 @@ from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
 from hotweights.errors import HotweightsError
 from hotweights.fleet.command import add_fleet_command
-from hotweights.server.admin_client import add_client_commands
+from hotweights.server.admin_client import DEFAULT_URL, add_client_commands
 from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
 
 if TYPE_CHECKING:
@@ -148,6 +148,15 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--description", default="", help="recorded in the manifest")
     publish.set_defaults(run=_publish)
 
+    push = commands.add_parser("push", help="send weights to a running server as a new version")
+    push.add_argument("weights", help="a safetensors file, or a directory of safetensors shards")
+    push.add_argument("--url", default=os.environ.get("HOTWEIGHTS_URL", DEFAULT_URL))
+    push.add_argument("--admin-token", default=os.environ.get("HOTWEIGHTS_ADMIN_TOKEN"))
+    push.add_argument("--model", help="model name (default: the only one served)")
+    push.add_argument("--base", type=int, help="version it builds on (default: the live one)")
+    push.add_argument("--description", default="", help="recorded with the version")
+    push.set_defaults(run=_push)
+
     add_fleet_command(commands, _device, _demo_repository)
 
     gate = commands.add_parser(
@@ -253,6 +262,20 @@ def _serve(args: argparse.Namespace) -> int:
     names = ", ".join(sorted(state.models))
     say(f"serving {what} ({names}) on http://{config.host}:{config.port}")
     serve(state)
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from hotweights.push_client import PushFailed, push_file
+
+    try:
+        event = push_file(
+            args.url, args.weights, args.model, args.base, args.description, args.admin_token
+        )
+    except PushFailed as exc:
+        print(f"hotweights: {exc}", file=sys.stderr)
+        return 1 if exc.status else 3
+    print(json.dumps(event.to_dict(), indent=2))
     return 0
 
 

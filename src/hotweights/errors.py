@@ -85,6 +85,10 @@ class ReloadFailed(HotweightsError):
         self.event = event
 
 
+class ReloadSuperseded(ReloadFailed):
+    """A reload or push ended `superseded`: a newer request replaced it while it waited."""
+
+
 class GateFileError(HotweightsError):
     """A gate file is unreadable or malformed, or asks for what cannot be measured."""
 

@@ -115,7 +115,7 @@ def read_header(path: Path) -> SafetensorsHeader:
             raw = stream.read(header_length)
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc}") from exc
-    tensors = _parse_entries(path, raw)
+    tensors = parse_entries(path, raw)
     data_size = file_size - 8 - header_length
     needed = max((tensor.end for tensor in tensors), default=0)
     if needed > data_size:
@@ -125,7 +125,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, raw, 8 + header_length, file_size, tensors)
 
 
-def _parse_entries(path: Path, raw: bytes) -> tuple[TensorEntry, ...]:
+def parse_entries(path: Path, raw: bytes) -> tuple[TensorEntry, ...]:
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from hotweights.core.gate import GateCheck
 
 DEFAULT_MAX_EVENTS = 256
 
-Trigger = Literal["api", "watch", "signal", "rollback", "startup"]
-TRIGGERS: tuple[Trigger, ...] = ("api", "watch", "signal", "rollback", "startup")
+Trigger = Literal["api", "watch", "signal", "rollback", "startup", "push"]
+TRIGGERS: tuple[Trigger, ...] = ("api", "watch", "signal", "rollback", "startup", "push")
 
 Phase = Literal["load", "validate", "warmup", "gate", "bake", "drain"]
 PHASES: tuple[Phase, ...] = ("load", "validate", "warmup", "gate", "bake", "drain")
@@ -87,6 +88,21 @@ class ReloadEvent:
 
     def with_phase(self, phase: Phase, seconds: float) -> ReloadEvent:
         return dataclasses.replace(self, phases={**self.phases, phase: seconds})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReloadEvent:
+        """The event `to_dict` wrote (a client reads a server's answer with it); extra
+        keys are ignored. Raises `KeyError` or `ValueError` for a dict that is not one."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {key: value for key, value in data.items() if key in names}
+        kept["outcome"] = Outcome(data["outcome"])
+        kept["phases"] = dict(data.get("phases") or {})
+        kept["gate"] = tuple(
+            GateCheck(**{k: check.get(k) for k in ("name", "passed", "value", "threshold")},
+                      detail=str(check.get("detail") or ""))
+            for check in data.get("gate") or ()
+        )  # fmt: skip
+        return cls(**kept)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready snapshot."""

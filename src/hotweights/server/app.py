@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotweights import __version__
-from hotweights.server import admin, error_responses, openai_api, repository_api
+from hotweights.server import admin, error_responses, openai_api, push_api, repository_api
 from hotweights.server.error_responses import error_body
 from hotweights.server.server_state import ServerState
 
@@ -29,7 +29,7 @@ class BodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _streams_to_disk(scope):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -69,6 +69,15 @@ class _TooLarge(Exception):
     pass
 
 
+def _streams_to_disk(scope: Scope) -> bool:
+    """A push of weights (`push_api`): its body is written to disk as it arrives, never
+    held, so it has no size limit (it is an admin route, behind the admin token)."""
+    path = str(scope.get("path", ""))
+    return (
+        scope.get("method") == "POST" and path.startswith("/admin/") and path.endswith("/versions")
+    )
+
+
 def _rescan_on_sighup(rescan: Callable[[], None]) -> None:
     """SIGHUP forces a repository rescan (where signals can be handled: the main thread)."""
     try:
@@ -100,5 +109,6 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(admin.router)
     app.include_router(repository_api.router)
+    app.include_router(push_api.router)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     return app

@@ -16,6 +16,7 @@ from hotweights.engine.batching_loader import BatchingLoader
 from hotweights.errors import Forbidden, InvalidRequest, Overloaded, UnknownModel
 from hotweights.server.audit import AuditTrail
 from hotweights.server.bearer import check_bearer
+from hotweights.server.memory_versions import MemoryVersions
 from hotweights.server.metrics import Metrics
 from hotweights.sources import RepositorySync
 
@@ -56,6 +57,8 @@ class ServerState:
     """Keeps the models in line with the repository, when serving one."""
     stopping: bool = False
     """Set when shutdown begins: /ready turns false and new requests get 503."""
+    pushed: MemoryVersions = field(default_factory=MemoryVersions)
+    """Directories of versions pushed without a repository (removed with their version)."""
     cut: threading.Event = field(default_factory=threading.Event)
     """Set just before a shutdown's grace period ends: responses still generating stop at
     their next token with `ShuttingDown` (an error event in a stream) instead of being
@@ -73,6 +76,7 @@ class ServerState:
             if isinstance(loader, BatchingLoader):
                 loader.on_step = self.metrics.engine_step(served.name)
             served.reloader.subscribe(self.metrics.observe)
+            served.reloader.subscribe(self.pushed.observe)
             if self.audit is not None:
                 served.reloader.subscribe(self.audit)
 
@@ -133,4 +137,5 @@ class ServerState:
             loader = served.reloader.loader
             if isinstance(loader, Closing):  # a transformers loader's load process, say
                 loader.close()
+        self.pushed.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
