@@ -18,6 +18,7 @@ than from the reload mechanism.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -88,6 +89,48 @@ class AdminTrigger:
         ok = response.is_success
         detail = "" if ok else f"{response.status_code}: {response.text[:300]}"
         return ReloadResult(version.number, version.weights, trigger, live, ok, detail, event)
+
+
+class PushTrigger:
+    """Serve a directory; make each version live with `hotweights.push` from another
+    process (`peers/pusher.py`, which loads the weights untimed first): the trainer's path,
+    over a socket or handed over in shared memory. Live is when `push` returned."""
+
+    def __init__(self, model_root: Path, handover: str) -> None:
+        self.model_root = model_root
+        self.handover = handover
+
+    def serve_args(self, first: ModelVersion) -> list[str | Path]:
+        return [first.path, "--name", MODEL_NAME, "--model-root", self.model_root]
+
+    def make_live(self, admin: httpx.Client, version: ModelVersion, clock: Clock) -> ReloadResult:
+        script = Path(__file__).resolve().parent / "pusher.py"
+        url = str(admin.base_url).rstrip("/")
+        args = [sys.executable, str(script), str(version.path), url, MODEL_NAME, self.handover]
+        with subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as pusher:
+            if pusher.stdin is None or pusher.stdout is None:  # pragma: no cover - piped above
+                raise RuntimeError("the pusher's pipes are missing")
+            ready = pusher.stdout.readline().strip()
+            trigger = clock()
+            if ready != "ready":
+                return ReloadResult(version.number, version.weights, trigger, clock(), False,
+                                    f"pusher did not start: {ready!r}")  # fmt: skip
+            pusher.stdin.write("go\n")
+            pusher.stdin.flush()
+            answer = pusher.stdout.readline()
+            live = clock()
+        try:
+            result: Any = json.loads(answer)
+        except ValueError:
+            result = {"ok": False, "error": f"pusher said {answer!r}"}
+        if not result.get("ok"):
+            detail = str(result.get("error"))[:300]
+            return ReloadResult(version.number, version.weights, trigger, live, False, detail)
+        event = result["event"]
+        event["client_s"] = result["seconds"]
+        return ReloadResult(version.number, version.weights, trigger, live, True, "", event)
 
 
 class PublishTrigger:
