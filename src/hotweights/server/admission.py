@@ -80,9 +80,9 @@ class Admission:
         """After `error` before the first byte: if the request was unpinned and on a
         canary, and the error is not its own doing, count the failure against the canary
         and move the request to a lease on the stable version (a bad canary costs
-        latency, not failures). Whether it moved; raises what leasing the stable version
-        raises."""
-        if self._lease is None or self.pin or _client_error(error):
+        latency, not failures). Whether it moved (never once finished: the request was
+        answered); raises what leasing the stable version raises."""
+        if self._lease is None or self._finished or self.pin or _client_error(error):
             return False
         failed_on = self._lease.generation
         stable = await self.served.reloader.retry_on_stable(self._lease, seconds=self.seconds)
