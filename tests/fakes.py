@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hotweights.backends.per_request import UNBOUNDED_COLUMNS, PerRequestEngine
 from hotweights.core.gate import GateCheck, GateVerdict
 from hotweights.errors import InvalidRequest
-from hotweights.generation import GenerationParams, TokenChunk, TokenLogprob
+from hotweights.generation import Engine, GenerationParams, TokenChunk, TokenLogprob
 
 Phase = str
 
@@ -122,15 +124,24 @@ class FakeTextModel:
     """A text model for server tests: answers `<source>:<i>` tokens, one per step.
 
     Its vocabulary is `FAKE_VOCAB` ids, each as likely as any other, so every log-probability
-    it reports is `-log(FAKE_VOCAB)`; a prompt's tokens are its words (or the ids given).
-    `before_step(i)` (if set) runs before step i, so a test can hold a stream mid-way.
-    Raises `UseAfterUnload` if a step runs after its loader unloaded it.
+    it reports is `-log(FAKE_VOCAB)`; a prompt's tokens are its words (or the ids given;
+    `prompt_ids` gives each word an id of its own). `before_step(i)` (if set) runs before
+    step i, so a test can hold a stream mid-way. Raises `UseAfterUnload` if a step runs
+    after its loader unloaded it. Its loader's warmup gives it a per-request engine, as
+    the transformers loader does.
     """
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.unloaded = False
         self.before_step: Callable[[int], None] | None = None
+        self.engine: Engine | None = None
+        self.engine_note = "not started"
+
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return [zlib.crc32(word.encode()) % FAKE_VOCAB for word in prompt.split()]
+        return [int(token) for token in prompt]
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str:
         return "\n".join(message["content"] for message in messages)
@@ -205,10 +216,15 @@ class FakeTextLoader:
 
     def warmup(self, model: FakeTextModel) -> None:
         self._maybe_fail(model.source, "warmup")
+        engine = PerRequestEngine(model, columns=UNBOUNDED_COLUMNS, workers=16, name=model.source)
+        model.engine, model.engine_note = engine, "per-request"
 
     def unload(self, model: FakeTextModel) -> None:
         if model.unloaded:
             raise DoubleUnload(f"text model {model.source} unloaded twice")
+        engine, model.engine = model.engine, None
+        if engine is not None:  # as `LoadedLM.release` does: no step runs past this
+            engine.stop()
         model.unloaded = True
 
     def fingerprint(self, source: str) -> str:

@@ -165,9 +165,9 @@ class Completion:
 
 
 class TextModel(Protocol):
-    """What the server needs of a served model: a prompt from chat messages, its token
-    count, and a per-request token stream (run on a worker thread, one step at a time).
-    A model that also has a batched engine is a `BatchedModel`."""
+    """A model with its own per-request token stream (run on a worker thread, one step at
+    a time): what the gate asks, and what the per-request engine steps. The server
+    generates through a `BatchedModel`'s engine."""
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
@@ -224,7 +224,9 @@ class Engine(Protocol):
 
 @runtime_checkable
 class BatchedModel(Protocol):
-    """A text model that may have a running engine (None: use its `stream`)."""
+    """What the server needs of a served model: a prompt from chat messages, its token ids,
+    and the engine its loader started (the batched engine, or the per-request one where
+    that cannot run); None only before warmup and after unload."""
 
     engine: Engine | None
     engine_note: str

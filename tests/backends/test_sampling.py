@@ -118,6 +118,14 @@ def test_adjusted_logits_follow_openais_formula() -> None:
     ]
 
 
+def test_an_integer_logit_bias_adds_as_a_float_one_does() -> None:
+    import torch
+
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    adjusted = adjust_logits(logits, GenerationParams(logit_bias={2: 5}), {})
+    assert adjusted.tolist() == [1.0, 2.0, 8.0]
+
+
 @pytest.mark.parametrize(
     "options",
     [

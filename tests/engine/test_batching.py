@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from hotweights.backends import LoadedLM, TransformersLoader
+from hotweights.backends.per_request import PerRequestEngine
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.engine import kv as kv_module
 from hotweights.engine.batching import BatchEngine, EngineLimits, StepStats
@@ -208,7 +209,7 @@ def test_the_loader_starts_an_engine_and_unload_stops_it(tmp_path: Path) -> None
         engine.submit([1, 2], GenerationParams(), lambda item: None)
 
 
-def test_a_model_the_engine_cannot_run_falls_back_to_the_per_request_loop(
+def test_a_model_the_engine_cannot_run_falls_back_to_the_per_request_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: object) -> object:
@@ -219,11 +220,19 @@ def test_a_model_the_engine_cannot_run_falls_back_to_the_per_request_loop(
     loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=4, kv_cache_bytes=2**22))
     model = loader.load(str(source))
     loader.warmup(model)
-    assert model.engine is None
+    engine = model.engine
+    assert isinstance(engine, PerRequestEngine), model.engine_note
     assert model.engine_note.startswith("per-request (the batched check failed")
     assert "shared cache" in model.engine_note
-    assert model.generate("Hi", GenerationParams(max_tokens=3)).completion_tokens >= 1
+    params = GenerationParams(temperature=0, max_tokens=3)
+    collected = Collector(1)
+    engine.submit(model.prompt_ids("Hi"), params, collected.deliver(0))  # type: ignore[arg-type]
+    assert collected.done.wait(60)
+    assert collected.texts[0] == model.generate("Hi", params).text
     loader.unload(model)
+    assert model.engine is None
+    with pytest.raises(ModelRetired):
+        engine.submit([1, 2], GenerationParams(), lambda item: None)
 
 
 def test_a_budget_too_small_for_a_batch_falls_back_with_the_reason(tmp_path: Path) -> None:
@@ -231,7 +240,7 @@ def test_a_budget_too_small_for_a_batch_falls_back_with_the_reason(tmp_path: Pat
     loader = BatchingLoader(TransformersLoader(), EngineSettings(max_batch=64, kv_cache_bytes=4096))
     model = loader.load(str(source))
     loader.warmup(model)
-    assert model.engine is None
+    assert isinstance(model.engine, PerRequestEngine)
     assert "--kv-cache-memory" in model.engine_note
     loader.unload(model)
 

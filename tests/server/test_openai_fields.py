@@ -20,6 +20,8 @@ from pydantic import SecretStr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hotweights.backends import TransformersLoader
+from hotweights.backends.per_request import PerRequestEngine
+from hotweights.engine.batching import BatchEngine
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.testing import ServerThread
 from tests.backends.conftest import save_lively_model
@@ -48,10 +50,15 @@ def _loader(batched: bool) -> BatchingLoader:
 
 @pytest.fixture(params=["batched", "per-request"])
 def server(request: pytest.FixtureRequest, serve: Serve, models: dict[str, Path]) -> ServerThread:
-    """The same tests on the batched engine and on the per-request loop."""
-    server = serve(_loader(request.param == "batched"), models["v1"], model_name="tiny")
+    """The same tests on the batched engine and on the per-request engine, each checked
+    to be the one that serves (a batched engine that failed its check would fall back)."""
+    batched = request.param == "batched"
+    server = serve(_loader(batched), models["v1"], model_name="tiny")
+    [(_, model)] = server.state.models["tiny"].reloader.models()
+    expected = BatchEngine if batched else PerRequestEngine
+    assert isinstance(model.engine, expected), model.engine_note
     [mode] = engine_modes(server.url, "tiny").values()
-    assert mode.startswith(request.param), mode  # not a silent fallback to the other
+    assert mode.startswith(request.param), mode  # and /admin/status says so
     return server
 
 

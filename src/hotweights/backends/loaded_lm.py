@@ -1,10 +1,11 @@
 """A loaded causal language model and its tokenizer, ready to generate text.
 
 `LoadedLM` is what `TransformersLoader.load` returns and what the server's leases hand
-out. It generates two ways: through its batched engine (`engine`, started by the loader's
-warmup: every request of the version stepped together), or, for a model the engine cannot
-run, with a per-request decode loop (`stream`: one forward pass per token, under
-`torch.inference_mode()`, stepped from any thread and stopped between any two tokens).
+out. The server generates through its `engine`, which the loader's warmup starts: the
+batched engine (every request of the version stepped together) or, for a model that engine
+cannot run, the per-request engine, which runs `stream` for each sequence (a decode loop:
+one forward pass per token, under `torch.inference_mode()`, stepped from any thread and
+stopped between any two tokens).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hotweights.backends.per_request import UNBOUNDED_COLUMNS, PerRequestEngine
 from hotweights.backends.sequence import TokenSequence
 from hotweights.errors import InvalidRequest, ModelRetired
 from hotweights.generation import Completion, Engine, FinishReason, GenerationParams, TokenChunk
@@ -80,10 +82,10 @@ class LoadedLM:
         self._tokenizer_lock = threading.Lock()
         self._token_texts: dict[int, str] = {}
         self.engine: Engine | None = None
-        """The batched engine once the loader started it; None while the per-request loop
-        serves (before warmup, or when the engine cannot run this model)."""
+        """The engine the loader started at warmup: batched, or per-request (see
+        `per_request_engine`); None before warmup and after `release`."""
         self.engine_note = "not started"
-        """Why `engine` is None, or `batched`."""
+        """How `engine` generates: `batched (...)`, or `per-request (why)`."""
 
     @property
     def unloaded(self) -> bool:
@@ -111,6 +113,16 @@ class LoadedLM:
             engine.stop()
         self._model = None
         self._tokenizer = None
+
+    def per_request_engine(self, workers: int) -> PerRequestEngine:
+        """An engine that runs each sequence through `stream`, up to `workers` at once:
+        the loaders' fallback when the batched engine cannot run this model."""
+        return PerRequestEngine(
+            self,
+            columns=self.max_positions or UNBOUNDED_COLUMNS,
+            workers=workers,
+            name=f"{self.architecture} from {self.source}",
+        )
 
     def retired(self) -> ModelRetired:
         """The error for work on this model once it was unloaded."""

@@ -50,7 +50,8 @@ def adjust_logits(
     adjusted = logits.float().clone()
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
-        bias = torch.tensor(list(params.logit_bias.values()), device=logits.device)
+        values = list(params.logit_bias.values())  # ints are valid biases too
+        bias = torch.tensor(values, dtype=torch.float32, device=logits.device)
         adjusted.index_add_(0, ids, bias)
     if generated and (params.presence_penalty or params.frequency_penalty):
         ids = torch.tensor(list(generated), dtype=torch.long, device=logits.device)

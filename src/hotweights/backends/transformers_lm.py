@@ -15,6 +15,7 @@ from hotweights.backends.devices import check_cuda, is_cuda, parse_device
 from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
 from hotweights.backends.load_process import LoadProcess, LoadRequest, read_pretrained
 from hotweights.backends.loaded_lm import LoadedLM
+from hotweights.backends.per_request import DEFAULT_WORKERS
 from hotweights.backends.private_weights import make_weights_private
 from hotweights.errors import HotweightsError, LoadError, ValidationError
 from hotweights.generation import GenerationParams
@@ -152,10 +153,15 @@ class TransformersLoader:
             )
 
     def warmup(self, model: LoadedLM) -> None:
-        """Generate a few greedy tokens, running every layer once with a KV cache."""
+        """Generate a few greedy tokens, running every layer once with a KV cache; then,
+        unless a wrapping loader already gave it one, give `model` its per-request engine
+        (`DEFAULT_WORKERS` sequences at once)."""
         params = GenerationParams(temperature=0.0, max_tokens=WARMUP_TOKENS)
         for _ in model.stream(WARMUP_PROMPT, params):
             pass
+        if model.engine is None:
+            model.engine = model.per_request_engine(DEFAULT_WORKERS)
+            model.engine_note = "per-request"
 
     def unload(self, model: LoadedLM) -> None:
         """Drop the model and tokenizer from `model`, collect garbage and, on CUDA, return

@@ -4,9 +4,10 @@
 starts the version's `BatchEngine` (beside the live version's, under `availability`) and
 runs a few prompts through it together, and unload stops the engine before the weights go
 (`LoadedLM.release`). A model the engine cannot run (the batched pass raises, or picks a
-token that one plain forward pass over the same text does not rank first) keeps serving
-through the per-request loop, warmed up for it; `LoadedLM.engine_note` says why, and
-`/admin/status` shows it. The check runs once per configuration: a later version with the
+token that one plain forward pass over the same text does not rank first) is served by
+the per-request engine instead (`PerRequestEngine`: each sequence through the model's own
+decode loop), warmed up for it; `LoadedLM.engine_note` says why, and `/admin/status` shows
+it. The check runs once per configuration: a later version with the
 same one (`engine_key`) only sends one short prompt through its new engine.
 """
 
@@ -50,13 +51,13 @@ class EngineSettings:
     """How a server sizes its engines."""
 
     max_batch: int = 32
-    """Sequences one engine steps together."""
+    """Sequences one engine steps together (the per-request engine: runs at once)."""
     kv_cache_bytes: int | None = None
     """Each engine's cache budget in bytes; None sizes it from the model and memory."""
     max_sequence_tokens: int = 4096 + 1024
     """The longest sequence worth a cache row: the server's prompt limit plus `max_tokens`."""
     batched: bool = True
-    """False serves every request through the per-request loop."""
+    """False serves every request through the per-request engine."""
 
 
 class BatchingLoader:
@@ -88,14 +89,14 @@ class BatchingLoader:
 
     def warmup(self, model: LoadedLM) -> None:
         """Start the engine and check it with a few prompts at once (which runs every
-        layer); a model served by the per-request loop gets that loop's warmup instead.
+        layer); a model the batched engine cannot run gets the per-request engine and that
+        loop's warmup instead.
         A version whose configuration (`engine_key`) already passed the check, as each new
         version of a model usually does, only warms its engine up with one short prompt:
         the check costs three passes of the model and its verdict depends on the shapes,
         not on the weights' values."""
         if not self.settings.batched:
-            self.inner.warmup(model)
-            model.engine_note = "per-request (batching turned off)"
+            self._per_request(model, "batching turned off")
             return
         try:
             limits = self.limits(kv_shape_of(model), model.max_positions)
@@ -171,8 +172,14 @@ class BatchingLoader:
         return EngineLimits(max_batch=rows, columns=columns)
 
     def _fall_back(self, model: LoadedLM, reason: str) -> None:
-        model.engine_note = f"per-request ({reason})"
         log.warning("%s: serving without batching: %s", model.source, reason)
+        self._per_request(model, reason)
+
+    def _per_request(self, model: LoadedLM, reason: str) -> None:
+        """Serve `model` through the per-request engine, as many sequences at once as a
+        batch would hold, and warm up its loop."""
+        model.engine = model.per_request_engine(self.settings.max_batch)
+        model.engine_note = f"per-request ({reason})"
         self.inner.warmup(model)
 
 

@@ -1,5 +1,6 @@
 """The OpenAI response shapes of one request: a JSON body or an SSE stream, each naming the
-generation that served it; and the streaming response that holds the request's lease."""
+generation that served it; and the streaming response that finishes the request's
+admission when it ends."""
 
 from __future__ import annotations
 
@@ -14,42 +15,41 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from hotweights.core import Lease
 from hotweights.errors import HotweightsError
 from hotweights.generation import TokenChunk, TokenLogprob
+from hotweights.server.admission import CLIENT_CLOSED, Admission
 from hotweights.server.error_responses import classify, error_body
-from hotweights.server.server_state import ServedModel, ServerState
 from hotweights.server.textgen import Began, Choice, Started, Step
 
 GENERATION_HEADER = "x-hotweights-generation"
-CLIENT_CLOSED = 499  # the client went away mid-stream (nginx's convention)
 
 
-class LeasedStream(StreamingResponse):
-    """A streaming response that releases its lease when the stream ends for any reason:
-    done, failed, or the client went away (starlette cancels the body on disconnect)."""
+class AdmittedStream(StreamingResponse):
+    """A streaming response that finishes its request's admission (releasing the lease)
+    when the stream ends for any reason: done, failed, or the client went away (starlette
+    cancels the body on disconnect, and may never start a body it could not send)."""
 
     def __init__(
         self,
         content: AsyncGenerator[bytes, None],
         steps: AsyncGenerator[Any, None],
-        lease: Lease[Any],
-        served: ServedModel,
+        admission: Admission,
         headers: dict[str, str],
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._lease = lease
-        self._served = served
+        self._admission = admission
         self._closing = (content, steps)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            for generator in self._closing:  # stops the worker before its next step
-                await generator.aclose()
-            self._lease.release()
-            self._served.done()
+            try:
+                for generator in self._closing:  # stops the engine before its next step
+                    await generator.aclose()
+            finally:
+                # The body records its own end; this one counts only if it never ran.
+                self._admission.finish(CLIENT_CLOSED)
 
 
 class Reply:
@@ -58,9 +58,7 @@ class Reply:
 
     def __init__(
         self,
-        served: ServedModel,
-        lease: Lease[Any],
-        endpoint: str,
+        admission: Admission,
         began: Began,
         choices: list[Choice],
         model_name: str,
@@ -68,9 +66,9 @@ class Reply:
         echo: bool = False,
         logprobs: bool = False,
     ) -> None:
-        self.served = served
-        self.lease = lease
-        self.endpoint = endpoint
+        self.served = admission.served
+        self.lease = lease = admission.lease
+        self.endpoint = endpoint = admission.endpoint
         self.began = began
         self.choices = choices
         self.model_name = model_name
@@ -240,12 +238,10 @@ class Reply:
         return pieces
 
     async def sse(
-        self,
-        steps: AsyncGenerator[Any, None],
-        include_usage: bool,
-        state: ServerState,
-        started_at: float,
+        self, steps: AsyncGenerator[Any, None], include_usage: bool, admission: Admission
     ) -> AsyncGenerator[bytes, None]:
+        """The stream's events; when it ends, `steps` is closed and the admission finished
+        with how it ended (an error after the first byte is an error event)."""
         status = 200
         generated = [0] * len(self.choices)
         try:
@@ -271,10 +267,10 @@ class Reply:
             status = 500
             yield _sse(error_body(f"internal error: {type(exc).__name__}", "server_error"))
         finally:
-            name, generation = self.served.name, self.lease.generation
-            state.metrics.generated(name, generation, sum(generated))
-            seconds = time.monotonic() - started_at
-            state.finished(self.served, self.endpoint, generation, status, seconds, sum(generated))
+            await steps.aclose()  # nothing generates for this request once it is counted out
+            metrics = admission.state.metrics
+            metrics.generated(self.served.name, self.lease.generation, sum(generated))
+            admission.finish(status, sum(generated))
         yield b"data: [DONE]\n\n"
 
 

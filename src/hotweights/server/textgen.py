@@ -2,20 +2,18 @@
 
 A request has one or more prompts (a list in `/v1/completions`) and `n` choices per
 prompt. Its generation yields one `Began` (every prompt's size, once all were accepted),
-then `Step`s: a `TokenChunk` of one choice, by the choice's index. For a model served by
-the per-request loop, `start_generation` produces one choice's items on a generation
-worker; for a batched model, `prepare_batched` encodes a prompt (on a worker) and the
-version's engine produces the rest (see `steps.engine_steps`). A prompt is refused before
-`Began` when it is too long for the server or the engine's cache.
+then `Step`s: a `TokenChunk` of one choice, by the choice's index. `prepare_prompt`
+encodes a prompt (on a worker) and the version's engine, batched or per-request, produces
+the rest (see `steps.engine_steps`). A prompt is refused before `Began` when it is too
+long for the server or for one sequence of the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hotweights.errors import PayloadTooLarge
-from hotweights.generation import BatchedModel, Engine, GenerationParams, TextModel, TokenChunk
+from hotweights.generation import BatchedModel, Engine, GenerationParams, TokenChunk
 
 
 @dataclass(frozen=True)
@@ -63,39 +61,17 @@ def _check_size(prompt_tokens: int, max_prompt_tokens: int) -> None:
         )
 
 
-def _rendered(model: TextModel | BatchedModel, prompt: Prompt) -> str:
+def _rendered(model: BatchedModel, prompt: Prompt) -> str:
     if prompt.messages:
         return model.apply_chat_template(prompt.messages)
     return prompt.text or ""
 
 
-def start_generation(
-    model: TextModel, prompt: Prompt, params: GenerationParams, max_prompt_tokens: int
-) -> Iterator[Started | TokenChunk]:
-    """Generate one choice with the model's own loop; raises `PayloadTooLarge` or
-    `InvalidRequest` before the first item when the prompt is refused."""
-    if prompt.ids is not None:
-        prompt_tokens, echo = len(prompt.ids), model.decode(prompt.ids)
-        _check_size(prompt_tokens, max_prompt_tokens)
-        chunks = model.stream(prompt.ids, params)
-    else:
-        echo = _rendered(model, prompt)
-        prompt_tokens = model.count_tokens(echo)
-        _check_size(prompt_tokens, max_prompt_tokens)
-        chunks = model.stream(echo, params)
-    yield Started(prompt_tokens, echo)
-    for chunk in chunks:
-        yield chunk
-        if chunk.finish_reason is not None:
-            return
-    raise RuntimeError("the model's token stream ended without a finish reason")
-
-
-def prepare_batched(
+def prepare_prompt(
     model: BatchedModel, engine: Engine, prompt: Prompt, max_prompt_tokens: int
 ) -> tuple[list[int], Started]:
     """The prompt's token ids for `engine`; raises `PayloadTooLarge` when it is longer than
-    the server accepts or than one row of the engine's cache holds (with room for one
+    the server accepts or than one sequence of the engine holds (with room for one
     generated token), `InvalidRequest` when it is empty or names ids the model lacks."""
     columns = engine.columns
     if prompt.ids is not None:
