@@ -18,8 +18,8 @@ import pytest
 from hotweights.core import Notice, VersionChanged, VersionState
 from hotweights.generation import GenerationParams, TokenChunk
 from hotweights.server.admission import CLIENT_CLOSED, Admission
-from hotweights.server.runner import ServerThread
 from hotweights.server.server_state import ServedModel, ServerState
+from hotweights.testing import ServerThread
 from tests.fakes import FakeTextLoader, FakeTextModel
 from tests.server.conftest import Serve
 

@@ -15,7 +15,7 @@ from hotweights.backends.per_request import PerRequestEngine
 from hotweights.engine import kv as kv_module
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.generation import GenerationParams
-from hotweights.server.runner import ServerThread
+from hotweights.testing import ServerThread
 from tests.backends.conftest import save_lively_model
 from tests.server.conftest import Serve
 
