@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar, get_args
+from typing import Literal, Protocol, TypeVar, get_args, runtime_checkable
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -71,6 +71,18 @@ ExpectedDigests = Callable[[str], Mapping[str, FileDigest] | None]
 (by POSIX path relative to the directory), or None to check no digest (no manifest, or
 the operator turned digest checks off). It may raise a `HotweightsError` (a manifest that
 does not match the directory), which fails the load."""
+
+
+@runtime_checkable
+class DigestChecking(Protocol):
+    """A loader that may confirm each file's digest on the pass that reads it. Whoever
+    assembles a repository's server asks, so that the repository's scan stops hashing
+    what the load will hash anyway."""
+
+    @property
+    def checks_digests(self) -> bool:
+        """Whether every load checks the digests its `ExpectedDigests` gives."""
+        ...
 
 
 def new_hasher(algorithm: DigestAlgorithm, *, threads: bool = False) -> Hasher:
