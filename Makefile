@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput bench-sizes bench-gate soak clean
+.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput bench-sizes bench-publish bench-gate soak clean
 
 install: $(STAMP)
 
@@ -51,6 +51,9 @@ bench-throughput: install  ## tokens/s, TTFT, inter-token latency vs transformer
 
 bench-sizes: install  ## reloads at 0.1, 1.3 and 4.3 GB against a bare warm load, idle and under load
 	$(PY) bench/reload_sizes.py
+
+bench-publish: install  ## a checkpoint to live through hotweights publish (copy, --link, --move) at 1.3 and 4.3 GB
+	$(PY) bench/publish.py
 
 bench-gate: install  ## the quality gate's time against a load; how fast a faulty canary is caught
 	$(PY) bench/gate_canary.py

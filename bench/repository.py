@@ -143,14 +143,14 @@ def digest_throughput(files: int, file_mb: int, rounds: int, work: Path) -> dict
         paths.append(path)
     total = files * file_mb * block
     started = time.perf_counter()
-    write_manifest(directory)
+    write_manifest(directory, algorithm="sha256")  # compared with sha256sum below
     manifest_s = time.perf_counter() - started
     command = ["sha256sum", *map(str, paths)]
     reference = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     ours = read_manifest(directory).files
     for line in reference.splitlines():  # same digests, or the comparison means nothing
         digest, name = line.split(maxsplit=1)
-        if ours[Path(name).name].sha256 != digest:
+        if ours[Path(name).name].digest != digest:
             raise RuntimeError(f"digest of {name} differs from sha256sum")
     ours_s: list[float] = []
     theirs_s: list[float] = []

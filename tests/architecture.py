@@ -20,7 +20,7 @@ PACKAGE = "hotweights"
 MAX_LINES = 400
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("hotweights", "errors"),
+    ("hotweights", "errors", "digests"),
     ("core",),
     ("generation",),
     ("backends",),
@@ -34,7 +34,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 """From the ground up (DESIGN.md, Layers). A unit is a package under hotweights/ or a
 top-level module; it may import its own unit and any unit of a layer below, never one of
 its own layer or above. Top-level modules: `hotweights` (the package's `__init__`, only the
-version string) sits with `errors` at the ground; `console` (what is printed for a person;
+version string) sits with `errors` at the ground, and so does `digests` (the file digest
+algorithms that the publisher in sources and the loader in backends both use; sources may
+not import backends, and core knows nothing of files); `console` (what is printed for a person;
 core's notices only) with `config`, under the server, the demo, the fleet and the CLI that
 print; `testing` (a thread-hosted server for tests and the demo's scripted run) above the
 server it hosts and below the demo that uses it; `push_client` (`hotweights.push`, a

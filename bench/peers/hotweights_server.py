@@ -138,9 +138,11 @@ class PublishTrigger:
     for the reload the watcher starts. Live is the server's own `ended_at` of that reload;
     the time spent publishing and noticing is recorded apart (`publish_s`, `notice_s`)."""
 
-    def __init__(self, repo: Path, log: Path) -> None:
+    def __init__(self, repo: Path, log: Path, mode: str = "copy") -> None:
         self.repo = repo
         self.log = log
+        self.mode = mode
+        """`copy`, `link` or `move`: how `hotweights publish` takes the checkpoint."""
 
     def serve_args(self, first: ModelVersion) -> list[str | Path]:
         error = self._publish(first)
@@ -161,6 +163,7 @@ class PublishTrigger:
             str(version.number),
             "--description",
             f"bench version {version.number}",
+            *([f"--{self.mode}"] if self.mode != "copy" else []),
         ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:

@@ -17,6 +17,7 @@ from hotweights.backends.transformers_lm import DTYPES
 from hotweights.config import LOAD_IN_SETTINGS, Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
+from hotweights.digests import DEFAULT_ALGORITHM, DIGEST_ALGORITHMS
 from hotweights.errors import HotweightsError
 from hotweights.fleet.command import add_fleet_command
 from hotweights.server.admin_client import DEFAULT_URL, add_client_commands
@@ -141,12 +142,34 @@ def _parser() -> argparse.ArgumentParser:
     repo.add_argument("--settle-seconds", type=float, help="quiet time for manifest-less versions")
 
     publish = commands.add_parser("publish", help="publish a model directory as a new version")
-    publish.add_argument("src", help="directory to publish (copied; the source is untouched)")
+    publish.add_argument("src", help="directory to publish (copied unless --link or --move)")
     publish.add_argument("--repo", required=True, help="repository root")
     publish.add_argument("--model", required=True, help="model name (a directory of the root)")
     publish.add_argument("--version", type=int, help="version number (default: the next)")
     publish.add_argument("--description", default="", help="recorded in the manifest")
-    publish.set_defaults(run=_publish)
+    how = publish.add_mutually_exclusive_group()
+    how.add_argument(
+        "--link",
+        dest="mode",
+        action="store_const",
+        const="link",
+        help="reflink (else hard-link) the files: same filesystem only; safe only if the "
+        "trainer never rewrites a published file",
+    )
+    how.add_argument(
+        "--move",
+        dest="mode",
+        action="store_const",
+        const="move",
+        help="move the files into the repository: same filesystem only",
+    )
+    publish.add_argument(
+        "--digest",
+        choices=DIGEST_ALGORITHMS,
+        default=DEFAULT_ALGORITHM,
+        help=f"digest algorithm of the manifest (default: {DEFAULT_ALGORITHM})",
+    )
+    publish.set_defaults(run=_publish, mode="copy")
 
     push = commands.add_parser("push", help="send weights to a running server as a new version")
     push.add_argument("weights", help="a safetensors file, or a directory of safetensors shards")
@@ -289,6 +312,8 @@ def _publish(args: argparse.Namespace) -> int:
             args.model,
             version=args.version,
             description=args.description,
+            mode=args.mode,
+            algorithm=args.digest,
         )
     except (HotweightsError, OSError) as exc:
         print(f"hotweights publish: {exc}", file=sys.stderr)

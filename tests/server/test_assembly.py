@@ -72,3 +72,34 @@ def test_a_served_directory_is_named_by_its_model(source: str, name: str) -> Non
 def test_nothing_to_serve_is_refused() -> None:
     with pytest.raises(ValueError, match="nothing to serve"):
         build_state(Config.load({}, environ={}), FakeTextLoader())
+
+
+@pytest.mark.parametrize(
+    ("verify", "given", "scan_mode", "checked"),
+    [
+        ("digest", None, "size", True),  # the default loader hashes on its read
+        ("size", None, "size", False),
+        ("none", None, "none", False),
+        ("digest", "fake", "digest", False),  # a loader that does not say so: the scan hashes
+    ],
+)
+def test_the_scan_leaves_digests_to_a_loader_that_checks_them(
+    tmp_path: Path, verify: str, given: str | None, scan_mode: str, checked: bool
+) -> None:
+    from hotweights.backends import TransformersLoader
+    from hotweights.engine.batching_loader import BatchingLoader
+    from hotweights.sources import expected_digests
+    from tests.sources.layouts import make_version
+
+    repo = tmp_path / "repo"
+    make_version(repo, "m", 1)
+    config = Config.load({"repo": str(repo), "verify": verify}, environ={})
+    state = build_state(config, FakeTextLoader() if given else None)
+    assert state.sync is not None
+    assert state.sync.repository.scan_mode == scan_mode
+    loader = state.models["m"].reloader.loader
+    if given is None:
+        assert isinstance(loader, BatchingLoader)
+        inner = loader.inner
+        assert isinstance(inner, TransformersLoader)
+        assert inner.expected_digests is (expected_digests if checked else None)

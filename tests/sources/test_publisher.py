@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 import errno
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
+from hotweights.digests import DigestAlgorithm, FileDigest
 from hotweights.errors import PublishError, VersionExists
-from hotweights.sources import MANIFEST_NAME, read_manifest, stage, verify
+from hotweights.sources import MANIFEST_NAME, checkpoint_transfer, read_manifest, stage, verify
 from hotweights.sources import publisher as publish_module
 from hotweights.sources.publisher import publish, publish_pretrained
 from hotweights.sources.rename import rename_noreplace
@@ -90,15 +90,14 @@ def test_disk_full_midway_leaves_nothing(
     src: Path, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     publish(src, root, "m")
-    copied: list[Path] = []
+    real = checkpoint_transfer.copy_file
 
-    def copy_until_full(source: Path, target: Path) -> None:
-        if copied:
+    def copy_until_full(source: Path, target: Path, algorithm: DigestAlgorithm) -> FileDigest:
+        if source.name == "model.safetensors":
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
-        shutil.copyfile(source, target)
-        copied.append(target)
+        return real(source, target, algorithm)
 
-    monkeypatch.setattr(publish_module, "_copy_file", copy_until_full)
+    monkeypatch.setattr(checkpoint_transfer, "copy_file", copy_until_full)
     with pytest.raises(PublishError, match="No space left on device") as info:
         publish(src, root, "m")
     assert "nothing was published" in str(info.value)
@@ -163,8 +162,11 @@ def test_bad_model_names(src: Path, root: Path, model: str) -> None:
 
 
 def test_bad_sources(tmp_path: Path, root: Path) -> None:
-    with pytest.raises(PublishError, match="not a directory"):
+    with pytest.raises(PublishError, match="missing: it does not exist"):
         publish(tmp_path / "missing", root, "m")
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(PublishError, match="not a directory"):
+        publish(tmp_path / "file", root, "m")
     (tmp_path / "empty").mkdir()
     with pytest.raises(PublishError, match="nothing to publish"):
         publish(tmp_path / "empty", root, "m")

@@ -84,10 +84,54 @@ def test_digest_mismatch_with_the_same_size(root: Path, clock: FakeClock) -> Non
     digest = ModelRepository(root, clock=clock)
     digest.scan()
     assert statuses(digest) == {1: INC}
-    assert "sha256" in digest.versions("m")[0].reason
+    assert "blake3" in digest.versions("m")[0].reason
     size = ModelRepository(root, verify="size", clock=clock)
     size.scan()
     assert statuses(size) == {1: E}
+
+
+class CountingOpen:
+    """Stands in for `open` where files are hashed, and records every path opened."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self._open = open
+
+    def __call__(self, file: Any, *args: Any, **kwargs: Any) -> Any:
+        self.paths.append(os.fspath(file))
+        return self._open(file, *args, **kwargs)
+
+    def read(self, name: str) -> int:
+        return sum(1 for path in self.paths if path.endswith(name))
+
+
+def test_a_scan_reads_no_bytes_when_the_loader_checks_digests(
+    root: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = make_version(root, "m", 1)
+    opened = CountingOpen()
+    monkeypatch.setattr("hotweights.digests.open", opened, raising=False)
+    hashing = ModelRepository(root, clock=clock)
+    hashing.scan()
+    assert opened.read("model.safetensors") == 1  # the control: a scan that hashes opens it
+    opened.paths.clear()
+    loading = ModelRepository(root, clock=clock, loader_checks_digests=True)
+    assert loading.scan_mode == "size"
+    loading.scan()
+    assert statuses(loading) == {1: E}
+    (version / "config.json").write_bytes(b'{"layers": 3}')  # same size, other bytes:
+    loading.scan()  # the load refuses it (tests/server), the scan does not read it
+    assert statuses(loading) == {1: E}
+    (version / "model.safetensors").write_bytes(b"short")
+    loading.scan()
+    assert statuses(loading) == {1: INC}  # sizes are still checked at scan
+    assert "model.safetensors: 5 bytes on disk" in loading.versions("m")[0].reason
+    assert opened.paths == []
+
+
+def test_size_and_none_modes_are_not_changed_by_a_loader_that_checks(root: Path) -> None:
+    for mode in ("size", "none"):
+        assert ModelRepository(root, verify=mode, loader_checks_digests=True).scan_mode == mode
 
 
 def test_without_manifest_a_version_settles(

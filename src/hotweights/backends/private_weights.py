@@ -8,7 +8,9 @@ section once, with `readinto` in large chunks (the GIL is released during each r
 one private block, and points every weight that came from the file at its bytes there.
 What the load converted or computed (a cast to another dtype, a non-persistent buffer) is
 already private, or is copied into the same block. The file mapping is dropped with the
-last reference to it. Cost: about what reading the checkpoint's bytes costs.
+last reference to it. Cost: about what reading the checkpoint's bytes costs; with a hasher
+per file (see `digest_check`), each chunk is hashed as it lands, in smaller chunks that are
+still in cache when hashed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from hotweights.backends.safetensors_header import SafetensorsHeader, TensorEntry
+from hotweights.digests import CHUNK_BYTES as HASHED_CHUNK_BYTES
+from hotweights.digests import Hasher
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -28,11 +32,16 @@ _ALIGNMENT = 64
 _TORCH_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def make_weights_private(model: PreTrainedModel, headers: Sequence[SafetensorsHeader]) -> int:
+def make_weights_private(
+    model: PreTrainedModel,
+    headers: Sequence[SafetensorsHeader],
+    hashers: Sequence[Hasher | None] | None = None,
+) -> int:
     """Replace every parameter and buffer of `model` by a view of one private block: bytes
     read from `headers`' files where a tensor of the same name, dtype and shape is there,
-    a copy of the tensor otherwise. Tied weights stay tied. Returns the bytes read from
-    files. Raises `OSError` if a file cannot be read whole."""
+    a copy of the tensor otherwise. Tied weights stay tied. Each file's data section read
+    is fed, in order, to its hasher in `hashers` (one per header, None to skip). Returns
+    the bytes read from files. Raises `OSError` if a file cannot be read whole."""
     import torch
 
     entries: dict[str, tuple[int, TensorEntry]] = {}
@@ -61,8 +70,10 @@ def make_weights_private(model: PreTrainedModel, headers: Sequence[SafetensorsHe
             offset += _aligned(tensor.numel() * tensor.element_size())
     block = zeroed_bytes(max(offset, 1))
     read = 0
-    for header, start in zip(headers, starts, strict=True):
-        read += _read_data(header, block[start : start + header.file_size - header.data_start])
+    feeds = hashers if hashers is not None else [None] * len(headers)
+    for header, start, hasher in zip(headers, starts, feeds, strict=True):
+        target = block[start : start + header.file_size - header.data_start]
+        read += _read_data(header, target, hasher)
     with torch.no_grad():
         for tensor, at, entry in from_file:
             view = block[at : at + entry.nbytes].view(tensor.dtype).view(tensor.shape)
@@ -90,19 +101,23 @@ def zeroed_bytes(length: int) -> Any:
     return torch.frombuffer(memory, dtype=torch.uint8)
 
 
-def _read_data(header: SafetensorsHeader, target: Any) -> int:
-    """Read `header`'s data section into the uint8 tensor `target` (same length)."""
+def _read_data(header: SafetensorsHeader, target: Any, hasher: Hasher | None = None) -> int:
+    """Read `header`'s data section into the uint8 tensor `target` (same length), feeding
+    each chunk to `hasher` as it lands."""
     view = memoryview(target.numpy()).cast("B")
     length = len(view)
+    chunk = CHUNK_BYTES if hasher is None else HASHED_CHUNK_BYTES
     done = 0
     with header.path.open("rb", buffering=0) as stream:
         stream.seek(header.data_start)
         while done < length:
-            count = stream.readinto(view[done : min(length, done + CHUNK_BYTES)])
+            count = stream.readinto(view[done : min(length, done + chunk)])
             if not count:
                 raise OSError(
                     f"{header.path} ended after {done} of its {length} bytes of tensor data"
                 )
+            if hasher is not None:
+                hasher.update(view[done : done + count])
             done += count
     return done
 

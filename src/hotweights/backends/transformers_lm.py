@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from hotweights.backends.devices import check_cuda, is_cuda, parse_device
+from hotweights.backends.digest_check import DigestCheck
 from hotweights.backends.files import ModelFiles, estimate_bytes, fingerprint, inspect_model_dir
 from hotweights.backends.load_process import LoadProcess, LoadRequest, read_pretrained
 from hotweights.backends.loaded_lm import LoadedLM
 from hotweights.backends.per_request import DEFAULT_WORKERS
 from hotweights.backends.private_weights import make_weights_private
+from hotweights.digests import ExpectedDigests
 from hotweights.errors import HotweightsError, LoadError, ValidationError
 from hotweights.generation import GenerationParams
 
@@ -34,6 +38,7 @@ VALIDATION_PROMPT = "Hello, world. 1 2 3"
 WARMUP_PROMPT = "Hello"
 WARMUP_TOKENS = 4
 _CONCRETE_DTYPES = ("float32", "bfloat16", "float16")
+T = TypeVar("T")
 
 
 log = logging.getLogger("hotweights.backends")
@@ -61,6 +66,14 @@ class TransformersLoader:
     `thread_from` set, a process loader reads checkpoints of at least that many weight
     bytes on the thread anyway: the helper's copy grows with the model, the thread's GIL
     cost does not. The helper starts at the first load, or at `import_libraries`.
+
+    With `expected_digests` (a version's manifest, as `hotweights.sources.expected_digests`
+    gives it), a load confirms every listed file's digest before it returns, and a version
+    whose bytes differ fails with `VerificationError` naming each file, the expected and the
+    actual digest. On the thread, on the CPU, each weight file is hashed on the pass that
+    reads it into private memory; the helper process and a GPU read weights their own way,
+    so there the files are hashed on threads beside that load (a second read, from the page
+    cache). Config and tokenizer files are always hashed apart: they are small.
     """
 
     def __init__(
@@ -71,6 +84,7 @@ class TransformersLoader:
         trust_remote_code: bool = False,
         load_in: LoadIn = "thread",
         thread_from: int | None = None,
+        expected_digests: ExpectedDigests | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -83,9 +97,15 @@ class TransformersLoader:
         self.trust_remote_code = trust_remote_code
         self.load_in = load_in
         self.thread_from = thread_from
+        self.expected_digests = expected_digests
         on_cpu = not is_cuda(device)
         self._helper = LoadProcess() if load_in == "process" and on_cpu else None
         self._architecture: str | None = None  # of the version validated last
+
+    @property
+    def checks_digests(self) -> bool:
+        """Whether loads confirm the digests of a version's manifest (`DigestChecking`)."""
+        return self.expected_digests is not None
 
     def import_libraries(self) -> None:
         """Import torch and transformers' auto classes now (a few seconds, once per
@@ -106,20 +126,24 @@ class TransformersLoader:
 
         Raises `LoadError` naming the path and file for a bad directory (see
         `inspect_model_dir`), for a CUDA device that is not there, and wrapping any error
-        transformers raises while reading the files.
+        transformers raises while reading the files; `VerificationError` (or
+        `ManifestError`) when files differ from the expected digests.
         """
         files = self._inspect(source)
+        expected = self.expected_digests(source) if self.expected_digests else None
+        check = DigestCheck(files.root, expected) if expected is not None else None
         missing = check_cuda(self.device)
         if missing is not None:
             raise LoadError(f"cannot load {source} on {self.device}: {missing}")
         dtype = self._resolve_dtype(files)
         digest = fingerprint(files)
         try:
-            model, tokenizer = self._from_pretrained(files, dtype)
+            model, tokenizer = self._from_pretrained(files, dtype, check)
             return LoadedLM(
                 model, tokenizer, source=source, device=self.device, dtype=dtype, fingerprint=digest
             )
         except HotweightsError:
+            self._collect(cuda=is_cuda(self.device))
             raise
         except Exception as exc:
             self._collect(cuda=is_cuda(self.device))
@@ -190,7 +214,7 @@ class TransformersLoader:
         return declared if declared in _CONCRETE_DTYPES else "float32"
 
     def _from_pretrained(
-        self, files: ModelFiles, dtype: str
+        self, files: ModelFiles, dtype: str, check: DigestCheck | None
     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         request = LoadRequest(
             root=str(files.root),
@@ -200,12 +224,20 @@ class TransformersLoader:
         )
         weight_bytes = sum(header.tensor_bytes for header in files.headers)
         big = self.thread_from is not None and weight_bytes >= self.thread_from
-        if self._helper is not None and not big:
-            model, tokenizer = self._helper.load(request)
+        helper = self._helper if not big else None
+        if check is not None:  # the small files first: a bad one may not even parse
+            check.check_rest(skip=files.headers)
+        if helper is not None or is_cuda(self.device) or not files.headers:
+            # The weights are read elsewhere (the helper, mapped pages to the GPU): hash
+            # the files beside that read.
+            model, tokenizer = _beside(check, lambda: _read(helper, request))
         else:
             model, tokenizer = read_pretrained(request)
-            if not is_cuda(self.device) and files.headers:
-                make_weights_private(model, files.headers)  # not the file's pages
+            hashers = check.hashers(files.headers) if check is not None else None
+            make_weights_private(model, files.headers, hashers)  # not the file's pages
+            if check is not None and hashers is not None:
+                check.confirm_streamed(files.headers, hashers)
+                check.check_rest()
         untyped: Any = model  # transformers leaves `to` unannotated
         untyped.to(self.device)
         return model, tokenizer
@@ -217,3 +249,21 @@ class TransformersLoader:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _read(
+    helper: LoadProcess | None, request: LoadRequest
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return helper.load(request) if helper is not None else read_pretrained(request)
+
+
+def _beside(check: DigestCheck | None, load: Callable[[], T]) -> T:
+    """`load()`, with `check`'s files hashed on other threads meanwhile; raises the
+    check's `VerificationError` after the load, which is then dropped."""
+    if check is None:
+        return load()
+    with ThreadPoolExecutor(1, thread_name_prefix="hotweights-digest") as pool:
+        checked = pool.submit(check.check_rest)
+        loaded = load()
+        checked.result()
+    return loaded

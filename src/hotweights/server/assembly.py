@@ -18,6 +18,7 @@ from typing import Any
 from hotweights.config import Config
 from hotweights.core import Loader, MemoryCheck, Notice, Reloader
 from hotweights.core.loader import LibraryImporting
+from hotweights.digests import DigestChecking
 from hotweights.server.server_state import ServedModel, ServerState
 
 log = logging.getLogger("hotweights.server")
@@ -36,7 +37,11 @@ def build_state(
 ) -> ServerState:
     """The models `config` asks for, each with its own reloader: every model of
     `config.repo` (watched), or the one directory `config.source`. `loader` (default: a
-    transformers loader per model) turns a version directory into a model."""
+    transformers loader per model) turns a version directory into a model.
+
+    In `digest` mode the default loader checks each file's digest on the pass that reads
+    it, and so may a given loader (`DigestChecking`); the repository's scan then checks
+    the manifest's listing and sizes only, and a version's bytes are read once."""
 
     def make_loader() -> Loader[Any]:
         return loader if loader is not None else transformers_loader(config)
@@ -65,8 +70,12 @@ def build_state(
     if config.repo is not None:
         from hotweights.sources import ModelRepository, RepositorySync, make_watcher
 
+        checks = loader.checks_digests if isinstance(loader, DigestChecking) else loader is None
         repository = ModelRepository(
-            config.repo, verify=config.verify, settle_seconds=config.settle_seconds
+            config.repo,
+            verify=config.verify,
+            settle_seconds=config.settle_seconds,
+            loader_checks_digests=checks,
         )
         state = repository.scan()
         if not state.readable:
@@ -100,6 +109,7 @@ def transformers_loader(config: Config) -> Loader[Any]:
     """The loader `hotweights serve` uses: transformers behind the batched engine."""
     from hotweights.backends import TransformersLoader
     from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
+    from hotweights.sources import expected_digests
 
     inner = TransformersLoader(
         dtype=config.dtype,
@@ -108,6 +118,7 @@ def transformers_loader(config: Config) -> Loader[Any]:
         trust_remote_code=config.trust_remote_code,
         load_in=config.loads_in(),
         thread_from=config.thread_from(),
+        expected_digests=expected_digests if config.verify == "digest" else None,
     )
     settings = EngineSettings(
         max_batch=config.max_batch_size,

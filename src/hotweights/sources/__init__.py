@@ -4,6 +4,7 @@ submits new targets to the reloaders. Imports no torch or transformers."""
 
 from __future__ import annotations
 
+from hotweights.sources.checkpoint_transfer import PUBLISH_MODES, PublishMode
 from hotweights.sources.manifest import (
     MANIFEST_NAME,
     VERIFY_MODES,
@@ -12,6 +13,7 @@ from hotweights.sources.manifest import (
     VerifyMode,
     VerifyResult,
     build_manifest,
+    expected_digests,
     read_manifest,
     sha256_file,
     verify,
@@ -44,6 +46,7 @@ from hotweights.sources.watcher import (
 
 __all__ = [
     "MANIFEST_NAME",
+    "PUBLISH_MODES",
     "VERIFY_MODES",
     "WATCHER_KINDS",
     "EventWatcher",
@@ -54,6 +57,7 @@ __all__ = [
     "ModelState",
     "Pinned",
     "PollingWatcher",
+    "PublishMode",
     "PublishedVersion",
     "RepositoryState",
     "RepositorySync",
@@ -68,6 +72,7 @@ __all__ = [
     "WatcherKind",
     "build_manifest",
     "choose_target",
+    "expected_digests",
     "make_watcher",
     "publish",
     "publish_pretrained",

@@ -1,4 +1,4 @@
-"""A version's manifest, `hotweights.json`: every file with its size and sha256.
+"""A version's manifest, `hotweights.json`: every file with its size and digest.
 
 The publisher writes the manifest last, so its presence marks a complete version, and its
 content lets a reader check that the files on disk are the files that were published.
@@ -8,11 +8,14 @@ named by its POSIX path relative to the directory, except the manifest itself an
 entries (a name starting with `.`, at any depth). Symlinks to files are followed; symlinks
 to directories are not. Extra files that the manifest does not list are refused: a version
 is exactly what was published, since a stray weight shard would change what loads.
+
+Two formats. Format 1 (every manifest before BLAKE3, and any sha256 manifest written now):
+each file has `size` and `sha256`. Format 2 names its algorithm at the top,
+`"algorithm": "blake3"`, and each file has `size` and a digest under the algorithm's name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,19 +24,27 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from hotweights.digests import (
+    DEFAULT_ALGORITHM,
+    DIGEST_ALGORITHMS,
+    HEX_LENGTH,
+    DigestAlgorithm,
+    FileDigest,
+    hash_file,
+    hash_files,
+    run_parallel,
+)
 from hotweights.errors import ManifestError, VerificationError
 
 MANIFEST_NAME = "hotweights.json"
-FORMAT_VERSION = 1
-"""The manifest format this code writes and reads."""
+FORMATS = (1, 2)
+"""The manifest formats this code reads: 1 (sha256 only) and 2 (names its algorithm)."""
 VerifyMode = Literal["digest", "size", "none"]
-"""How closely a version's files are checked against its manifest: every byte (sha256),
-presence and sizes only, or not at all (the manifest only marks the version complete)."""
+"""How closely a version's files are checked against its manifest: every byte (its
+digest), presence and sizes only, or not at all (the manifest only marks the version
+complete)."""
 VERIFY_MODES: tuple[VerifyMode, ...] = ("digest", "size", "none")
 
-CHUNK_BYTES = 1 << 20
-"""Read size for hashing: large enough to amortise syscalls, small enough to stay in
-cache (measured: 256 KiB to 8 MiB perform alike; 1 MiB is at least as fast as 8)."""
 _MAX_LISTED_PROBLEMS = 5
 _TEMP_NAME = f".{MANIFEST_NAME}.tmp"
 
@@ -43,8 +54,8 @@ class FileEntry:
     """One file of a version, as the manifest records it."""
 
     size: int
-    sha256: str
-    """Lower-case hex digest."""
+    digest: str
+    """Lower-case hex digest, by the manifest's algorithm."""
 
 
 @dataclass(frozen=True)
@@ -58,23 +69,39 @@ class Manifest:
     """Free JSON object from the publisher (training step, metrics, ...)."""
     created_at: float = 0.0
     """Wall-clock time the manifest was written."""
-    format_version: int = FORMAT_VERSION
+    algorithm: DigestAlgorithm = "sha256"
+    """How every file's digest was computed."""
+
+    @property
+    def format_version(self) -> int:
+        """1 for sha256 (readable by every version of hotweights), else 2."""
+        return 1 if self.algorithm == "sha256" else 2
 
     @property
     def total_bytes(self) -> int:
         return sum(entry.size for entry in self.files.values())
 
-    def to_dict(self) -> dict[str, Any]:
+    def digests(self) -> dict[str, FileDigest]:
+        """Each file's size and digest, as a load checks them."""
         return {
+            name: FileDigest(entry.size, self.algorithm, entry.digest)
+            for name, entry in self.files.items()
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
             "format": self.format_version,
             "created_at": self.created_at,
             "description": self.description,
             "metadata": dict(self.metadata),
             "files": {
-                name: {"size": entry.size, "sha256": entry.sha256}
+                name: {"size": entry.size, self.algorithm: entry.digest}
                 for name, entry in sorted(self.files.items())
             },
         }
+        if self.format_version > 1:
+            data["algorithm"] = self.algorithm
+        return data
 
     @classmethod
     def from_dict(cls, data: object, *, where: str = MANIFEST_NAME) -> Manifest:
@@ -82,12 +109,13 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(data).__name__}")
         fmt = data.get("format")
-        if fmt != FORMAT_VERSION:
-            raise ManifestError(f"{where}: format {fmt!r} is not supported (expected 1)")
+        if fmt not in FORMATS or isinstance(fmt, bool):
+            raise ManifestError(f"{where}: format {fmt!r} is not supported (expected 1 or 2)")
+        algorithm = _algorithm(data.get("algorithm") if fmt == 2 else "sha256", where)
         files = data.get("files")
         if not isinstance(files, dict):
             raise ManifestError(f"{where}: 'files' must be an object of name → entry")
-        entries = {name: _entry(name, value, where) for name, value in files.items()}
+        entries = {name: _entry(name, value, algorithm, where) for name, value in files.items()}
         description = data.get("description", "")
         metadata = data.get("metadata", {})
         created_at = data.get("created_at", 0.0)
@@ -97,7 +125,7 @@ class Manifest:
             raise ManifestError(f"{where}: 'metadata' must be an object")
         if not isinstance(created_at, int | float) or isinstance(created_at, bool):
             raise ManifestError(f"{where}: 'created_at' must be a number")
-        return cls(entries, description, metadata, float(created_at), FORMAT_VERSION)
+        return cls(entries, description, metadata, float(created_at), algorithm)
 
 
 @dataclass(frozen=True)
@@ -112,14 +140,8 @@ class VerifyResult:
 
 
 def sha256_file(path: Path | str) -> str:
-    """The hex sha256 of a file, read in `CHUNK_BYTES` chunks (hashlib releases the GIL)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as file:
-        while count := file.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
+    """The hex sha256 of a file (see `hotweights.digests.hash_file`)."""
+    return hash_file(path, "sha256").hexdigest
 
 
 def list_files(directory: Path) -> dict[str, int]:
@@ -130,21 +152,43 @@ def list_files(directory: Path) -> dict[str, int]:
 
 
 def build_manifest(
-    directory: Path | str, *, description: str = "", metadata: Mapping[str, Any] | None = None
+    directory: Path | str,
+    *,
+    description: str = "",
+    metadata: Mapping[str, Any] | None = None,
+    algorithm: DigestAlgorithm = DEFAULT_ALGORITHM,
+    known: Mapping[str, FileDigest] | None = None,
 ) -> Manifest:
-    """Hash every file under `directory` into a manifest (not written anywhere)."""
+    """A manifest of every file under `directory` (not written anywhere).
+
+    `known` digests (computed while the files were copied in) are used for the files whose
+    size on disk is the size they were computed over and whose algorithm is `algorithm`;
+    every other file is hashed now, several at a time on threads."""
     root = Path(directory)
-    files = {
-        name: FileEntry(size, sha256_file(root / name))
-        for name, size in sorted(list_files(root).items())
+    listed = list_files(root)
+    known = known or {}
+    usable = {
+        name: found
+        for name, found in known.items()
+        if listed.get(name) == found.size and found.algorithm == algorithm
     }
-    return Manifest(files, description, dict(metadata or {}), time.time())
+    missing = {name: root / name for name in listed if name not in usable}
+    digests = {**usable, **hash_files(missing, algorithm)}
+    files = {
+        name: FileEntry(digests[name].size, digests[name].hexdigest) for name in sorted(listed)
+    }
+    return Manifest(files, description, dict(metadata or {}), time.time(), algorithm)
 
 
 def write_manifest(
-    directory: Path | str, *, description: str = "", metadata: Mapping[str, Any] | None = None
+    directory: Path | str,
+    *,
+    description: str = "",
+    metadata: Mapping[str, Any] | None = None,
+    algorithm: DigestAlgorithm = DEFAULT_ALGORITHM,
+    known: Mapping[str, FileDigest] | None = None,
 ) -> Manifest:
-    """Hash the files of `directory` and write its manifest durably.
+    """Hash the files of `directory` (see `build_manifest`) and write its manifest durably.
 
     The manifest goes to a hidden temporary file, is fsynced, renamed into place and the
     directory fsynced, so a reader sees either no manifest or a whole one. Call it only
@@ -152,7 +196,9 @@ def write_manifest(
     `OSError` on I/O failure.
     """
     root = Path(directory)
-    manifest = build_manifest(root, description=description, metadata=metadata)
+    manifest = build_manifest(
+        root, description=description, metadata=metadata, algorithm=algorithm, known=known
+    )
     try:
         text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -211,6 +257,22 @@ def verify(
     return VerifyResult(mode, len(manifest.files), manifest.total_bytes, time.monotonic() - started)
 
 
+def expected_digests(directory: Path | str) -> dict[str, FileDigest] | None:
+    """What a loader must confirm as it reads `directory`: each file's size and digest, by
+    its manifest. None when the directory has no manifest (nothing to confirm).
+
+    Checks first, in `size` mode, that exactly the listed files are there with the listed
+    sizes, so that the loader only has to hash what it reads. Raises `ManifestError` (bad
+    manifest) or `VerificationError` (the files differ from the listing). Reads metadata
+    only. An `ExpectedDigests` for a loader (see `hotweights.digests`)."""
+    root = Path(directory)
+    if not (root / MANIFEST_NAME).exists():
+        return None
+    manifest = read_manifest(root)
+    _check(root, manifest, _size_problems(root, manifest))
+    return manifest.digests()
+
+
 def fsync_directory(directory: Path) -> None:
     """Make the directory's entries (creations, renames) durable. No-op where a directory
     cannot be opened for fsync (Windows)."""
@@ -238,16 +300,18 @@ def _size_problems(root: Path, manifest: Manifest) -> list[str]:
 
 
 def _digest_problems(root: Path, manifest: Manifest) -> list[str]:
-    problems: list[str] = []
-    for name, entry in sorted(manifest.files.items()):
+    expected = manifest.digests()
+
+    def problem(path: Path) -> str | None:
+        name = path.relative_to(root).as_posix()
         try:
-            actual = sha256_file(root / name)
+            actual = hash_file(path, manifest.algorithm)
         except FileNotFoundError:
-            problems.append(f"{name}: missing")
-            continue
-        if actual != entry.sha256:
-            problems.append(f"{name}: sha256 {actual} on disk, manifest says {entry.sha256}")
-    return problems
+            return f"{name}: missing"
+        return expected[name].mismatch(name, actual)
+
+    found = run_parallel(problem, {name: root / name for name in sorted(expected)})
+    return [line for _, line in sorted(found.items()) if line is not None]
 
 
 def _check(root: Path, manifest: Manifest, problems: list[str]) -> None:
@@ -274,16 +338,23 @@ def _walk(directory: Path, prefix: PurePosixPath) -> Iterator[tuple[str, int]]:
                     yield name, entry.stat().st_size
 
 
-def _entry(name: object, value: object, where: str) -> FileEntry:
+def _algorithm(value: object, where: str) -> DigestAlgorithm:
+    for algorithm in DIGEST_ALGORITHMS:
+        if value == algorithm:
+            return algorithm
+    raise ManifestError(f"{where}: 'algorithm' {value!r} is not one of {DIGEST_ALGORITHMS}")
+
+
+def _entry(name: object, value: object, algorithm: DigestAlgorithm, where: str) -> FileEntry:
     if not isinstance(name, str) or not _is_safe_name(name):
         raise ManifestError(f"{where}: file name {name!r} is not a relative path inside it")
     if not isinstance(value, dict):
         raise ManifestError(f"{where}: entry for {name} must be an object")
-    size, digest = value.get("size"), value.get("sha256")
+    size, digest = value.get("size"), value.get(algorithm)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ManifestError(f"{where}: {name}: 'size' must be a non-negative integer")
-    if not isinstance(digest, str) or len(digest) != 64 or not _is_hex(digest):
-        raise ManifestError(f"{where}: {name}: 'sha256' must be 64 hex digits")
+    if not isinstance(digest, str) or len(digest) != HEX_LENGTH or not _is_hex(digest):
+        raise ManifestError(f"{where}: {name}: '{algorithm}' must be {HEX_LENGTH} hex digits")
     return FileEntry(size, digest.lower())
 
 

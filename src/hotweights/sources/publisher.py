@@ -5,13 +5,15 @@ so the final rename is atomic), fsynced, the manifest written last, and the dire
 renamed to the next version number without replacing anything. Readers (the repository,
 the watcher) ignore hidden directories, so they never see a version half-written.
 
-    publish("checkpoints/step-900", "models", "my-llm")              # a directory
+    publish("checkpoints/step-900", "models", "my-llm")              # a directory, copied
+    publish("checkpoints/step-900", "models", "my-llm", mode="move") # ... or moved, linked
     publish_pretrained(model, tokenizer, "models", "my-llm")         # a transformers model
     with stage("models", "my-llm") as staged:                        # anything else
         write_files(staged.path)
         staged.commit(description="step 900")
 
-Nothing here prints; nothing here imports torch or transformers.
+Every file is hashed once, on its way in (`checkpoint_transfer`), and the manifest is
+built from those digests. Nothing here prints; nothing here imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from hotweights.digests import DEFAULT_ALGORITHM, DigestAlgorithm, FileDigest
 from hotweights.errors import PublishError, VersionExists
 from hotweights.sources import layout
+from hotweights.sources.checkpoint_transfer import PublishMode, Transfer, transfer_tree
 from hotweights.sources.manifest import (
-    MANIFEST_NAME,
     Manifest,
     fsync_directory,
     list_files,
@@ -81,6 +84,12 @@ class StagedVersion:
                 f"cannot stage a version of {model} in {self.model_dir}: {exc}"
             ) from exc
         self._done = False
+        self._before_discard: list[Callable[[], None]] = []
+
+    def before_discard(self, action: Callable[[], None]) -> None:
+        """Run `action` when the staging directory is discarded, before it is removed
+        (a move publish puts the checkpoint's files back)."""
+        self._before_discard.append(action)
 
     def commit(
         self,
@@ -88,10 +97,15 @@ class StagedVersion:
         version: int | None = None,
         description: str = "",
         metadata: Mapping[str, Any] | None = None,
+        algorithm: DigestAlgorithm = DEFAULT_ALGORITHM,
+        digests: Mapping[str, FileDigest] | None = None,
     ) -> PublishedVersion:
         """Fsync the staged files, write the manifest last, and rename the directory to
         `version` (default: one above the highest number present, moving up if another
         publisher takes it first). Never replaces an existing version.
+
+        The manifest's digests use `algorithm`; `digests` computed while the files were
+        written are used as they are (see `build_manifest`), the other files are hashed.
 
         Raises `VersionExists` when the explicit `version` exists, `PublishError` for any
         other failure (disk full, ...); either way the staging directory is removed and
@@ -108,7 +122,13 @@ class StagedVersion:
             if not list_files(self.path):
                 raise PublishError(f"nothing to publish: {self.path} holds no files")
             _fsync_tree(self.path)
-            manifest = write_manifest(self.path, description=description, metadata=metadata)
+            manifest = write_manifest(
+                self.path,
+                description=description,
+                metadata=metadata,
+                algorithm=algorithm,
+                known=digests,
+            )
             number = self._rename(version)
             fsync_directory(self.model_dir)
         except BaseException as exc:
@@ -127,7 +147,12 @@ class StagedVersion:
     def discard(self) -> None:
         """Remove the staging directory (idempotent)."""
         self._done = True
-        shutil.rmtree(self.path, ignore_errors=True)
+        actions, self._before_discard = self._before_discard, []
+        try:
+            for action in actions:
+                action()
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> StagedVersion:
         return self
@@ -176,25 +201,42 @@ def publish(
     version: int | None = None,
     description: str = "",
     metadata: Mapping[str, Any] | None = None,
+    mode: PublishMode = "copy",
+    algorithm: DigestAlgorithm = DEFAULT_ALGORITHM,
 ) -> PublishedVersion:
-    """Copy `src_dir` into a new version of `model` atomically (see `StagedVersion.commit`).
+    """Publish `src_dir` as a new version of `model` atomically (see `StagedVersion.commit`).
 
-    Copies every file except hidden ones and an existing `hotweights.json` (a fresh one is
-    written). Raises `VersionExists` or `PublishError`; nothing partial stays behind.
+    Takes every file except hidden ones and an existing `hotweights.json` (a fresh one is
+    written), by `mode` (see `checkpoint_transfer`): `copy` leaves the source untouched;
+    `link` (reflinks, else hard links) and `move` need the source on the repository's
+    filesystem and cost one hash per file. A hard-linked file changes if the trainer
+    rewrites it: `link` is safe only when it never does. A failed `move` puts the files
+    back. Raises `VersionExists` or `PublishError`; nothing partial stays behind.
     """
     source = Path(src_dir)
+    if not source.exists():
+        raise PublishError(f"cannot publish {source}: it does not exist")
     if not source.is_dir():
         raise PublishError(f"cannot publish {source}: not a directory")
     if version is not None:
         refuse_existing(Path(os.path.abspath(repo_root)) / model, version)
     with stage(repo_root, model) as staged:
+        transfer = Transfer()
+        staged.before_discard(transfer.undo)
         try:
-            _copy_tree(source, staged.path)
+            transfer_tree(source, staged.path, mode, algorithm, transfer)
         except OSError as exc:
+            verb = {"copy": "copying", "link": "linking", "move": "moving"}[mode]
             raise PublishError(
-                f"copying {source} into {staged.model_dir} failed, nothing was published: {exc}"
+                f"{verb} {source} into {staged.model_dir} failed, nothing was published: {exc}"
             ) from exc
-        return staged.commit(version=version, description=description, metadata=metadata)
+        return staged.commit(
+            version=version,
+            description=description,
+            metadata=metadata,
+            algorithm=algorithm,
+            digests=transfer.digests,
+        )
 
 
 def publish_pretrained(
@@ -252,25 +294,6 @@ def _make_staging_dir(model_dir: Path) -> Path:
         except FileExistsError:
             continue
         return path
-
-
-def _copy_tree(source: Path, target: Path, *, top: bool = True) -> None:
-    with os.scandir(source) as listing:
-        entries = sorted(listing, key=lambda e: e.name)
-    for entry in entries:
-        if entry.name.startswith(".") or (top and entry.name == MANIFEST_NAME):
-            continue
-        destination = target / entry.name
-        if entry.is_dir():
-            destination.mkdir()
-            _copy_tree(Path(entry.path), destination, top=False)
-        else:
-            _copy_file(Path(entry.path), destination)
-
-
-def _copy_file(source: Path, target: Path) -> None:
-    """Copy one file's bytes (symlinks followed); tests replace it to simulate a full disk."""
-    shutil.copyfile(source, target)
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -2,9 +2,11 @@
 
 A scan lists models and versions and gives each version a status (see `VersionStatus`).
 Digest verification runs once per distinct signature of a version's files, so a scan of
-an unchanged repository reads metadata only. Storage trouble never reads as "gone": an
-unreadable root keeps the last state; a vanished version simply drops out, and the
-`Latest` policy never moves backwards because of it.
+an unchanged repository reads metadata only. Where the loader checks every file's digest
+on the pass that reads it into memory (`loader_checks_digests`), the scan checks the
+manifest's listing and sizes only, and a version's bytes are read once, by the load.
+Storage trouble never reads as "gone": an unreadable root keeps the last state; a
+vanished version simply drops out, and the `Latest` policy never moves backwards.
 """
 
 from __future__ import annotations
@@ -68,11 +70,19 @@ class ModelRepository:
         clock: Callable[[], float] = time.monotonic,
         read_retries: int = 3,
         read_backoff: float = 0.05,
+        loader_checks_digests: bool = False,
     ) -> None:
+        """`loader_checks_digests`: the loader of these versions confirms each file's
+        digest as it reads it (it is handed `manifest.expected_digests`), so in `digest`
+        mode a scan checks sizes only. Leave it False for any other reader."""
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.root = Path(os.path.abspath(root))
         self.verify_mode: VerifyMode = verify
+        self.scan_mode: VerifyMode = (
+            "size" if verify == "digest" and loader_checks_digests else verify
+        )
+        """What a scan checks: `verify_mode`, less the digests a loader checks."""
         self.settle_seconds = settle_seconds
         self.read_retries = read_retries
         self.read_backoff = read_backoff
@@ -91,7 +101,8 @@ class ModelRepository:
 
     def scan(self) -> RepositoryState:
         """Look at the disk and return the new state. Blocks while another scan runs.
-        May hash files (first sight of a version with a manifest, in `digest` mode)."""
+        May hash files (first sight of a version with a manifest, in `digest` mode, unless
+        the loader checks digests)."""
         with self._scan_lock:
             self._visited.clear()
             now = self._clock()
@@ -329,7 +340,7 @@ class ModelRepository:
     def _verify(self, base: VersionInfo) -> CheckedVersion:
         try:
             manifest = read_manifest(base.path)
-            verify_files(base.path, self.verify_mode, manifest=manifest)
+            verify_files(base.path, self.scan_mode, manifest=manifest)
         except (ManifestError, VerificationError) as exc:
             log.warning("%s/%d is not eligible: %s", base.model, base.number, exc)
             return CheckedVersion(base.signature, VersionStatus.INCOMPLETE, str(exc), "", {})
