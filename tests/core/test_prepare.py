@@ -216,3 +216,79 @@ def test_under_resource_the_live_version_goes_first_and_a_discard_brings_it_back
     assert restored.outcome is Outcome.ROLLED_BACK
     with reloader.slot.acquire(timeout=0) as lease:
         assert lease.model() == "/m/1"
+
+
+def test_a_prepare_whose_generation_was_taken_fails_and_unloads_what_it_loaded(
+    make_reloader: MakeReloader, loader: FakeLoader
+) -> None:
+    reloader = make_reloader()
+    reloader.reload("/m/1")
+    loader.gates["/m/2"] = gate = threading.Event()
+    running = reloader.submit("/m/2")  # will be numbered 2
+    assert loader.started("/m/2").wait(10)
+    numbered = reloader.prepare("/m/3", generation=2)  # accepted: 2 is ahead of 1, for now
+    gate.set()
+    assert running.wait(10).new_generation == 2
+    failed = numbered.wait(10)
+    assert isinstance(failed, ReloadEvent)
+    assert failed.outcome is Outcome.FAILED
+    assert failed.error_message == "prepare: generation 2 is not after generation 2"
+    assert [m.source for m in loader.unloaded if m.source == "/m/3"] == ["/m/3"]
+
+
+def test_commit_names_one_version_of_each_model(make_reloader: MakeReloader) -> None:
+    reloader = make_reloader()
+    reloader.reload("/m/1")
+    handle = _prepared(reloader, "/m/2")
+    with pytest.raises(ValueError, match="one version of each model"):
+        reloader.commit(handle, handle)
+    assert handle.decision is None  # nothing was claimed or swapped
+    assert reloader.commit(handle).new_generation == 2
+
+
+def test_a_handle_belongs_to_its_reloader(loader: FakeLoader) -> None:
+    one: Reloader[FakeModel] = Reloader(loader, name="one")
+    other: Reloader[FakeModel] = Reloader(loader, name="other")
+    try:
+        one.reload("/one/1")
+        other.reload("/other/1")
+        handle = _prepared(one, "/one/2")
+        with pytest.raises(ValueError, match="another reloader"):
+            other.discard(handle, "wrong reloader")
+        with pytest.raises(ValueError, match="another reloader"):
+            other.commit(handle)
+        assert one.commit(handle).outcome is Outcome.LIVE
+    finally:
+        one.close(10)
+        other.close(10)
+
+
+class _UnloadRaises(FakeLoader):
+    def unload(self, model: FakeModel) -> None:
+        super().unload(model)
+        if model.source == "/m/2":
+            raise RuntimeError("the device refused to free the memory")
+
+
+def test_under_resource_a_discard_whose_unload_raises_still_restores() -> None:
+    reloader: Reloader[FakeModel] = Reloader(_UnloadRaises(), policy="resource")
+    try:
+        reloader.reload("/m/1")
+        handle = _prepared(reloader, "/m/2")
+        reloader.discard(handle, "changed my mind")
+        assert handle.settled.is_set()
+        live = reloader.live_version
+        assert live is not None
+        assert (live.source, live.generation) == ("/m/1", 3)
+        assert reloader.reload("/m/3").outcome is Outcome.LIVE  # the worker is free
+    finally:
+        reloader.close(10)
+
+
+def test_closing_under_resource_brings_nothing_back(loader: FakeLoader) -> None:
+    reloader: Reloader[FakeModel] = Reloader(loader, policy="resource")
+    reloader.reload("/m/1")
+    _prepared(reloader, "/m/2")
+    reloader.close(10)
+    assert loader.loads["/m/1"] == 1  # the old version was not loaded again to be closed
+    assert [m.source for m in loader.models if not m.unloaded] == []

@@ -322,3 +322,26 @@ def test_catch_up_finishes_a_held_version_the_fleet_committed_meanwhile(
     assert resident(replica) == [(4, "live")]
     assert replica.has(4)
     assert not replica.has(3)
+
+
+def test_a_finish_right_after_hold_returned_finds_the_version(make: Make, repo: Path) -> None:
+    """`hold` may return before the ticket's callbacks ran (a Future wakes its waiters
+    first): the handle must already be the replica's, or the commit would miss it."""
+    replica = started(make, repo, FakeLoader())
+    park = threading.Event()
+    prepare = replica.reloader.prepare
+
+    def parked(*args: Any, **kwargs: Any) -> Any:
+        ticket = prepare(*args, **kwargs)
+        ticket._future.add_done_callback(lambda _: park.wait(TIMEOUT))  # before hold's own
+        return ticket
+
+    replica.reloader.prepare = parked  # type: ignore[method-assign]
+    try:
+        assert replica.hold(Target(5, source(repo, 5)), TIMEOUT).ok
+        assert replica.finish(5, TIMEOUT)
+    finally:
+        park.set()
+    live = replica.reloader.live_version
+    assert live is not None
+    assert live.generation == 5

@@ -32,9 +32,10 @@ def bake(
     def breach(reason: str) -> None:
         handle.claim(Decision.DISCARD, reason)
 
-    handle.monitor = CanaryMonitor(policy, stable.generation, handle.generation, breach)
+    monitor = CanaryMonitor(policy, stable.generation, handle.generation, breach)
     handle.bake_started = time.monotonic()
     handle.slot.start_canary(handle.generation, policy.share)
+    handle.monitor = monitor  # only now may an operator promote or roll it back
     handle.job.phase = "bake"
     log.info(
         "%s: %s takes %g%% of new requests for %g s",

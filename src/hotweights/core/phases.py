@@ -95,12 +95,12 @@ class PhaseRunner(Generic[ModelT]):
             started = time.monotonic()
             try:
                 self._within_deadline(
-                    phase, source, step, model, late=lambda _: self._unload_quietly(model, version)
+                    phase, source, step, model, late=lambda _: self.unload_quietly(model, version)
                 )
             except Exception as exc:
                 attempt.phases[phase] = time.monotonic() - started
                 if not isinstance(exc, PhaseTimeout):  # else unloaded when the step returns
-                    self._unload_quietly(model, version)
+                    self.unload_quietly(model, version)
                 raise PhaseFailed(phase, exc, attempt) from exc
             attempt.phases[phase] = time.monotonic() - started
         return model, attempt
@@ -126,17 +126,17 @@ class PhaseRunner(Generic[ModelT]):
 
         try:
             verdict = self._within_deadline(
-                "gate", source, run, model, late=lambda _: self._unload_quietly(model, version)
+                "gate", source, run, model, late=lambda _: self.unload_quietly(model, version)
             )
         except Exception as exc:
             attempt.phases["gate"] = time.monotonic() - started
             if not isinstance(exc, PhaseTimeout):
-                self._unload_quietly(model, version)
+                self.unload_quietly(model, version)
             raise PhaseFailed("gate", exc, attempt) from exc
         attempt.phases["gate"] = time.monotonic() - started
         attempt.verdict = verdict
         if not verdict.passed:
-            self._unload_quietly(model, version)
+            self.unload_quietly(model, version)
             refused = GateRefused(verdict)
             raise PhaseFailed("gate", refused, attempt) from refused
 
@@ -222,7 +222,7 @@ class PhaseRunner(Generic[ModelT]):
         except Exception:
             log.exception("unloading a late load failed")
 
-    def _unload_quietly(self, model: ModelT, version: ModelVersion) -> None:
+    def unload_quietly(self, model: ModelT, version: ModelVersion) -> None:
         try:
             self.loader.unload(model)
         except Exception:

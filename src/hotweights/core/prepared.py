@@ -146,6 +146,7 @@ def claim_all(handles: Sequence[PreparedVersion[Any]], decision: Decision, reaso
             return False
         for handle in ordered:
             handle._decision, handle._reason = decision, reason
+            handle.job.decided = True
             handle._decided.set()
     return True
 

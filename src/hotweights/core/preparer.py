@@ -83,9 +83,16 @@ class Preparer(Generic[ModelT]):
         previous: ModelVersion | None = None,
     ) -> PreparedVersion[ModelT]:
         """Number `version` (as `job.generation`, if given) and make it resident beside
-        the live one, reachable by a pin; observers hear of it once it is reachable."""
-        self.history.number(version, job.generation)
-        self.slot.hold(version, model)
+        the live one, reachable by a pin; observers hear of it once it is reachable.
+        Raises `PhaseFailed` (after unloading `model`) when its generation was taken
+        meanwhile: a prepare numbered by its caller lost to a version numbered next."""
+        try:
+            self.history.number(version, job.generation)
+            self.slot.hold(version, model)
+        except ValueError as exc:
+            self.phases.unload_quietly(model, version)
+            self.records.transition(version, VersionState.FAILED)
+            raise PhaseFailed("prepare", exc, attempt) from exc
         self.records.version_changed(version, VersionState.VALIDATING, VersionState.PREPARED)
         job.phase = "prepared"
         return PreparedVersion(

@@ -41,9 +41,12 @@ class ReloadJob:
     future: Future[Any] = field(default_factory=Future)
     phase: str = "queued"
     old_generation: int | None = None
+    decided: bool = False
+    """Its version was committed or discarded: a new request for it is a new job."""
 
     def joins(self, source: str, kind: JobKind, generation: int | None) -> bool:
-        return (self.source, self.kind, self.generation) == (source, kind, generation)
+        same = (self.source, self.kind, self.generation) == (source, kind, generation)
+        return same and not self.decided
 
 
 class ReloadTicket:

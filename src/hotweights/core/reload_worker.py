@@ -35,13 +35,15 @@ log = logging.getLogger("hotweights.reload")
 def commit(handles: tuple[PreparedVersion[Any], ...], reason: str) -> ReloadEvent:
     """Make every prepared version in `handles` live in one step (see `Reloader.commit`);
     returns the first one's event. Raises `NotPrepared` if any was already decided."""
+    if len({id(handle.slot) for handle in handles}) != len(handles):
+        raise ValueError(f"{handles}: one commit makes one version of each model live")
     if not claim_all(handles, Decision.COMMIT, reason):
         raise NotPrepared(f"{', '.join(map(repr, handles))}: already committed or discarded")
     for handle in handles:
         handle.begin_apply()
     try:
         olds = ModelSlot.commit_together([(handle.slot, handle.generation) for handle in handles])
-    except Exception as exc:  # never leave a worker waiting on a version nobody settles
+    except Exception as exc:  # nothing swapped; never leave a worker waiting on a version
         for handle in handles:
             handle.settle(handle.records.event(handle.job, Outcome.FAILED, error=exc))
         raise
@@ -83,6 +85,8 @@ class ReloadWorker(Generic[ModelT]):
 
     def discard(self, handle: PreparedVersion[ModelT], reason: str) -> ReloadEvent | None:
         """See `Reloader.discard`."""
+        if handle.slot is not self.slot:
+            raise ValueError(f"{handle!r} was prepared by another reloader than {self.name!r}")
         if not handle.claim(Decision.DISCARD, reason):
             decided = handle.decision.value if handle.decision else "decided"
             raise NotPrepared(f"{handle!r} was already {decided}")
@@ -113,10 +117,7 @@ class ReloadWorker(Generic[ModelT]):
                 self._run(job)
             except Exception as exc:  # a bug in the reloader itself: never kill the worker
                 log.exception("reload %d of %s crashed", job.id, self.name)
-                if self.slot.in_gap and self.slot.live_version is None:
-                    self.slot.end_gap()  # never leave admissions waiting on nothing
-                if not job.future.done():
-                    self.records.finish(job, self.records.event(job, Outcome.FAILED, error=exc))
+                self._recover(job, exc)
             finally:
                 with self._lock:
                     self._held = None
@@ -150,6 +151,26 @@ class ReloadWorker(Generic[ModelT]):
         if not job.future.done() and handle.event is not None:
             job.future.set_result(handle.event)
 
+    def _recover(self, job: ReloadJob, exc: Exception) -> None:
+        """After a crash: no prepared version left held, no admission left waiting, and
+        the job's caller answered (with its version's event if that was decided)."""
+        handle = self._held
+        if handle is not None and not handle.settled.is_set():
+            handle.claim(Decision.DISCARD, f"the reload crashed: {exc}")
+            if handle.begin_apply():
+                try:
+                    self._apply_discard(handle)
+                except Exception:
+                    log.exception("discarding %r after a crash failed too", handle)
+        if self.slot.in_gap and self.slot.live_version is None:
+            self.slot.end_gap()  # never leave admissions waiting on nothing
+        if job.future.done():
+            return
+        if handle is not None and handle.event is not None:
+            job.future.set_result(handle.event)
+        else:
+            self.records.finish(job, self.records.event(job, Outcome.FAILED, error=exc))
+
     def _commit_one(self, handle: PreparedVersion[Any], reason: str) -> object:
         return commit((handle,), reason)
 
@@ -168,12 +189,19 @@ class ReloadWorker(Generic[ModelT]):
             self.records.drain_later(generation, event.id)
             handle.settle(event)
             return
-        self.slot.drain(generation, self.records.drain_timeout)
-        restored = self._restore(handle.previous)
-        self.slot.end_gap()
-        for done in (event, restored):
-            self.records.record(done)
-        handle.settle(event)
+        restored: ReloadEvent | None = None
+        try:  # `resource`: it drains now, and the old version comes back in its memory
+            self.slot.drain(generation, self.records.drain_timeout)
+            with self._lock:
+                closing = self._closing
+            if not closing:  # a closing reloader brings nothing back to life
+                restored = self._restore(handle.previous)
+        finally:
+            self.slot.end_gap()
+            self.records.record(event)
+            if restored is not None:
+                self.records.record(restored)
+            handle.settle(event)
 
     def _restore(self, previous: ModelVersion) -> ReloadEvent:
         """Under `resource`, the old version was unloaded for a version that failed or was

@@ -166,6 +166,8 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         base: all swap in the same step). The old versions drain and are released.
         Returns `handle`'s event (the others' are on their handles). Raises `NotPrepared`
         if any of them was already committed or discarded."""
+        if handle.slot is not self.slot:
+            raise ValueError(f"{handle!r} was prepared by another reloader than {self.name!r}")
         return commit((handle, *together), reason)
 
     def discard(self, handle: PreparedVersion[ModelT], reason: str) -> ReloadEvent | None:

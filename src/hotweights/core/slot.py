@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from hotweights.core.version import ModelVersion, VersionState
 from hotweights.errors import ModelRetired, NotReady
 
 ModelT = TypeVar("ModelT")
+log = logging.getLogger("hotweights.reload")
 
 _WHOLE = 1_000_000
 StateCallback = Callable[[ModelVersion, VersionState, VersionState], None]
@@ -241,11 +243,14 @@ class ModelSlot(Generic[ModelT]):
         every slot's lock is held while the references change. Returns, per move, the
         generation that stopped being live (now DRAINING; the caller must `drain` it)."""
         slots = sorted({id(slot): slot for slot, _ in moves}.values(), key=id)
+        if len(slots) != len(moves):
+            raise ValueError("one commit can make only one version live per model")
         with contextlib.ExitStack() as locks:
             for slot in slots:
                 locks.enter_context(slot._lock)
-            entries = [slot._committable(generation) for slot, generation in moves]
+            entries = [slot._committable(generation) for slot, generation in moves]  # may raise
             olds = [slot._swap(entry) for (slot, _), entry in zip(moves, entries, strict=True)]
+        # Swapped: from here on nothing may stop the old versions from being drained.
         for (slot, _), entry, old in zip(moves, entries, olds, strict=True):
             slot._transition(entry.version, VersionState.LIVE)
             if old is not None:
@@ -331,6 +336,8 @@ class ModelSlot(Generic[ModelT]):
             if model is not None and not entry.unloaded:
                 entry.unloaded = True
                 self._unload(model)
+        except Exception:  # the version is gone from the slot either way; say so, go on
+            log.exception("unloading %s raised", entry.version.label)
         finally:
             self._transition(entry.version, VersionState.RETIRED)
         return DrainReport(generation, time.monotonic() - started, stuck)

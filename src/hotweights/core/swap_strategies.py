@@ -59,9 +59,9 @@ class Availability(Generic[ModelT]):
             version, model, attempt = preparer.bring_up(
                 job, fit=self.policy, baseline=preparer.measure_live
             )
+            return preparer.hold(job, version, model, attempt)
         except PhaseFailed as failure:
             return PrepareFailed(preparer.records.failed(job, failure))
-        return preparer.hold(job, version, model, attempt)
 
 
 class Resource(Generic[ModelT]):
@@ -103,11 +103,11 @@ class Resource(Generic[ModelT]):
             version, model, attempt = preparer.bring_up(
                 job, fit=None, baseline=lambda _: measured, earlier=measured_in
             )
+            attempt.phases["drain"] = drain_s
+            return preparer.hold(job, version, model, attempt, previous=previous)
         except PhaseFailed as failure:
             event = records.failed(job, failure).with_phase("drain", drain_s)
             return PrepareFailed(event, restore=previous)
-        attempt.phases["drain"] = drain_s
-        return preparer.hold(job, version, model, attempt, previous=previous)
 
 
 def make_strategy(

@@ -183,6 +183,7 @@ class FleetReplica:
         if isinstance(result, ReloadEvent):
             error = f"replica {self.id}: {result.error_message or result.outcome.value}"
             return Prepared(self.id, generation, ok=False, error=error, seconds=seconds)
+        self._arrived(generation, result)  # the callback may not have run yet: see `then`
         if result.decision is not None:  # the fleet gave up on it while it loaded
             return Prepared(self.id, generation, ok=False, error="aborted", seconds=seconds)
         return Prepared(self.id, generation, ok=True, seconds=seconds)
@@ -290,4 +291,11 @@ class FleetReplica:
 def replica_config(config: Config, name: str) -> Config:
     """The config a replica's own server runs with: the fleet's, serving `name` from
     whichever version directory the coordinator names (no watcher, no canary of its own)."""
-    return replace(config, source=config.repo or ".", repo=None, model_name=name, canary=None)
+    return replace(
+        config,
+        source=config.repo or ".",
+        repo=None,
+        model_name=name,
+        canary=None,
+        policy="availability",  # prepare beside the live version: it serves until the commit
+    )
