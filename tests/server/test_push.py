@@ -218,3 +218,36 @@ def _wait_for(condition: Any, message: str, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(message)
         time.sleep(0.01)
+
+
+def test_a_version_pushed_in_memory_keeps_its_pages_mapped(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """`hotweights serve`'s loader copies a checkpoint's weights into private memory (a
+    file on disk may be rewritten); a version staged in the server's own memory is its
+    own already, so its weights stay the staged file's pages: no second copy."""
+    import shutil
+
+    from hotweights.config import Config
+    from hotweights.server.assembly import build_state
+
+    source = tmp_path / "models" / "1"
+    shutil.copytree(trained["dir"], source)
+    config = Config.load(
+        {"source": str(source), "model_name": "m", "model_roots": (str(source.parent),)},
+        environ={},
+    )
+    server = ServerThread(build_state(config)).start()
+    try:
+        server.wait_live()
+        assert _storages(server) == 1  # read from disk: one private block
+        hotweights.push(server.url, trained["v2"], model="m", handover="shared-memory")
+        assert _storages(server) > 1  # each tensor a view of the staged file's mapping
+    finally:
+        server.stop()
+
+
+def _storages(server: ServerThread) -> int:
+    served = server.state.models["m"]
+    ((_, model),) = [pair for pair in served.reloader.models() if pair[0].state.value == "live"]
+    return len({p.untyped_storage().data_ptr() for p in model.model.parameters()})

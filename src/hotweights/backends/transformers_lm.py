@@ -74,6 +74,10 @@ class TransformersLoader:
     reads it into private memory; the helper process and a GPU read weights their own way,
     so there the files are hashed on threads beside that load (a second read, from the page
     cache). Config and tokenizer files are always hashed apart: they are small.
+
+    `in_place(source)` names sources whose files belong to this server alone and are never
+    rewritten (a version pushed without a repository, staged in memory): those are read on
+    the thread and their weights stay the file's pages, mapped rather than copied.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class TransformersLoader:
         load_in: LoadIn = "thread",
         thread_from: int | None = None,
         expected_digests: ExpectedDigests | None = None,
+        in_place: Callable[[str], bool] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -98,6 +103,7 @@ class TransformersLoader:
         self.load_in = load_in
         self.thread_from = thread_from
         self.expected_digests = expected_digests
+        self.in_place = in_place
         on_cpu = not is_cuda(device)
         self._helper = LoadProcess() if load_in == "process" and on_cpu else None
         self._architecture: str | None = None  # of the version validated last
@@ -227,7 +233,9 @@ class TransformersLoader:
         helper = self._helper if not big else None
         if check is not None:  # the small files first: a bad one may not even parse
             check.check_rest(skip=files.headers)
-        if helper is not None or is_cuda(self.device) or not files.headers:
+        if self.in_place is not None and self.in_place(str(files.root)) and check is None:
+            model, tokenizer = read_pretrained(request)  # its pages are its own already
+        elif helper is not None or is_cuda(self.device) or not files.headers:
             # The weights are read elsewhere (the helper, mapped pages to the GPU): hash
             # the files beside that read.
             model, tokenizer = _beside(check, lambda: _read(helper, request))

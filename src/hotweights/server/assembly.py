@@ -19,6 +19,7 @@ from hotweights.config import Config
 from hotweights.core import Loader, MemoryCheck, Notice, Reloader
 from hotweights.core.loader import LibraryImporting
 from hotweights.digests import DigestChecking
+from hotweights.server.memory_versions import MemoryVersions
 from hotweights.server.server_state import ServedModel, ServerState
 
 log = logging.getLogger("hotweights.server")
@@ -43,8 +44,10 @@ def build_state(
     it, and so may a given loader (`DigestChecking`); the repository's scan then checks
     the manifest's listing and sizes only, and a version's bytes are read once."""
 
+    pushed = MemoryVersions()  # the server's in-memory pushed versions: mapped, not copied
+
     def make_loader() -> Loader[Any]:
-        return loader if loader is not None else transformers_loader(config)
+        return loader if loader is not None else transformers_loader(config, pushed.__contains__)
 
     from hotweights.sources.gate_spec import GateSpec
     from hotweights.sources.quality_gate import QualityGate
@@ -83,7 +86,7 @@ def build_state(
         names = repository.models()
         if not names:
             raise ValueError(f"the model repository {config.repo} holds no model directories")
-        server = ServerState(config, {name: served(name) for name in names})
+        server = ServerState(config, {name: served(name) for name in names}, pushed=pushed)
         watcher = make_watcher(config.watch, repository.root, interval=config.poll_interval)
         reloaders = {name: m.reloader for name, m in server.models.items()}
         server.sync = RepositorySync(repository, reloaders, watcher)
@@ -91,7 +94,7 @@ def build_state(
     if config.source is None:
         raise ValueError("nothing to serve: give a model directory or --repo")
     name = config.model_name or default_model_name(config.source)
-    return ServerState(config, {name: served(name)})
+    return ServerState(config, {name: served(name)}, pushed=pushed)
 
 
 def memory_check(config: Config) -> MemoryCheck | None:
@@ -105,8 +108,11 @@ def memory_check(config: Config) -> MemoryCheck | None:
     return MemoryCheck(available=lambda: free_bytes(device))
 
 
-def transformers_loader(config: Config) -> Loader[Any]:
-    """The loader `hotweights serve` uses: transformers behind the batched engine."""
+def transformers_loader(
+    config: Config, in_place: Callable[[str], bool] | None = None
+) -> Loader[Any]:
+    """The loader `hotweights serve` uses: transformers behind the batched engine.
+    `in_place` names the sources whose pages it may keep mapped (see `TransformersLoader`)."""
     from hotweights.backends import TransformersLoader
     from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
     from hotweights.sources import expected_digests
@@ -119,6 +125,7 @@ def transformers_loader(config: Config) -> Loader[Any]:
         load_in=config.loads_in(),
         thread_from=config.thread_from(),
         expected_digests=expected_digests if config.verify == "digest" else None,
+        in_place=in_place,
     )
     settings = EngineSettings(
         max_batch=config.max_batch_size,
