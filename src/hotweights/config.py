@@ -111,8 +111,8 @@ class Config:
     default_max_tokens: int = 256
     """`max_tokens` for chat requests that do not set it."""
     generation_workers: int = 4
-    """Threads that render and encode prompts off the event loop (and generate, for a model
-    served by the per-request loop)."""
+    """Threads that render and encode prompts off the event loop (each model's engine has
+    its own workers)."""
     max_batch_size: int = 32
     """Sequences one version's engine steps together; more requests wait for a row."""
     kv_cache_memory: str = "auto"
