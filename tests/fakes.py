@@ -328,3 +328,20 @@ def assert_batched(url: str, model: str, *generations: int) -> None:
     for generation in generations:
         mode = modes.get(generation, "not resident")
         assert mode.startswith("batched"), f"g{generation} generates {mode}: {modes}"
+
+
+class StepGate:
+    """Holds every stream at step `at` until `release()`."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def __call__(self, step: int) -> None:
+        if step == self.at:
+            self.reached.set()
+            self._open.wait(30)
+
+    def release(self) -> None:
+        self._open.set()

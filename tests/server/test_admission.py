@@ -20,7 +20,7 @@ from hotweights.generation import GenerationParams, TokenChunk
 from hotweights.server.admission import CLIENT_CLOSED, Admission
 from hotweights.server.server_state import ServedModel, ServerState
 from hotweights.testing import ServerThread
-from tests.fakes import FakeTextLoader, FakeTextModel
+from tests.fakes import FakeTextLoader, FakeTextModel, StepGate
 from tests.server.conftest import Serve
 
 
@@ -58,20 +58,6 @@ class Records:
         with self._changed:
             assert self._changed.wait_for(lambda: len(self.calls) >= count, timeout), self.calls
             return list(self.calls)
-
-
-class StepGate:
-    """Holds every stream at step `at` until released."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-        self.reached = threading.Event()
-        self.open = threading.Event()
-
-    def __call__(self, step: int) -> None:
-        if step == self.at:
-            self.reached.set()
-            self.open.wait(30)
 
 
 def _chat(stream: bool = False, max_tokens: int = 3, **extra: Any) -> dict[str, Any]:
@@ -142,7 +128,7 @@ def test_a_stream_whose_client_went_away_is_recorded_once(
         next(line for line in reply.iter_lines() if line.startswith("data: {"))
         assert gate.reached.wait(10)
     calls = records.wait(1)  # noticed while the engine still holds the step
-    gate.open.set()
+    gate.release()
     assert calls == [Record(1, CLIENT_CLOSED, 1)]
     assert _settled(server, records, 1) == calls
 
@@ -162,7 +148,7 @@ def test_a_json_request_whose_client_went_away_is_recorded_once(
         )
         assert gate.reached.wait(10)
     calls = records.wait(1)
-    gate.open.set()
+    gate.release()
     assert calls == [Record(1, CLIENT_CLOSED, 0)]
     assert _settled(server, records, 1) == calls
 
@@ -180,7 +166,7 @@ def test_a_request_refused_for_overload_is_recorded_once_without_a_generation(
     assert gate.reached.wait(10)
     assert httpx.post(url, json=_chat(), timeout=10).status_code == 429
     assert records.wait(1) == [Record(0, 429, 0)]
-    gate.open.set()
+    gate.release()
     first.join(10)
     assert held == [200]
     assert _settled(server, records, 2) == [Record(0, 429, 0), Record(1, 200, 3)]

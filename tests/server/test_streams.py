@@ -16,25 +16,8 @@ from hotweights.config import Config
 from hotweights.server.assembly import build_state
 from hotweights.server.server_state import ServerState
 from hotweights.testing import ServerThread
-from tests.fakes import FakeTextLoader
+from tests.fakes import FakeTextLoader, StepGate
 from tests.server.conftest import Serve
-
-
-class StepGate:
-    """Holds every stream at step `at` until `release()`."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-        self.reached = threading.Event()
-        self._open = threading.Event()
-
-    def __call__(self, step: int) -> None:
-        if step == self.at:
-            self.reached.set()
-            self._open.wait(30)
-
-    def release(self) -> None:
-        self._open.set()
 
 
 def _events(lines: Iterator[str]) -> Iterator[Any]:
