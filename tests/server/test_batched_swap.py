@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,9 @@ def test_a_client_that_hangs_up_frees_its_row_and_its_lease(
     }
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as reply:
         lines = reply.iter_lines()
-        while not next(lines).startswith("data: {"):
-            pass
+        texted: set[int] = set()  # choices with generated text: their rows are running (the
+        while len(texted) < choices:  # opening chunk comes first, maybe still waiting)
+            texted |= _with_text(next(lines))
         assert reloader.inflight() == {1: 1}
     # The connection is closed: the engine drops the sequence at its next pass.
     assert ended.wait(30)
@@ -173,3 +175,11 @@ def test_a_client_that_hangs_up_frees_its_row_and_its_lease(
         timeout=60,
     )
     assert answer.status_code == 200
+
+
+def _with_text(line: str) -> set[int]:
+    """The indexes of the choices a streamed chunk carries generated text for."""
+    if not line.startswith("data: {"):
+        return set()
+    chunk = json.loads(line.removeprefix("data: "))
+    return {choice["index"] for choice in chunk["choices"] if choice["delta"].get("content")}
