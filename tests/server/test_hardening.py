@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from hotweights.testing import free_port
-from tests.fakes import FakeTextLoader
+from tests.fakes import FakeTextLoader, StepGate
 from tests.server.conftest import Serve
-from tests.server.test_streams import StepGate, _chat, _events, _reload
+from tests.server.test_streams import _chat, _events, _reload
 
 
 def test_the_inference_api_key(serve: Serve, tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.fakes import FakeTextLoader
+from tests.fakes import FakeTextLoader, StepGate
 from tests.server.conftest import Serve
-from tests.server.test_streams import StepGate, _chat, _events, _reload
+from tests.server.test_streams import _chat, _events, _reload
 
 BURST = 500
 MAX_PENDING = 8
