@@ -251,3 +251,24 @@ def _storages(server: ServerThread) -> int:
     served = server.state.models["m"]
     ((_, model),) = [pair for pair in served.reloader.models() if pair[0].state.value == "live"]
     return len({p.untyped_storage().data_ptr() for p in model.model.parameters()})
+
+
+def test_a_bad_tensor_is_refused_before_the_rest_of_the_body(server: ServerThread) -> None:
+    """The header names a tensor the base lacks and promises 10 GB more: the answer comes
+    from the header alone (a server that read on would wait for bytes never sent)."""
+    header = json.dumps(
+        {"model.no_such.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    ).encode()
+    prefix = struct.pack("<Q", len(header)) + header
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(
+            b"POST /admin/models/m/versions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer secret\r\nContent-Type: application/octet-stream\r\n"
+            + f"Content-Length: {len(prefix) + 10 * 2**30}\r\n\r\n".encode()
+            + prefix
+        )
+        answer = conn.recv(65536).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 400"), answer[:200]
+    assert "model.no_such.weight" in answer
+    _wait_for(lambda: not list(_staging_dirs()), "the refused push left its staging")

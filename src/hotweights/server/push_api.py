@@ -37,7 +37,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from hotweights.backends.files import inspect_model_dir
+from hotweights.backends.files import ModelFiles, inspect_model_dir
 from hotweights.backends.pushed_weights import assemble, header_of, plan_push
 from hotweights.backends.safetensors_header import read_header
 from hotweights.core import Outcome, ReloadEvent, ReloadTicket
@@ -85,7 +85,7 @@ async def push_version(
         if handed is not None:
             await asyncio.to_thread(_take_file, Path(handed), staging.incoming)
         else:
-            await _receive(request, staging.incoming, label)
+            await _receive(request, staging.incoming, files, label)
         header = await asyncio.to_thread(_checked_header, staging.incoming)
         plan = plan_push(files, header.tensors, label)
         await asyncio.to_thread(assemble, plan, staging.incoming, staging.path)
@@ -148,15 +148,17 @@ def _base(state: ServerState, served: ServedModel, base: int | None) -> tuple[Pa
     return Path(version.source), f"g{base} ({version.source})"
 
 
-def _inspect_base(path: Path, label: str) -> Any:
+def _inspect_base(path: Path, label: str) -> ModelFiles:
     try:
         return inspect_model_dir(path)
     except LoadError as exc:
         raise InvalidRequest(f"the base version {label} cannot take a push: {exc}") from exc
 
 
-async def _receive(request: Request, target: Path, label: str) -> None:
-    """Write the body to `target` as it arrives; refuse a bad header as soon as it is in."""
+async def _receive(request: Request, target: Path, files: ModelFiles, label: str) -> None:
+    """Write the body to `target` as it arrives. As soon as the header is in, check its
+    tensors against the base (`plan_push`): weights that do not fit are refused before
+    the rest of the body is read."""
     prefix = b""
     checked = False
     with target.open("wb") as sink:
@@ -164,9 +166,10 @@ async def _receive(request: Request, target: Path, label: str) -> None:
             async for chunk in request.stream():
                 if not checked:
                     prefix += chunk
-                    checked = header_of(prefix, "the pushed weights") is not None
-                    if checked:
-                        prefix = b""
+                    header = header_of(prefix, "the pushed weights")
+                    if header is not None:
+                        plan_push(files, header[1], label)  # raises for a bad tensor
+                        checked, prefix = True, b""
                 sink.write(chunk)
         except ClientDisconnect:
             log.warning("a push over %s was abandoned mid-stream; nothing was kept", label)
