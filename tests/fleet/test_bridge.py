@@ -169,3 +169,19 @@ async def test_a_pin_to_a_generation_not_resident_answers_404(served: Served) ->
     assert "(g1)" in error["message"]
     assert "(g2)" in error["message"]
     assert served.reloader.inflight() == {1: 0, 2: 0}
+
+
+@pytest.mark.parametrize("generation", [1, 2])
+async def test_models_name_the_generation_the_ingress_stamped(
+    served: Served, generation: int
+) -> None:
+    """Between the fleet's commit and a replica's finish the replica's live version is the
+    old one, but the ingress already stamps the new generation: /v1/models says that."""
+    listing = Forwarded("GET", "/v1/models", b"", ((b"host", b"replica"),), b"")
+    head, _ = await everything(answer(served.app, listing, f"g{generation}"))
+    assert head.status == 200
+    [model] = json.loads(head.body)["data"]
+    assert model["generation"] == generation
+    assert model["fingerprint"].startswith(f"hw-g{generation}-")
+    assert served.reloader.live_version is not None
+    assert served.reloader.live_version.generation == 1

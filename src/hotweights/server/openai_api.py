@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from hotweights.generation import GenerationParams
 from hotweights.server.admission import CLIENT_CLOSED, Admission
 from hotweights.server.disconnect import unless_disconnected
-from hotweights.server.pins import requested_pin
+from hotweights.server.pins import pinned_version, requested_pin
 from hotweights.server.replies import AdmittedStream, Reply
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.server_state import ServerState
@@ -39,10 +39,14 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, object]:
+    """Each model with its live generation, or, for a request its caller pinned to a
+    generation (a fleet replica answering with the generation its ingress stamped: the
+    fleet's committed one, before every replica has finished), that generation."""
     state = _state(request)
     data = []
+    _, pin = requested_pin("", request.scope)
     for name, served in sorted(state.models.items()):
-        live = served.reloader.live_version
+        live = pinned_version(served, pin) or served.reloader.live_version
         data.append(
             {
                 "id": name,

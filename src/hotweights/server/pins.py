@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hotweights.core import Lease
+from hotweights.core import Lease, ModelVersion
 from hotweights.errors import InvalidRequest, UnknownModel
 from hotweights.server.server_state import ServedModel
 
@@ -25,6 +25,16 @@ def requested_pin(model: str, scope: Mapping[str, Any]) -> tuple[str, str]:
     caller put in the ASGI scope."""
     name, _, pin = model.partition("@")
     return name, pin or str(scope.get(SCOPE_PIN, ""))
+
+
+def pinned_version(served: ServedModel, pin: str) -> ModelVersion | None:
+    """The resident version a generation pin (`gN`) names, if there is one."""
+    match = _PIN.fullmatch(pin)
+    if match is None or not match.group(1):
+        return None
+    generation = int(match.group(2))
+    found = [v for v in served.reloader.resident() if v.generation == generation]
+    return found[0] if found else None
 
 
 async def admit(served: ServedModel, pin: str) -> Lease[Any]:
