@@ -37,6 +37,7 @@ from typing import Any
 from peers.hotweights_server import HotweightsSystem, PublishTrigger
 from peers.loadgen import MonotonicClock
 from peers.procs import wait_quiet
+from peers.report import commit
 from peers.system import ModelVersion
 from reload_sizes import SEEDS, SHAPES, _bare, _build
 
@@ -166,7 +167,7 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
     lines = [
         "# Publish to live",
         "",
-        f"`{command}`",
+        f"`{command}`, at {commit()}",
         "",
         "| size | mode | bare load+validate+forward (s) | publish to live (s) "
         "| of which publish (s) | ratio | target |",

@@ -36,6 +36,7 @@ from typing import Any
 from peers.hotweights_server import HotweightsSystem, PushTrigger
 from peers.loadgen import LoadSpec, MonotonicClock, RssSampler
 from peers.procs import wait_quiet
+from peers.report import commit
 from peers.system import Workload
 from reload_sizes import PROMPT, SEEDS, SHAPES, _bare, _build, _capacity, _under_load, _Versions
 
@@ -180,7 +181,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], wall: float) -> str:
     lines = [
         f"# Push to live ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{os.cpu_count()} cores; `python bench/push.py`; wall {wall:.0f} s)",
+        f"{os.cpu_count()} cores; `python bench/push.py`, at {commit()}; wall {wall:.0f} s)",
         "",
         "| size | handover | baseline s (load + validate + forward) | push to live s "
         "(median) | server phases s | peak RSS / steady | under load: failed, p99 steady → "

@@ -324,3 +324,16 @@ def targets_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| target | measured | |", "|---|---|---|"]
     lines += [f"| {r['target']} | {_cell(r['value'])} | {marks[r['met']]} |" for r in rows]
     return "\n".join(lines)
+
+
+def commit() -> str:
+    """The commit the benchmark runs at (`+dirty` with uncommitted changes), for its
+    result file: a reader can tell whether the code changed since."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return f"{head}+dirty" if git("status", "--porcelain", "--untracked-files=no") else head
