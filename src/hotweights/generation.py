@@ -10,7 +10,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from hotweights.errors import InvalidRequest
 
@@ -24,6 +24,38 @@ MAX_LOGIT_BIAS = 100.0
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5
 """Temperatures below this sample greedily: dividing logits by them overflows."""
+
+
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral"]
+"""How a chat template's family writes tool calls: `hermes` (Hermes, Qwen) puts each in
+`<tool_call>` tags around `{"name", "arguments"}`; `llama3_json` writes bare
+`{"name", "parameters"}` objects joined by `; `; `mistral` writes `[TOOL_CALLS]` and a JSON
+list of `{"name", "arguments"}`."""
+
+
+@dataclass(frozen=True)
+class JsonOutput:
+    """The whole completion is one JSON value valid against `schema` (JSON text; an object
+    of any shape for `response_format` `json_object`)."""
+
+    schema: str
+
+
+@dataclass(frozen=True)
+class ToolCallOutput:
+    """The completion calls tools in `format`: `tools` pairs each function's name with its
+    parameters' JSON Schema (JSON text). With `required` it is one or more calls and nothing
+    else; otherwise free text, or calls, each constrained once its start marker appears.
+    Without `parallel`, at most one call."""
+
+    format: ToolCallFormat
+    tools: tuple[tuple[str, str], ...]
+    required: bool = False
+    parallel: bool = True
+
+
+OutputConstraint = JsonOutput | ToolCallOutput
+"""What a grammar holds a completion to; backends compile it into a token mask."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,9 @@ class GenerationParams:
     alternatives (0 to 20); None reports none."""
     prompt_logprobs: int | None = None
     """The same for every prompt token (the first has none); None skips the prompt."""
+    constraint: OutputConstraint | None = None
+    """A grammar every generated token must keep the text inside; it masks the logits after
+    temperature, penalties and logit_bias, and the completion ends once it is complete."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -219,6 +254,34 @@ class Engine(Protocol):
 
     def load(self) -> dict[str, int]:
         """Sequences `running` and `waiting` now."""
+        ...
+
+
+@runtime_checkable
+class ToolPrompting(Protocol):
+    """An optional ability of a served model: a chat template that renders tool definitions,
+    assistant tool calls and tool results, and the tool-call format its family writes."""
+
+    tool_format: ToolCallFormat | None
+    """Detected from the chat template (or set by the operator); None when it has none."""
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> str:
+        """The prompt for OpenAI-shaped `messages` (tool calls and tool results included) and
+        `tools` (OpenAI function definitions), with the assistant turn opened. Raises
+        `InvalidRequest` when the template refuses them."""
+        ...
+
+
+@runtime_checkable
+class ConstraintChecking(Protocol):
+    """An optional ability of a served model: it compiles output constraints for its
+    tokenizer (cached), so a request can be refused before it is queued."""
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        """Compile `constraint` now; raises `InvalidRequest` naming what cannot be enforced.
+        Thread-safe; may take a while for a large schema (call it on a worker)."""
         ...
 
 

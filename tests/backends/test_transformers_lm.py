@@ -51,7 +51,7 @@ def test_load_exposes_what_the_model_is(
 ) -> None:
     assert lively_lm.architecture == "Qwen3ForCausalLM"
     assert lively_lm.model_type == "qwen3"
-    assert lively_lm.vocab_size == lively_lm.tokenizer_size == 259
+    assert lively_lm.vocab_size == lively_lm.tokenizer_size == 261
     assert lively_lm.fingerprint == loader.fingerprint(str(lively_dir))
     assert (lively_lm.device, lively_lm.dtype) == ("cpu", "float32")
     assert not lively_lm.model.training
@@ -223,7 +223,7 @@ def test_validate_refuses_a_tokenizer_larger_than_the_embedding(
     root = save_pretrained(tmp_path / "model", model, tokenizer)
     loaded = loader.load(str(root))
     try:
-        with pytest.raises(ValidationError, match=r"264 tokens .* only 259 rows"):
+        with pytest.raises(ValidationError, match=r"266 tokens .* only 261 rows"):
             loader.validate(loaded)
     finally:
         loader.unload(loaded)

@@ -15,10 +15,25 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from hotweights.backends.chat_template import detect_tool_format, render_with_tools
+from hotweights.backends.grammar import (
+    SHARED_GRAMMARS,
+    GrammarCache,
+    GrammarMatcher,
+    GrammarTokenizer,
+)
 from hotweights.backends.per_request import UNBOUNDED_COLUMNS, PerRequestEngine
 from hotweights.backends.sequence import TokenSequence
 from hotweights.errors import InvalidRequest, ModelRetired
-from hotweights.generation import Completion, Engine, FinishReason, GenerationParams, TokenChunk
+from hotweights.generation import (
+    Completion,
+    Engine,
+    FinishReason,
+    GenerationParams,
+    OutputConstraint,
+    TokenChunk,
+    ToolCallFormat,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +68,7 @@ class LoadedLM:
         device: str,
         dtype: str,
         fingerprint: str,
+        grammars: GrammarCache | None = None,
     ) -> None:
         config = model.config
         architectures = getattr(config, "architectures", None) or [type(model).__name__]
@@ -86,6 +102,12 @@ class LoadedLM:
         `per_request_engine`); None before warmup and after `release`."""
         self.engine_note = "not started"
         """How `engine` generates: `batched (...)`, or `per-request (why)`."""
+        self.tool_format: ToolCallFormat | None = detect_tool_format(
+            getattr(tokenizer, "chat_template", None)
+        )
+        """The tool-call format the chat template writes (`ToolPrompting`)."""
+        self._grammars = grammars or SHARED_GRAMMARS
+        self._grammar_tokenizer: GrammarTokenizer | None = None
 
     @property
     def unloaded(self) -> bool:
@@ -148,6 +170,34 @@ class LoadedLM:
         if not isinstance(prompt, str):
             raise InvalidRequest("the chat template did not render to text")
         return prompt
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> str:
+        """The prompt of OpenAI-shaped `messages` and `tools` (`ToolPrompting`); raises
+        `InvalidRequest` when the template refuses them or renders no tools."""
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise InvalidRequest("this model has no chat template to render tools with")
+        with self._tokenizer_lock:
+            return render_with_tools(tokenizer, messages, tools)
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        """Compile `constraint` for this tokenizer (cached); raises `InvalidRequest` naming
+        what cannot be enforced (`ConstraintChecking`)."""
+        self._grammars.compiled(self._grammar_vocabulary(), constraint)
+
+    def grammar_matcher(self, constraint: OutputConstraint) -> GrammarMatcher:
+        """A fresh matcher of `constraint` for one sequence (the `Vocabulary` hook)."""
+        return self._grammars.matcher(self._grammar_vocabulary(), constraint)
+
+    def _grammar_vocabulary(self) -> GrammarTokenizer:
+        if self._grammar_tokenizer is None:
+            tokenizer = self.tokenizer
+            with self._tokenizer_lock:
+                made = self._grammars.tokenizer(tokenizer, self.tokenizer_size, self.eos_ids)
+            self._grammar_tokenizer = made
+        return self._grammar_tokenizer
 
     def encode(self, text: str) -> list[int]:
         """Token ids for `text` as a prompt. Special tokens (a BOS) are added unless the

@@ -3,7 +3,9 @@ per-request loop do with a position's logits.
 
 `TokenSequence` picks each token (penalties and logit_bias, then greedy or sampled with the
 request's own generator), records log-probabilities when asked, decodes text safely and
-cuts at stop strings, and says when the completion is over. Whoever runs the forward
+cuts at stop strings, and says when the completion is over. A request's output constraint
+(`params.constraint`) masks the logits it samples from, through the sequence's own
+`GrammarMatcher` (`constraint`). Whoever runs the forward
 passes owns the cache and feeds it logits; the sequence never touches the model. Not
 thread-safe: one sequence belongs to one thread at a time.
 """
@@ -16,10 +18,18 @@ from typing import TYPE_CHECKING, Protocol
 from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
 from hotweights.backends.sampling import adjust_logits, sample_next_token, top_tokens
 from hotweights.errors import InvalidRequest
-from hotweights.generation import FinishReason, GenerationParams, TokenChunk, TokenLogprob
+from hotweights.generation import (
+    FinishReason,
+    GenerationParams,
+    OutputConstraint,
+    TokenChunk,
+    TokenLogprob,
+)
 
 if TYPE_CHECKING:
     import torch
+
+    from hotweights.backends.grammar import GrammarMatcher
 
 
 class Vocabulary(Protocol):
@@ -34,11 +44,23 @@ class Vocabulary(Protocol):
 
     def generator(self, seed: int | None) -> torch.Generator: ...
 
+    def grammar_matcher(self, constraint: OutputConstraint) -> GrammarMatcher:
+        """A fresh matcher of `constraint`; raises `InvalidRequest` when it cannot be
+        enforced."""
+        ...
+
 
 class TokenSequence:
     """The completion of `prompt_ids` under `params`, at most `limit` tokens.
 
-    Raises `InvalidRequest` when `logit_bias` names an id the tokenizer cannot produce.
+    Raises `InvalidRequest` when `logit_bias` names an id the tokenizer cannot produce, or
+    the output constraint cannot be enforced.
+
+    The grammar hook, for whoever samples: a sequence with a `constraint` needs its logits;
+    `choose` masks its adjusted row with `constraint.mask` (after penalties, logit_bias and
+    before sampling or argmax; log-probabilities stay the raw ones), and `advance` feeds the
+    chosen token to `constraint.accept` and ends the sequence (`stop`) once the grammar is
+    complete.
     """
 
     def __init__(
@@ -62,7 +84,11 @@ class TokenSequence:
         self._generated: dict[int, int] = {}
         self._entries: list[TokenLogprob] = []
         self._prompt_entries: tuple[TokenLogprob, ...] | None = None
-        self.plain_greedy = params.greedy and not params.adjusts_logits
+        self.constraint: GrammarMatcher | None = None
+        """The grammar this sequence's tokens must follow; None leaves them free."""
+        if params.constraint is not None:
+            self.constraint = vocabulary.grammar_matcher(params.constraint)
+        self.plain_greedy = params.greedy and not params.adjusts_logits and self.constraint is None
         """Greedy on the raw logits: a batch's shared argmax is this sequence's token."""
         self.needs_logits = not self.plain_greedy or params.logprobs is not None
         """Whether `choose` reads the logits, or only the shared argmax."""
@@ -103,6 +129,9 @@ class TokenSequence:
         picked = logits
         if params.adjusts_logits:
             picked = adjust_logits(logits, params, self._generated)
+        if self.constraint is not None:
+            picked = picked.clone() if picked is logits else picked
+            self.constraint.mask(picked)
         if self.generator is None:
             token = greedy if greedy is not None and self.plain_greedy else None
             if token is None:
@@ -126,13 +155,15 @@ class TokenSequence:
         """Account for `token`, just chosen: the chunk to send now, if any. Sets `finished`
         when this was the last token; the chunk returned then is the last one."""
         self.produced += 1
+        if self.constraint is not None:
+            self.constraint.accept(token)
         finish: FinishReason | None = None
         text = ""
         if token in self._vocabulary.eos_ids:
             finish = "stop"
         else:
             text, stopped = self._stops.feed(self._decoder.push(token))
-            if stopped:
+            if stopped or (self.constraint is not None and self.constraint.complete):
                 finish = "stop"
             elif self.produced >= self.limit:
                 finish = "length"

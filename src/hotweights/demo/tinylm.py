@@ -1,7 +1,8 @@
 """Tiny Qwen3-style causal language models built on the spot.
 
 The demo, the tests and the benchmarks need real transformers checkpoints without a model
-hub. A byte-level tokenizer (256 byte tokens plus the chat special tokens) and a small
+hub. A byte-level tokenizer (256 byte tokens, the chat special tokens and the tool-call tags)
+and a small
 Qwen3 configuration save to a Hugging Face directory (config.json, model.safetensors,
 tokenizer.json, tokenizer_config.json with a chat template) in well under a second.
 """
@@ -20,11 +21,39 @@ END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END)
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+TOOL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+"""Added tokens, not special: a decoded answer keeps them, so its calls can be parsed."""
 
-# ChatML, the format Qwen models use; `add_generation_prompt` opens the assistant turn.
+# ChatML, the format Qwen models use, with Hermes-style tools: the tools' signatures in a
+# system turn, each call as `<tool_call>` JSON `</tool_call>`, each result in a `tool` turn.
+# Without tools it renders exactly as plain ChatML. `add_generation_prompt` opens the
+# assistant turn.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ 'Functions you may call, one signature a line:\n<tools>\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\nTo call one, answer <tool_call>\n' }}"
+    '{{ \'{"name": <name>, "arguments": <object>}\n</tool_call><|im_end|>\n\' }}'
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% if message['content'] %}{{ message['content'] + '\n' }}{% endif %}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>\n{\"name\": ' + (call['function']['name'] | tojson) }}"
+    "{{ ', \"arguments\": ' + (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}"
+    "{% if not loop.last %}{{ '\n' }}{% endif %}"
+    "{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>tool\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{{ '<|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -49,8 +78,9 @@ class TinyShape:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer: every byte is a token, no merges, plus the chat specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level tokenizer: every byte is a token, no merges, plus the chat specials and
+    the tool-call tags."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -67,6 +97,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=[IM_START],
     )
     tokenizer.add_special_tokens({"additional_special_tokens": [IM_START]})
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in TOOL_TOKENS])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
