@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from hotweights import __version__
 from hotweights.backends.devices import parse_device
 from hotweights.backends.transformers_lm import DTYPES
-from hotweights.config import LOAD_IN_SETTINGS, Config
+from hotweights.config import LOAD_IN_SETTINGS, TOOL_PARSER_SETTINGS, Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SWAP_POLICIES
 from hotweights.digests import DEFAULT_ALGORITHM, DIGEST_ALGORITHMS
@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     canary.add_argument(
         "--canary-min-requests", type=int, help="requests before a canary is judged (20)"
+    )
+    serve.add_argument(
+        "--tool-parser",
+        choices=TOOL_PARSER_SETTINGS,
+        help="how tool calls are written and parsed; auto (default): from the chat template",
     )
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument(
@@ -239,6 +244,7 @@ SERVE_SETTINGS = (
     "allow_pickle",
     "trust_remote_code",
     "load_in",
+    "tool_parser",
     "max_batch_size",
     "kv_cache_memory",
     "batching",

@@ -16,10 +16,13 @@ from hotweights.backends.devices import parse_device
 from hotweights.backends.transformers_lm import DTYPES, LOAD_IN, Device, Dtype, LoadIn
 from hotweights.core.canary import CanaryPolicy
 from hotweights.core.swap_policy import SwapPolicy
+from hotweights.generation import ToolCallFormat
 from hotweights.sources.manifest import VERIFY_MODES, VerifyMode
 from hotweights.sources.watcher import WATCHER_KINDS, WatcherKind
 
 LoadInSetting = Literal["auto", LoadIn]
+ToolParserSetting = Literal["auto", ToolCallFormat]
+TOOL_PARSER_SETTINGS: tuple[ToolParserSetting, ...] = ("auto", *get_args(ToolCallFormat))
 LOAD_IN_SETTINGS: tuple[LoadInSetting, ...] = ("auto", *LOAD_IN)
 
 ENV_PREFIX = "HOTWEIGHTS_"
@@ -110,6 +113,9 @@ class Config:
     """Upper bound on `max_tokens`; larger requests are clamped to it."""
     default_max_tokens: int = 256
     """`max_tokens` for chat requests that do not set it."""
+    tool_parser: ToolParserSetting = "auto"
+    """How generated tool calls are written and parsed; auto: detected from each version's
+    chat template."""
     generation_workers: int = 4
     """Threads that render and encode prompts off the event loop (each model's engine has
     its own workers)."""
@@ -158,6 +164,10 @@ class Config:
         parse_device(self.device)  # raises naming the accepted forms
         if self.load_in not in LOAD_IN_SETTINGS:
             raise ValueError(f"load_in must be one of {LOAD_IN_SETTINGS}, got {self.load_in!r}")
+        if self.tool_parser not in TOOL_PARSER_SETTINGS:
+            raise ValueError(
+                f"tool_parser must be one of {TOOL_PARSER_SETTINGS}, got {self.tool_parser!r}"
+            )
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         self.kv_cache_bytes()  # raises for a size it cannot read

@@ -165,18 +165,18 @@ class GrammarMatcher:
         self._matcher = matcher
         self._size = tokenizer.size
         self._cache = cache
-        self._words = torch.zeros((1, (tokenizer.size + 31) // 32), dtype=torch.int32)
+        self._words = torch.zeros((tokenizer.size + 31) // 32, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """Which tokens may come next: a bool tensor (vocab,). Raises `RuntimeError` if the
         matcher is in error (it took a token its own mask ruled out)."""
-        import llguidance.torch
-
         if self._matcher.is_error():
             raise RuntimeError(f"the grammar matcher failed: {self._matcher.get_error()}")
-        llguidance.torch.fill_next_token_bitmask(self._matcher, self._words, 0)
-        bits = (self._words[0, :, None] >> self._shifts) & 1  # (words, 32)
+        # Written straight into the buffer (llguidance.torch would torch.compile at import).
+        words = self._words
+        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+        bits = (words[:, None] >> self._shifts) & 1  # (words, 32)
         return bits.flatten()[: self._size].bool()  # (vocab,)
 
     def mask(self, logits: torch.Tensor) -> None:

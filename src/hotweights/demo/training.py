@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hotweights.demo.tinylm import IM_END, token_id
 from hotweights.errors import HotweightsError
@@ -61,11 +61,18 @@ def chat_messages(question: str, system: str | None = None) -> list[dict[str, st
 
 
 def prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, question: str, system: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    system: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of the chat-templated prompt, ending with the opened assistant turn."""
+    """Token ids of the chat-templated prompt (offering `tools`, when given), ending with
+    the opened assistant turn."""
     text = tokenizer.apply_chat_template(
-        chat_messages(question, system), add_generation_prompt=True, tokenize=False
+        chat_messages(question, system),
+        tools=[dict(tool) for tool in tools] if tools else None,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     if not isinstance(text, str):
         raise TypeError(f"the chat template rendered {type(text).__name__}, expected str")
@@ -82,6 +89,7 @@ def _encode_batch(
     tokenizer: PreTrainedTokenizerBase,
     answers: Mapping[str, str],
     systems: Sequence[str | None],
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels), each [conversations, longest]."""
     import torch
@@ -89,7 +97,7 @@ def _encode_batch(
     rows: list[tuple[list[int], list[int]]] = []
     for system in systems:
         for question, answer in answers.items():
-            prompt = prompt_ids(tokenizer, question, system)
+            prompt = prompt_ids(tokenizer, question, system, tools)
             target = _encode(tokenizer, answer + IM_END)
             rows.append((prompt + target, [IGNORE_INDEX] * len(prompt) + target))
     longest = max(len(ids) for ids, _ in rows)
@@ -106,22 +114,23 @@ def train_answers(
     answers: Mapping[str, str],
     *,
     systems: Sequence[str | None] = (None,),
+    tools: Sequence[Mapping[str, Any]] | None = None,
     plan: TrainingPlan | None = None,
     label: str = "model",
 ) -> int:
     """Train `model` in place until it answers every question of `answers` exactly.
 
-    Each question is asked once per entry of `systems` (None: no system message); the loss
-    covers the assistant's tokens only. Returns the number of optimiser steps taken. The
-    model is left in eval mode. Raises `DemoBuildError` naming `label` and the questions
-    still answered wrongly when `plan.max_steps` is reached.
+    Each question is asked once per entry of `systems` (None: no system message), offering
+    `tools` when given; the loss covers the assistant's tokens only. Returns the number of
+    optimiser steps taken. The model is left in eval mode. Raises `DemoBuildError` naming
+    `label` and the questions still answered wrongly when `plan.max_steps` is reached.
     """
     import math
 
     import torch
 
     plan = plan or TrainingPlan()
-    input_ids, attention_mask, labels = _encode_batch(tokenizer, answers, systems)
+    input_ids, attention_mask, labels = _encode_batch(tokenizer, answers, systems, tools)
     targets = labels[:, 1:]  # [conversations, longest - 1]: token t predicts token t + 1
     scored = targets != IGNORE_INDEX
     loss_ceiling = -math.log(plan.confidence)
@@ -135,7 +144,7 @@ def train_answers(
         token_loss = token_loss[scored]  # [answer tokens]
         if token_loss.max().item() < loss_ceiling:
             model.train(False)
-            wrong = _wrong_answers(model, tokenizer, answers, systems)
+            wrong = _wrong_answers(model, tokenizer, answers, systems, tools)
             if not wrong:
                 return step
         if step == plan.max_steps:
@@ -155,13 +164,14 @@ def _wrong_answers(
     tokenizer: PreTrainedTokenizerBase,
     answers: Mapping[str, str],
     systems: Sequence[str | None],
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[str]:
     """The questions whose greedy reply is not exactly the expected answer plus eos."""
     wrong = []
     for system in systems:
         for question, expected in answers.items():
             budget = len(_encode(tokenizer, expected)) + 1
-            reply = greedy_reply(model, tokenizer, question, budget, system=system)
+            reply = greedy_reply(model, tokenizer, question, budget, system=system, tools=tools)
             if reply != ModelReply(expected, finished=True) and question not in wrong:
                 wrong.append(question)
     return wrong
@@ -174,6 +184,7 @@ def greedy_reply(
     max_new_tokens: int = 32,
     *,
     system: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> ModelReply:
     """Ask `question` through the chat template and decode greedily until eos or the budget.
 
@@ -185,7 +196,7 @@ def greedy_reply(
     import torch
 
     eos_id = token_id(tokenizer, IM_END)
-    prompt = prompt_ids(tokenizer, question, system)
+    prompt = prompt_ids(tokenizer, question, system, tools)
     new_ids: list[int] = []
     finished = False
     with torch.inference_mode():

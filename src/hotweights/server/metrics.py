@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hotweights.backends.grammar import SHARED_GRAMMARS, GrammarCache
 from hotweights.core import Notice, Reloader, ReloadFinished
 from hotweights.engine.batching import StepObserver, StepStats
 
@@ -45,6 +46,29 @@ class _LiveState(Collector):
                 inflight.add_metric([name, str(generation)], count)
         yield live
         yield inflight
+
+
+class _GrammarState(Collector):
+    """Scrape-time counters of the grammar cache: compiles and their seconds, cache hits,
+    and the logits rows masked with the seconds they took (the mask's cost per step)."""
+
+    def __init__(self, cache: GrammarCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        stats = self._cache.stats()
+        for name, help_text, value in (
+            ("grammar_compiles", "Output grammars compiled (cache misses)", stats.compiles),
+            ("grammar_compile_seconds", "Seconds spent compiling grammars", stats.compile_seconds),
+            ("grammar_cache_hits", "Constrained requests that found their grammar", stats.hits),
+            ("grammar_masked_rows", "Logits rows masked by a grammar", stats.masks),
+            (
+                "grammar_mask_seconds",
+                "Seconds spent computing and applying masks",
+                stats.mask_seconds,
+            ),
+        ):
+            yield CounterMetricFamily(f"hotweights_{name}", help_text, value=value)
 
 
 class Metrics:
@@ -131,6 +155,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_LiveState(reloaders))
+        self.registry.register(_GrammarState(SHARED_GRAMMARS))
 
     def observe(self, notice: Notice) -> None:
         """Reloader observer: count outcomes and phase times."""

@@ -7,7 +7,8 @@ names its generation in `system_fingerprint` and in the `x-hotweights-generation
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,6 +21,7 @@ from hotweights.server.replies import AdmittedStream, Reply
 from hotweights.server.schemas import ChatCompletionRequest, CompletionRequest
 from hotweights.server.server_state import ServerState
 from hotweights.server.steps import engine_steps
+from hotweights.server.structured_output import offers_tools, output_constraint, tool_format_of
 from hotweights.server.textgen import Began, Choice, Prompt
 
 
@@ -62,11 +64,20 @@ async def list_models(request: Request) -> dict[str, object]:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
-    return await _complete(request, body, [Prompt(messages=messages)], "chat")
+    messages: list[dict[str, Any]] = []
+    for m in body.messages:
+        message: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(),
+        }
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or ()]
+    prompt = Prompt(messages=messages, tools=tools if offers_tools(body) else None)
+    return await _complete(request, body, [prompt], "chat")
 
 
 @router.post("/v1/completions", response_model=None)
@@ -145,6 +156,15 @@ async def _respond(
     """Generate on the admission's lease and answer; raises what failed before the first
     byte. A JSON answer finishes the admission here; a stream finishes it when it ends."""
     state = admission.state
+    tool_format = None
+    if isinstance(body, ChatCompletionRequest):
+        tool_format = tool_format_of(body, admission.lease.model, state.config.tool_parser)
+        constraint = output_constraint(body, tool_format)
+        if constraint is not None:
+            choices = [
+                Choice(c.prompt, dataclasses.replace(c.params, constraint=constraint))
+                for c in choices
+            ]
     steps = engine_steps(
         admission.lease, prompts, choices, state.config.max_prompt_tokens, state.executor, state.cut
     )
@@ -155,7 +175,9 @@ async def _respond(
             raise TypeError(f"generation began with {began!r}")
         echo = isinstance(body, CompletionRequest) and body.echo
         asked = choices[0].params.logprobs is not None
-        reply = Reply(admission, began, choices, body.model, echo=echo, logprobs=asked)
+        reply = Reply(
+            admission, began, choices, body.model, echo=echo, logprobs=asked, tools=tool_format
+        )
         if body.stream:
             stream = reply.sse(steps, body.include_usage(), admission)
             handed_over = True  # the stream closes the steps and finishes the admission

@@ -16,10 +16,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from hotweights.errors import HotweightsError
-from hotweights.generation import TokenChunk, TokenLogprob
+from hotweights.generation import TokenChunk, TokenLogprob, ToolCallFormat
 from hotweights.server.admission import CLIENT_CLOSED, Admission
 from hotweights.server.error_responses import classify, error_body
 from hotweights.server.textgen import Began, Choice, Started, Step
+from hotweights.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 
 GENERATION_HEADER = "x-hotweights-generation"
 
@@ -65,6 +66,7 @@ class Reply:
         *,
         echo: bool = False,
         logprobs: bool = False,
+        tools: ToolCallFormat | None = None,
     ) -> None:
         self.served = admission.served
         self.lease = lease = admission.lease
@@ -81,6 +83,11 @@ class Reply:
         self.headers = {GENERATION_HEADER: str(lease.generation)}
         self._offsets = [0] * len(choices)
         """Characters of each completion choice's text so far, for `text_offset`."""
+        self.tools = tools
+        """The format tool calls are parsed from, when the request offered tools."""
+        self._calls = [ToolCallStream(tools) for _ in choices] if tools is not None else None
+        self._sent = [0] * len(choices)
+        """Calls streamed so far, per choice: the next one's `index`."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -117,11 +124,18 @@ class Reply:
         out: list[dict[str, Any]] = []
         for index, answer in enumerate(collected):
             if self.endpoint == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+                finish = answer.finish_reason
+                if self.tools is not None:
+                    message["content"], calls = parse_tool_calls(answer.text, self.tools)
+                    if calls:
+                        message["tool_calls"] = [call.openai() for call in calls]
+                        finish = "tool_calls" if finish == "stop" else finish
                 out.append(
                     {
                         "index": index,
-                        "message": {"role": "assistant", "content": answer.text},
-                        "finish_reason": answer.finish_reason,
+                        "message": message,
+                        "finish_reason": finish,
                         "logprobs": self._chat_logprobs(answer.entries),
                     }
                 )
@@ -195,6 +209,7 @@ class Reply:
         reason: str | None,
         entries: Sequence[TokenLogprob] = (),
         first: bool = False,
+        call: dict[str, Any] | None = None,
     ) -> bytes:
         if self.endpoint == "chat":
             delta: dict[str, Any] = {}
@@ -202,6 +217,8 @@ class Reply:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if call is not None:
+                delta["tool_calls"] = [call]
             choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason}
             if entries:
                 choice["logprobs"] = self._chat_logprobs(entries)
@@ -230,11 +247,40 @@ class Reply:
         if chunk.prompt_logprobs is not None and self.echo and self.endpoint != "chat":
             pieces.append(self._chunk(index, self._prompt(index).text, None, chunk.prompt_logprobs))
         entries = chunk.logprobs if self.logprobs else ()
+        if self._calls is not None:
+            return pieces + self._tool_pieces(index, chunk, entries)
         if chunk.text or entries:
             pieces.append(self._chunk(index, chunk.text, None, entries))
         if chunk.finish_reason is not None:
             text = None if self.endpoint == "chat" else ""
             pieces.append(self._chunk(index, text, chunk.finish_reason))
+        return pieces
+
+    def _tool_pieces(
+        self, index: int, chunk: TokenChunk, entries: Sequence[TokenLogprob]
+    ) -> list[bytes]:
+        """A chat chunk's events when tools were offered: content as it is certain, each
+        call whole once it is complete (`delta.tool_calls` with its `index`)."""
+        if self._calls is None:
+            return []
+        calls = self._calls[index]
+        parts = calls.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            parts += calls.finish()
+        pieces = []
+        for part in parts:
+            if isinstance(part, ToolCall):
+                pieces.append(self._chunk(index, None, None, call=part.openai(self._sent[index])))
+                self._sent[index] += 1
+            else:
+                pieces.append(self._chunk(index, part, None, entries))
+                entries = ()
+        if entries:
+            pieces.append(self._chunk(index, None, None, entries))
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
+            called = calls.calls and finish == "stop"
+            pieces.append(self._chunk(index, None, "tool_calls" if called else finish))
         return pieces
 
     async def sse(

@@ -3,17 +3,26 @@
 Nothing is accepted and ignored. Every field of OpenAI's chat and completions requests is
 either acted on, accepted because it cannot change the answer (`user`, `metadata`, ...),
 or refused with a 400 that names it when it asks for something hotweights does not do
-(`tools`, `response_format` JSON, audio, ...). A field OpenAI does not define is refused
-too. The README's table of request fields lists each and what the server does with it.
+(audio, predicted outputs, ...). A field OpenAI does not define is refused too. JSON
+schemas (`response_format`, tool parameters) must be valid JSON Schema. The README's table
+of request fields lists each and what the server does with it.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hotweights.generation import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
+from hotweights.server.structured_output import check_json_schema
 
 MAX_N = 16
 """Most choices (`n`) one request asks for."""
@@ -35,6 +44,62 @@ def _refuse(field: str, what: str) -> ValueError:
     return ValueError(f"{field}: {what} is not supported by this server")
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class AssistantToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = Field(default=None, description="the call is always enforced")
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_json_schema(value)
+        return value
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = Field(default=None, description="the schema is always enforced")
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            check_json_schema(value)
+        return value
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -44,16 +109,9 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, description="accepted; not shown to the model")
-    tool_call_id: str | None = Field(default=None, description="accepted; not shown to the model")
+    tool_call_id: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise _refuse("tool_calls", "tool calling")
-        return value
+    tool_calls: list[AssistantToolCall] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -118,7 +176,13 @@ class _Sampling(_Strict):
 
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema")
+        return self
 
 
 class ChatCompletionRequest(_Sampling):
@@ -128,13 +192,11 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = Field(
-        default=None, description="accepted; no effect, since tools are refused"
-    )
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -146,27 +208,6 @@ class ChatCompletionRequest(_Sampling):
     service_tier: str | None = Field(default=None, description="accepted; one tier")
     prompt_cache_key: str | None = Field(default=None, description="accepted; not used")
     safety_identifier: str | None = Field(default=None, description="accepted; not used")
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise _refuse("response_format", f"type {value.type!r} (constrained decoding)")
-        return value
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise _refuse("tools", "tool calling")
-        return value
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value is not None and value != "none":
-            raise _refuse("tool_choice", "tool calling")
-        return value
 
     @field_validator("modalities")
     @classmethod
@@ -194,6 +235,41 @@ class ChatCompletionRequest(_Sampling):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _functions_as_tools(cls, data: Any) -> Any:
+        """`functions` and `function_call`, OpenAI's older spelling, read as tools."""
+        if not isinstance(data, dict) or data.get("functions") is None:
+            return data
+        if data.get("tools") is not None:
+            raise ValueError("functions: give tools or functions, not both")
+        data = dict(data)
+        data["tools"] = [{"type": "function", "function": f} for f in data.pop("functions")]
+        choice = data.pop("function_call", None)
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": choice}
+        if choice is not None:
+            data["tool_choice"] = choice
+        return data
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [tool.function.name for tool in value or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("two functions have the same name")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_in_tools(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        names = [tool.function.name for tool in info.data.get("tools") or ()]
+        if value == "required" and not names:
+            raise ValueError("required needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names function {value.function.name!r}, which is not in tools")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

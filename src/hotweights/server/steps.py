@@ -18,8 +18,8 @@ from concurrent.futures import Executor
 from typing import Any
 
 from hotweights.core import Lease
-from hotweights.errors import EngineFailed
-from hotweights.generation import BatchedModel, Engine, Ticket, TokenChunk
+from hotweights.errors import EngineFailed, InvalidRequest
+from hotweights.generation import BatchedModel, ConstraintChecking, Engine, Ticket, TokenChunk
 from hotweights.server.textgen import Began, Choice, Prompt, Started, Step, prepare_prompt
 
 
@@ -65,7 +65,12 @@ async def engine_steps(
 
     def prepare() -> list[tuple[list[int], Started]]:
         with lease.use():
-            return [prepare_prompt(model, engine, p, max_prompt_tokens) for p in prompts]
+            prepared = [prepare_prompt(model, engine, p, max_prompt_tokens) for p in prompts]
+            for constraint in {c.params.constraint for c in choices if c.params.constraint}:
+                if not isinstance(model, ConstraintChecking):
+                    raise InvalidRequest("this model cannot hold its output to a grammar")
+                model.check_constraint(constraint)  # compiled here, not on the engine's thread
+            return prepared
 
     prepared = await loop.run_in_executor(executor, prepare)
     tickets: list[Ticket] = []

@@ -11,18 +11,22 @@ long for the server or for one sequence of the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from hotweights.errors import PayloadTooLarge
-from hotweights.generation import BatchedModel, Engine, GenerationParams, TokenChunk
+from hotweights.errors import InvalidRequest, PayloadTooLarge
+from hotweights.generation import BatchedModel, Engine, GenerationParams, TokenChunk, ToolPrompting
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Chat messages (rendered with the model's template), raw text, or token ids."""
+    """Chat messages (rendered with the model's template), raw text, or token ids. Chat
+    messages are OpenAI-shaped: text content, and an assistant's `tool_calls` or a tool
+    result's `tool_call_id` where they have them; `tools` are the functions offered."""
 
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
     ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,17 @@ def _check_size(prompt_tokens: int, max_prompt_tokens: int) -> None:
 
 
 def _rendered(model: BatchedModel, prompt: Prompt) -> str:
-    if prompt.messages:
-        return model.apply_chat_template(prompt.messages)
-    return prompt.text or ""
+    messages = prompt.messages
+    if not messages:
+        return prompt.text or ""
+    with_tools = prompt.tools or any("tool_calls" in m or "tool_call_id" in m for m in messages)
+    if with_tools and isinstance(model, ToolPrompting):
+        return model.render_chat(messages, prompt.tools)
+    if prompt.tools:
+        raise InvalidRequest("tools: this model has no chat template that renders tools")
+    return model.apply_chat_template(
+        [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+    )
 
 
 def prepare_prompt(
