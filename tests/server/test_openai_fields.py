@@ -266,12 +266,17 @@ def test_penalties_and_bias_change_the_answer(
 @pytest.mark.parametrize(
     ("options", "field"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            "response_format",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                }
+            },
+            "uniqueItems",
         ),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"n": 17}, "n"),
         ({"top_logprobs": 3}, "top_logprobs"),

@@ -195,8 +195,10 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[FunctionDefinition] | None = None
-    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    functions: list[FunctionDefinition] | None = Field(default=None, description="read as tools")
+    function_call: Literal["none", "auto"] | NamedFunction | None = Field(
+        default=None, description="read as tool_choice"
+    )
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
@@ -240,16 +242,20 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _functions_as_tools(cls, data: Any) -> Any:
         """`functions` and `function_call`, OpenAI's older spelling, read as tools."""
-        if not isinstance(data, dict) or data.get("functions") is None:
+        if not isinstance(data, dict):
             return data
-        if data.get("tools") is not None:
-            raise ValueError("functions: give tools or functions, not both")
         data = dict(data)
-        data["tools"] = [{"type": "function", "function": f} for f in data.pop("functions")]
+        functions = data.pop("functions", None)
         choice = data.pop("function_call", None)
+        if functions is not None:
+            if data.get("tools") is not None:
+                raise ValueError("functions: give tools or functions, not both")
+            data["tools"] = [{"type": "function", "function": f} for f in functions]
         if isinstance(choice, dict):
             choice = {"type": "function", "function": choice}
         if choice is not None:
+            if data.get("tool_choice") is not None:
+                raise ValueError("function_call: give tool_choice or function_call, not both")
             data["tool_choice"] = choice
         return data
 
