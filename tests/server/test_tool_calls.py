@@ -30,7 +30,8 @@ HERMES_TWO = HERMES_ONE + '\n<tool_call>\n{"name": "g", "arguments": {}}\n</tool
         ("llama3_json", '{"name": "f", "parameters": {"x": 1}}', None, [("f", {"x": 1})]),
         (
             "llama3_json",
-            '<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"y": "z"}}',
+            '<|python_tag|>{"name": "f", "parameters": {}}; '
+            '{"name": "g", "parameters": {"y": "z"}}',
             None,
             [("f", {}), ("g", {"y": "z"})],
         ),
