@@ -2,7 +2,7 @@
 per-request loop do with a position's logits.
 
 `TokenSequence` picks each token (penalties and logit_bias, then greedy or sampled with the
-request's own generator), records log-probabilities when asked, decodes text safely and
+request's own random numbers), records log-probabilities when asked, decodes text safely and
 cuts at stop strings, and says when the completion is over. Whoever runs the forward
 passes owns the cache and feeds it logits; the sequence never touches the model. Not
 thread-safe: one sequence belongs to one thread at a time.
@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
-from hotweights.backends.sampling import adjust_logits, sample_next_token, top_tokens
+from hotweights.backends.sampling import (
+    adjust_logits,
+    random_numbers,
+    sample_next_token,
+    top_tokens,
+)
 from hotweights.errors import InvalidRequest
 from hotweights.generation import FinishReason, GenerationParams, TokenChunk, TokenLogprob
 
@@ -31,8 +36,6 @@ class Vocabulary(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def token_text(self, token_id: int) -> str: ...
-
-    def generator(self, seed: int | None) -> torch.Generator: ...
 
 
 class TokenSequence:
@@ -56,7 +59,8 @@ class TokenSequence:
         self.produced = 0
         self.finished = False
         self._vocabulary = vocabulary
-        self.generator = None if params.greedy else vocabulary.generator(params.seed)
+        self.numbers = None if params.greedy else random_numbers(params.seed)
+        """The request's own uniform numbers, one per sampled token."""
         self._decoder = IncrementalDecoder(vocabulary.decode)
         self._stops = StopMatcher(params.stop)
         self._generated: dict[int, int] = {}
@@ -103,24 +107,24 @@ class TokenSequence:
         picked = logits
         if params.adjusts_logits:
             picked = adjust_logits(logits, params, self._generated)
-        if self.generator is None:
+        if self.numbers is None:
             token = greedy if greedy is not None and self.plain_greedy else None
             if token is None:
                 token = int(torch.argmax(picked).item())
         else:
-            token = sample_next_token(picked, params, self.generator)
+            token = sample_next_token(picked, params, self.numbers)
         if params.logprobs is not None:
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (vocab,)
             top = top_tokens(logprobs[None, :], params.logprobs)[0]
-            entry = TokenLogprob(
-                token,
-                self._vocabulary.token_text(token),
-                float(logprobs[token].item()),
-                self._named(top),
-            )
-            self._entries.append(entry)
+            self.record(token, float(logprobs[token].item()), top)
         self._generated[token] = self._generated.get(token, 0) + 1
         return token
+
+    def record(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        """Keep `token`'s log-probability and its position's most likely tokens for the
+        next chunk (for an engine that chose the token itself)."""
+        entry = TokenLogprob(token, self._vocabulary.token_text(token), logprob, self._named(top))
+        self._entries.append(entry)
 
     def advance(self, token: int) -> TokenChunk | None:
         """Account for `token`, just chosen: the chunk to send now, if any. Sets `finished`
