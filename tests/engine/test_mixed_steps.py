@@ -140,3 +140,30 @@ def test_a_seeded_request_gives_the_same_text_in_any_batch(lm: LoadedLM) -> None
     assert [crowd.texts[i] for i in (1, 4, 7)] == [alone[1]] * 3
     assert alone[0] == lm.generate("Once upon", sampled).text
     assert alone[1] == lm.generate("Once upon", penalised).text
+
+
+def test_on_a_gpu_the_engine_answers_as_the_loop(tmp_path: Path) -> None:
+    """Runs only where CUDA is (`bench/gpu_check.sh`): the same code, in bfloat16 on the
+    GPU, gives each prompt in a mixed batch its greedy answer alone."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    source = save_tiny_model(tmp_path / "1", seed=5, shape=SHAPE)
+    model = TransformersLoader(device="cuda:0", dtype="bfloat16").load(str(source))
+    greedy = GenerationParams(temperature=0, max_tokens=16, logprobs=1)
+    prompts = [HEADER + "What is rain?", "Hi", HEADER + "Why is snow white?", "Count"]
+    limits = EngineLimits(max_batch=4, columns=400, max_batch_tokens=24, prefill_chunk=16)
+    engine = BatchEngine(model, limits)
+    collected = Collector(len(prompts))
+    try:
+        for index, prompt in enumerate(prompts):
+            engine.submit(model.prompt_ids(prompt), greedy, collected.deliver(index))  # type: ignore[arg-type]
+        assert collected.done.wait(120)
+    finally:
+        engine.stop()
+    assert collected.errors == {}
+    alone = [model.generate(prompt, greedy).text for prompt in prompts]
+    agreeing = sum(collected.texts[i] == text for i, text in enumerate(alone))
+    assert agreeing >= len(prompts) - 1  # bfloat16 rounding may flip one near-tie
+    model.release()
