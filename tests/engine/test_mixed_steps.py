@@ -14,6 +14,7 @@ from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.engine.batching import BatchEngine, EngineLimits
 from hotweights.engine.step_plan import StepStats
+from hotweights.errors import ModelRetired
 from hotweights.generation import GenerationParams
 from tests.engine.test_batching import Collector
 
@@ -167,3 +168,21 @@ def test_on_a_gpu_the_engine_answers_as_the_loop(tmp_path: Path) -> None:
     agreeing = sum(collected.texts[i] == text for i, text in enumerate(alone))
     assert agreeing >= len(prompts) - 1  # bfloat16 rounding may flip one near-tie
     model.release()
+
+
+def test_a_deliver_callback_may_stop_the_engine(lm: LoadedLM) -> None:
+    """A request's last chunk can release the last lease on a retired version, which
+    stops its engine: from the engine's own text thread that must not wait for itself."""
+    engine = BatchEngine(lm, EngineLimits(max_batch=2, columns=200))
+    stopped = threading.Event()
+
+    def deliver(item: object) -> None:
+        if getattr(item, "finish_reason", None) is not None:
+            engine.stop(timeout=30)
+            stopped.set()
+
+    engine.submit(lm.prompt_ids("Hi"), GenerationParams(temperature=0, max_tokens=3), deliver)
+    assert stopped.wait(30)
+    engine.stop(timeout=30)
+    with pytest.raises(ModelRetired):
+        engine.submit(lm.prompt_ids("Hi"), GenerationParams(), deliver)

@@ -220,7 +220,9 @@ class BatchEngine:
         with self._lock:
             self._stopping = True
             self._wake.notify()
-        if threading.current_thread() is not self._thread:
+        # Called from one of the engine's own threads (a deliver callback), joining would
+        # wait for itself.
+        if threading.current_thread() not in (self._thread, self._text.thread):
             self._thread.join(timeout)
 
     # -- the engine thread -------------------------------------------------------------

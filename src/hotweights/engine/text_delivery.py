@@ -38,8 +38,8 @@ class TextDelivery:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
 
     def tokens(self, batch: list[tuple[EngineSequence, Picked]]) -> None:
         if batch:
@@ -55,8 +55,8 @@ class TextDelivery:
 
     def close(self, timeout: float | None = None) -> None:
         self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
 
     def _run(self) -> None:
         while True:
