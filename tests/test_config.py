@@ -48,6 +48,9 @@ def test_auto_loads_in_a_process_only_where_requests_run_during_small_loads(
         ("device", "cpu:0", "device must be cpu, cuda or cuda:N"),
         ("watch", "inotify", "watch must be one of"),
         ("verify", "crc", "verify must be one of"),
+        ("max_batch_tokens", 8, "max_batch_tokens \\(8\\) must be at least max_batch_size"),
+        ("prefill_chunk", 0, "prefill_chunk must be at least 1"),
+        ("threads", -1, "threads must be 0"),
     ],
 )
 def test_a_bad_setting_is_named(setting: str, value: object, message: str) -> None:
@@ -89,3 +92,16 @@ def test_the_watcher_and_verify_settings_are_the_sources_own_choices() -> None:
         assert Config.load({"watch": kind}, environ={}).watch == kind
     for mode in VERIFY_MODES:
         assert Config.load({"verify": mode}, environ={}).verify == mode
+
+
+def test_the_engine_flags_reach_the_engine_settings() -> None:
+    from hotweights.cli import SERVE_SETTINGS, _parser
+    from hotweights.server.assembly import transformers_loader
+
+    flags = ["serve", "m", "--max-batch-size", "8", "--max-batch-tokens", "64"]
+    flags += ["--prefill-chunk", "32", "--no-prefix-cache", "--threads", "1"]
+    arguments = _parser().parse_args(flags)
+    config = Config.load({key: getattr(arguments, key) for key in SERVE_SETTINGS}, environ={})
+    settings = transformers_loader(config).settings  # type: ignore[attr-defined]
+    assert (settings.max_batch, settings.max_batch_tokens, settings.prefill_chunk) == (8, 64, 32)
+    assert (settings.prefix_cache, settings.threads) == (False, 1)

@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         help="each engine's key/value cache, e.g. 512MiB or 2GB (auto: a full batch of the "
         "longest sequences, at most a quarter of available memory)",
     )
+    engine.add_argument("--max-batch-tokens", type=int, help="tokens in one engine pass (256)")
+    engine.add_argument("--prefill-chunk", type=int, help="prompt tokens one pass reads (128)")
+    engine.add_argument("--threads", type=int, help="torch threads (0, default: one per core)")
+    engine.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
+    serve.set_defaults(prefix_cache=None)  # unset: the environment or the default decides
     engine.add_argument(
         "--no-batching",
         dest="batching",
@@ -248,6 +253,10 @@ SERVE_SETTINGS = (
     "max_batch_size",
     "kv_cache_memory",
     "batching",
+    "max_batch_tokens",
+    "prefill_chunk",
+    "prefix_cache",
+    "threads",
 )
 
 

@@ -126,6 +126,17 @@ class Config:
     the longest sequences needs, at most a quarter of available memory."""
     batching: bool = True
     """Generate through one batched engine per version; false: one decode loop per request."""
+    max_batch_tokens: int = 256
+    """Tokens in one engine pass: a decode token per generating sequence, the rest chunks of
+    prompts being read (at least `max_batch_size`)."""
+    prefill_chunk: int = 128
+    """Most tokens of one prompt an engine pass reads: a joining prompt delays the running
+    streams by at most one chunk."""
+    prefix_cache: bool = True
+    """Keep prompt prefixes' keys and values (an eighth of the cache budget), so a prompt that
+    starts like an earlier one on the same version skips recomputing them."""
+    threads: int = 0
+    """torch's intra-op threads for the forward passes; 0: torch's default (one per core)."""
     shutdown_delay: float = 2.0
     """On SIGTERM, seconds /ready answers 503 before the listener closes (for load balancers)."""
     keep_alive_timeout: float = 120.0
@@ -171,6 +182,15 @@ class Config:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         self.kv_cache_bytes()  # raises for a size it cannot read
+        if self.max_batch_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_size "
+                f"({self.max_batch_size}): every generating sequence takes a token of each pass"
+            )
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
         self.canary_policy()  # raises for a share, duration or threshold out of range
         if self.watch not in WATCHER_KINDS:
             raise ValueError(f"watch must be one of {WATCHER_KINDS}, got {self.watch!r}")

@@ -103,7 +103,9 @@ def test_the_engine_sizes_its_automatic_cache_from_the_gpu_memory(
         TransformersLoader(device="cuda:0"), EngineSettings(max_batch=4, max_sequence_tokens=4096)
     )
     FakeGpus(monkeypatch, free=4 * 256 * 4 * 1000)  # a quarter: 1000 tokens for 4 rows
-    assert loader.limits(shape, max_positions=None).columns == 1000
+    limits = loader.limits(shape, max_positions=None)
+    # The prefix cache takes an eighth of the budget, in blocks of 32 tokens; the rows the rest.
+    assert (limits.columns, limits.prefix_blocks) == (875, 15)
     FakeGpus(monkeypatch, free=GIB)
     assert loader.limits(shape, max_positions=None).columns == 4096
 

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 
 from hotweights.backends import sample_next_token
-from hotweights.backends.sampling import adjust_logits
+from hotweights.backends.sampling import adjust_logits, sample_rows
 from hotweights.errors import InvalidRequest
 from hotweights.generation import GenerationParams
 
@@ -44,7 +45,7 @@ def test_greedy_picks_the_largest_logit() -> None:
     import torch
 
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
-    generator = torch.Generator().manual_seed(0)
+    generator = random.Random(0)
     assert sample_next_token(logits, GenerationParams(temperature=0), generator) == 1
 
 
@@ -53,7 +54,7 @@ def test_top_p_samples_only_from_the_nucleus() -> None:
     import torch
 
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    generator = torch.Generator().manual_seed(0)
+    generator = random.Random(0)
     nucleus = GenerationParams(temperature=1.0, top_p=0.7)  # 0.5 + 0.3 reach 0.7
     seen = {sample_next_token(logits, nucleus, generator) for _ in range(300)}
     assert seen == {0, 1}
@@ -63,20 +64,50 @@ def test_top_p_samples_only_from_the_nucleus() -> None:
 
 
 @pytest.mark.llm
-def test_the_generator_alone_decides_the_draws() -> None:
+def test_the_requests_own_numbers_alone_decide_the_draws() -> None:
     import torch
 
     logits = torch.zeros(50)
     params = GenerationParams(temperature=1.0)
 
     def draws(seed: int) -> list[int]:
-        generator = torch.Generator().manual_seed(seed)
-        return [sample_next_token(logits, params, generator) for _ in range(20)]
+        numbers = random.Random(seed)
+        return [sample_next_token(logits, params, numbers) for _ in range(20)]
 
     first = draws(1)
-    torch.manual_seed(12345)  # the global generator plays no part
+    torch.manual_seed(12345)  # the global generators play no part
+    random.seed(12345)
     assert draws(1) == first
     assert draws(2) != first
+
+
+@pytest.mark.llm
+def test_a_rows_token_does_not_depend_on_the_other_rows() -> None:
+    """What lets a seeded request give the same text in any batch."""
+    import torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40)
+    temperatures, top_ps = [0.7, 1.0, 1.3, 0.9, 1.0, 0.5], [1.0, 0.8, 1.0, 0.5, 1.0, 0.95]
+    uniforms = [0.1, 0.5, 0.9, 0.33, 0.999, 0.0]
+    together = sample_rows(logits, temperatures, top_ps, uniforms).tolist()
+    for row in range(6):
+        one = logits[row : row + 1]
+        alone = sample_rows(one, [temperatures[row]], [top_ps[row]], [uniforms[row]])
+        assert int(alone[0]) == together[row]
+
+
+@pytest.mark.llm
+def test_draws_follow_the_distribution() -> None:
+    import torch
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]]))
+    counts = [0, 0, 0, 0]
+    numbers = random.Random(3)
+    for _ in range(2000):
+        counts[int(sample_rows(logits, [1.0], [1.0], [numbers.random()])[0])] += 1
+    assert counts[3] == 0
+    assert [round(c / 2000, 1) for c in counts[:3]] == [0.6, 0.3, 0.1]
 
 
 def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
@@ -84,7 +115,7 @@ def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
     import torch
 
     logits = torch.tensor([0.1, 2.0, 0.3])
-    generator = torch.Generator().manual_seed(0)
+    generator = random.Random(0)
     params = GenerationParams(temperature=1.0, top_p=5e-324)
     assert {sample_next_token(logits, params, generator) for _ in range(20)} == {1}
 
@@ -93,7 +124,7 @@ def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
     import torch
 
     logits = torch.tensor([0.1, 2.0, 0.3])
-    generator = torch.Generator().manual_seed(0)
+    generator = random.Random(0)
     assert sample_next_token(logits, GenerationParams(temperature=1e-300), generator) == 1
     assert GenerationParams(temperature=1e-6).greedy
     assert not GenerationParams(temperature=0.01).greedy

@@ -32,7 +32,8 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedLM]:
 
 @pytest.fixture
 def engine(lm: LoadedLM) -> Iterator[BatchEngine]:
-    engine = BatchEngine(lm, EngineLimits(max_batch=3, columns=96, prefill_tokens=120))
+    limits = EngineLimits(max_batch=3, columns=96, max_batch_tokens=40, prefill_chunk=8)
+    engine = BatchEngine(lm, limits)
     yield engine
     engine.stop()
 

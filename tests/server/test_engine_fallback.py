@@ -12,7 +12,7 @@ import pytest
 
 from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.backends.per_request import PerRequestEngine
-from hotweights.engine import kv as kv_module
+from hotweights.engine import row_attention
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
 from hotweights.generation import GenerationParams
 from hotweights.testing import ServerThread
@@ -43,7 +43,7 @@ def server(serve: Serve, source: Path, monkeypatch: pytest.MonkeyPatch) -> Serve
     def broken(*args: object) -> object:
         raise RuntimeError("this architecture's attention cannot read a shared cache")
 
-    monkeypatch.setattr(kv_module, "_rows_cache", broken)
+    monkeypatch.setattr(row_attention, "_sdpa", broken)
     settings = EngineSettings(max_batch=4, kv_cache_bytes=2**22)
     return serve(BatchingLoader(TransformersLoader(), settings), source, model_name="tiny")
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -171,20 +171,20 @@ class GrammarMatcher:
     def allowed(self) -> torch.Tensor:
         """Which tokens may come next: a bool tensor (vocab,). Raises `RuntimeError` if the
         matcher is in error (it took a token its own mask ruled out)."""
+        began = time.perf_counter()
         if self._matcher.is_error():
             raise RuntimeError(f"the grammar matcher failed: {self._matcher.get_error()}")
         # Written straight into the buffer (llguidance.torch would torch.compile at import).
         words = self._words
         self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
         bits = (words[:, None] >> self._shifts) & 1  # (words, 32)
-        return bits.flatten()[: self._size].bool()  # (vocab,)
+        allowed = bits.flatten()[: self._size].bool()  # (vocab,)
+        self._cache.masked(time.perf_counter() - began)
+        return allowed
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits (vocab,) of every token the grammar rules out to -inf, in place."""
-        began = time.perf_counter()
-        allowed = self.allowed().to(logits.device)
-        logits.masked_fill_(~allowed, float("-inf"))
-        self._cache.masked(time.perf_counter() - began)
+        logits.masked_fill_(~self.allowed().to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
         """Advance past `token`, which the mask allowed; raises `RuntimeError` if the
@@ -196,6 +196,22 @@ class GrammarMatcher:
     def complete(self) -> bool:
         """Whether nothing but an end of sequence may follow."""
         return self._matcher.is_stopped()
+
+
+def grammar_masks(
+    matchers: Sequence[GrammarMatcher | None], logits: torch.Tensor
+) -> torch.Tensor | None:
+    """What each row of `logits` (rows, vocab) may pick, (rows, vocab) bool, every token for
+    a row without a matcher; None when no row has one."""
+    if all(matcher is None for matcher in matchers):
+        return None
+    import torch
+
+    allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    for row, matcher in enumerate(matchers):
+        if matcher is not None:
+            allowed[row] = matcher.allowed().to(logits.device)
+    return allowed
 
 
 def _grammar_text(constraint: OutputConstraint, tokenizer: llguidance.LLTokenizer) -> str:

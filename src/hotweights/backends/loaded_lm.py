@@ -52,7 +52,7 @@ class LoadedLM:
 
     Thread-safety: any number of threads may run `stream`, `generate`, `count_tokens`
     and `apply_chat_template` at once. Each stream keeps its own KV cache and random
-    generator; the weights are only read; tokenizer calls are serialised by a lock
+    numbers; the weights are only read; tokenizer calls are serialised by a lock
     (fast tokenizers can refuse concurrent use). Once `release` has run (the loader's
     `unload`), every method that needs the model raises `ModelRetired`, including a
     stream already in progress, at its next token. A stream in progress holds its KV
@@ -301,17 +301,6 @@ class LoadedLM:
             last = slice(None) if every_position else slice(-1, None)
             logits = output.logits[0, last, : self.tokenizer_size].float()
             return logits, getattr(output, self.cache_arg)
-
-    def generator(self, seed: int | None) -> torch.Generator:
-        """A random generator of one request's own: seeded, or from the OS."""
-        import torch
-
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed % 2**64)
-        return generator
 
     def token_text(self, token_id: int) -> str:
         """One token decoded alone, special tokens included; cached. Thread-safe."""

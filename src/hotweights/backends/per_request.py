@@ -3,7 +3,7 @@
 `PerRequestEngine` is the `Engine` a loader gives a version when the batched engine cannot
 run it (or batching is off): the server submits to it exactly as to a `BatchEngine`. Each
 sequence is one `TextModel.stream`, stepped one token at a time (one `next()`: a forward
-pass with the sequence's own cache and random generator) on one of the engine's workers.
+pass with the sequence's own cache and random numbers) on one of the engine's workers.
 
 Unload never overlaps a step: every step runs inside the engine's gate, and `stop` (which
 the model's release calls before the weights go) closes the gate, waits for the steps

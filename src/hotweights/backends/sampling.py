@@ -1,11 +1,18 @@
-"""Next-token sampling with a request's own parameters and random generator.
+"""Next-token sampling with each request's own parameters and random numbers.
 
-torch is imported inside the function, so importing this module does not import torch.
+Both engines pick tokens with the same arithmetic, on rows of logits: the per-request loop
+passes one row, the batched engine all its rows at once. A sampled token is drawn by
+inverse transform from one uniform number of the request's own `random.Random` (seeded, or
+from the OS), one number per token: the same seed, prompt and logits give the same text
+whatever else shares the batch. Greedy picks the most likely token.
+
+torch is imported inside the functions, so importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import random
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from hotweights.generation import GenerationParams
@@ -14,29 +21,68 @@ if TYPE_CHECKING:
     import torch
 
 
-def sample_next_token(
-    logits: torch.Tensor, params: GenerationParams, generator: torch.Generator
-) -> int:
-    """Pick the next token id from `logits` (shape: (vocab,)) as `params` say.
+def random_numbers(seed: int | None) -> random.Random:
+    """A request's own source of uniform numbers: seeded, or from the OS."""
+    return random.Random(seed) if seed is not None else random.Random()
 
-    Greedy when `params.greedy`; otherwise temperature-scaled softmax, cut to the top-p
-    nucleus, sampled with `generator` alone so concurrent requests do not share
-    random state. Call under `torch.inference_mode()`.
-    """
+
+def sample_rows(
+    logits: torch.Tensor,
+    temperatures: Sequence[float],
+    top_ps: Sequence[float],
+    uniforms: Sequence[float],
+) -> torch.Tensor:
+    """One sampled token per row of `logits` (rows, vocab), float32: softmax at the row's
+    temperature, cut to its top-p nucleus (the most likely token always stays), then the
+    token where the row's uniform number falls in the cumulative distribution. Returns
+    (rows,) long. Rows with a nucleus and rows without are computed apart, so a row's
+    token never depends on the others. Call under `torch.inference_mode()`."""
+    import torch
+
+    device = logits.device
+    temperature = torch.tensor(temperatures, dtype=torch.float32, device=device)[:, None]
+    uniform = torch.tensor(uniforms, dtype=torch.float64, device=device)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (rows, vocab)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)
+    nucleus = [i for i, top_p in enumerate(top_ps) if top_p < 1]
+    whole = [i for i, top_p in enumerate(top_ps) if top_p >= 1]
+    if whole:
+        index = torch.tensor(whole, dtype=torch.long, device=device)
+        tokens[index] = _inverse_cdf(probs[index], uniform[index])
+    if nucleus:
+        index = torch.tensor(nucleus, dtype=torch.long, device=device)
+        top_p = torch.tensor([top_ps[i] for i in nucleus], device=device)[:, None]
+        ranked, order = torch.sort(probs[index], dim=-1, descending=True)  # (n, vocab) x2
+        ahead = torch.cumsum(ranked, dim=-1) - ranked  # the mass before each token
+        outside = ahead >= top_p
+        outside[:, 0] = False
+        picked = _inverse_cdf(ranked.masked_fill(outside, 0.0), uniform[index])  # (n,)
+        tokens[index] = order.gather(1, picked[:, None])[:, 0]
+    return tokens
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The index in each row of `probs` (rows, vocab) where `uniform` (rows,) in [0, 1) of
+    the row's total mass falls: a token of probability 0 is never picked."""
+    import torch
+
+    cdf = torch.cumsum(probs.double(), dim=-1)  # (rows, vocab)
+    target = (uniform * cdf[:, -1])[:, None]  # (rows, 1)
+    index = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return index.clamp(max=probs.shape[-1] - 1)
+
+
+def sample_next_token(
+    logits: torch.Tensor, params: GenerationParams, numbers: random.Random
+) -> int:
+    """Pick the next token id from `logits` (vocab,) as `params` say: `sample_rows` for one
+    row, or the most likely token when `params.greedy`."""
     import torch
 
     if params.greedy:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
-    if params.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)  # (vocab,), (vocab,)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass ahead of each
-        outside = before >= params.top_p
-        outside[0] = False  # the most likely token stays, however small top_p is
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (1,)
-        return int(order[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    row = logits.float()[None, :]
+    return int(sample_rows(row, [params.temperature], [params.top_p], [numbers.random()])[0])
 
 
 def adjust_logits(
@@ -44,7 +90,7 @@ def adjust_logits(
 ) -> torch.Tensor:
     """`logits` (vocab,) with `params`' logit_bias added and its penalties subtracted, as
     OpenAI defines them: for a token generated `c` times so far,
-    `logit - c * frequency_penalty - (c > 0) * presence_penalty`. Returns a new tensor."""
+    `logit - (c * frequency_penalty + (c > 0) * presence_penalty)`. Returns a new tensor."""
     import torch
 
     adjusted = logits.float().clone()

@@ -2,7 +2,7 @@
 per-request loop do with a position's logits.
 
 `TokenSequence` picks each token (penalties and logit_bias, then greedy or sampled with the
-request's own generator), records log-probabilities when asked, decodes text safely and
+request's own random numbers), records log-probabilities when asked, decodes text safely and
 cuts at stop strings, and says when the completion is over. A request's output constraint
 (`params.constraint`) masks the logits it samples from, through the sequence's own
 `GrammarMatcher` (`constraint`). Whoever runs the forward
@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from hotweights.backends.decoding import IncrementalDecoder, StopMatcher
-from hotweights.backends.sampling import adjust_logits, sample_next_token, top_tokens
+from hotweights.backends.sampling import (
+    adjust_logits,
+    random_numbers,
+    sample_next_token,
+    top_tokens,
+)
 from hotweights.errors import InvalidRequest
 from hotweights.generation import (
     FinishReason,
@@ -42,8 +47,6 @@ class Vocabulary(Protocol):
 
     def token_text(self, token_id: int) -> str: ...
 
-    def generator(self, seed: int | None) -> torch.Generator: ...
-
     def grammar_matcher(self, constraint: OutputConstraint) -> GrammarMatcher:
         """A fresh matcher of `constraint`; raises `InvalidRequest` when it cannot be
         enforced."""
@@ -56,11 +59,12 @@ class TokenSequence:
     Raises `InvalidRequest` when `logit_bias` names an id the tokenizer cannot produce, or
     the output constraint cannot be enforced.
 
-    The grammar hook, for whoever samples: a sequence with a `constraint` needs its logits;
-    `choose` masks its adjusted row with `constraint.mask` (after penalties, logit_bias and
-    before sampling or argmax; log-probabilities stay the raw ones), and `advance` feeds the
-    chosen token to `constraint.accept` and ends the sequence (`stop`) once the grammar is
-    complete.
+    The grammar hook, for whoever samples: a sequence with a `constraint` needs its logits.
+    Its row is masked to `constraint.allowed()` after penalties and logit_bias, before
+    sampling or argmax (log-probabilities stay the raw ones): `choose` does so itself, a
+    batched engine in its own pass. The chosen token then goes to `accept` on the same
+    thread, before the next mask; when that returns True the sequence is over, and
+    `advance` ends it with `stop` at that token.
     """
 
     def __init__(
@@ -78,7 +82,8 @@ class TokenSequence:
         self.produced = 0
         self.finished = False
         self._vocabulary = vocabulary
-        self.generator = None if params.greedy else vocabulary.generator(params.seed)
+        self.numbers = None if params.greedy else random_numbers(params.seed)
+        """The request's own uniform numbers, one per sampled token."""
         self._decoder = IncrementalDecoder(vocabulary.decode)
         self._stops = StopMatcher(params.stop)
         self._generated: dict[int, int] = {}
@@ -88,6 +93,11 @@ class TokenSequence:
         """The grammar this sequence's tokens must follow; None leaves them free."""
         if params.constraint is not None:
             self.constraint = vocabulary.grammar_matcher(params.constraint)
+        self._accepted = 0
+        self.grammar_end: int | None = None
+        """The count of tokens after which the grammar was complete; set once, by
+        `accept`, before that token is handed to `advance` (which may run on another
+        thread and never touches the matcher)."""
         self.plain_greedy = params.greedy and not params.adjusts_logits and self.constraint is None
         """Greedy on the raw logits: a batch's shared argmax is this sequence's token."""
         self.needs_logits = not self.plain_greedy or params.logprobs is not None
@@ -132,38 +142,49 @@ class TokenSequence:
         if self.constraint is not None:
             picked = picked.clone() if picked is logits else picked
             self.constraint.mask(picked)
-        if self.generator is None:
+        if self.numbers is None:
             token = greedy if greedy is not None and self.plain_greedy else None
             if token is None:
                 token = int(torch.argmax(picked).item())
         else:
-            token = sample_next_token(picked, params, self.generator)
+            token = sample_next_token(picked, params, self.numbers)
         if params.logprobs is not None:
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (vocab,)
             top = top_tokens(logprobs[None, :], params.logprobs)[0]
-            entry = TokenLogprob(
-                token,
-                self._vocabulary.token_text(token),
-                float(logprobs[token].item()),
-                self._named(top),
-            )
-            self._entries.append(entry)
+            self.record(token, float(logprobs[token].item()), top)
         self._generated[token] = self._generated.get(token, 0) + 1
+        self.accept(token)
         return token
+
+    def accept(self, token: int) -> bool:
+        """Feed `token`, just chosen, to the grammar, on the thread that chose it (before
+        the next mask); True when the grammar is complete, so the sequence ends here. A
+        sequence without a constraint accepts anything and never completes this way."""
+        if self.constraint is None:
+            return False
+        self.constraint.accept(token)
+        self._accepted += 1
+        if self.constraint.complete:
+            self.grammar_end = self._accepted
+        return self.grammar_end is not None
+
+    def record(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        """Keep `token`'s log-probability and its position's most likely tokens for the
+        next chunk (for an engine that chose the token itself)."""
+        entry = TokenLogprob(token, self._vocabulary.token_text(token), logprob, self._named(top))
+        self._entries.append(entry)
 
     def advance(self, token: int) -> TokenChunk | None:
         """Account for `token`, just chosen: the chunk to send now, if any. Sets `finished`
         when this was the last token; the chunk returned then is the last one."""
         self.produced += 1
-        if self.constraint is not None:
-            self.constraint.accept(token)
         finish: FinishReason | None = None
         text = ""
         if token in self._vocabulary.eos_ids:
             finish = "stop"
         else:
             text, stopped = self._stops.feed(self._decoder.push(token))
-            if stopped or (self.constraint is not None and self.constraint.complete):
+            if stopped or (self.grammar_end is not None and self.produced >= self.grammar_end):
                 finish = "stop"
             elif self.produced >= self.limit:
                 finish = "length"

@@ -75,6 +75,10 @@ class TinyShape:
     """Key/value heads per layer (grouped-query attention)."""
     max_position_embeddings: int = 512
     """Longest sequence the rotary embedding is configured for."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output head. A random tied model keeps repeating
+    the last prompt token whatever its seed; an untied one answers each prompt its own way
+    (what a test of attention or of two versions needs)."""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -127,7 +131,7 @@ def build_model(
         num_key_value_heads=shape.num_key_value_heads,
         head_dim=shape.hidden_size // shape.num_attention_heads,
         max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape.tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=token_id(tokenizer, IM_END),
         pad_token_id=token_id(tokenizer, END_OF_TEXT),

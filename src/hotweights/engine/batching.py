@@ -1,11 +1,16 @@
 """The batched engine of one version: every request on it is stepped together.
 
-One thread per engine. Each turn of its loop it takes waiting sequences into free rows
-(one left-padded prefill pass for all of them), then runs one decode pass over every
-running sequence, samples each row's next token with that request's own parameters and
-random generator, and hands the decoded text to the request's `deliver` callback.
-Sequences join and leave between passes (continuous batching); the cache is the engine's
-`SlotKV`, allocated once.
+One thread per engine runs one forward pass per step over a budget of tokens
+(`EngineLimits.max_batch_tokens`): the next token of every sequence that is generating,
+then chunks of prompts still being read (`prefill_chunk` at most each), the oldest first,
+then the first chunks of waiting sequences while cache rows are free. A join therefore
+delays the running streams by one chunk, never by a whole prompt. The pass is flat: every
+token carries its own position and the model's attention is routed to each token's own
+cache row (`row_attention`); rows never move (`KVRows`). A prompt that starts with blocks
+another prompt already computed on this engine restores them (`PrefixCache`) instead of
+computing them again. The step's tokens are chosen for all rows together (`RowSampler`:
+one host synchronisation), and handed to the engine's text thread (`TextDelivery`), which
+decodes them and calls each request's `deliver` while the next pass runs.
 
 A sequence ends with its last `TokenChunk` (which carries the finish reason) or with an
 exception delivered in its place: `ShuttingDown` once its `cut` is set, `ModelRetired` when
@@ -16,6 +21,7 @@ client went away) leaves at the next pass and gets nothing more.
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import logging
 import threading
@@ -24,53 +30,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hotweights.backends.grammar import grammar_masks
 from hotweights.backends.sequence import TokenSequence
-from hotweights.engine.kv import SlotKV, kv_shape
+from hotweights.engine.batch_sampling import Draw, Picked, RowSampler
+from hotweights.engine.kv import KVRows, kv_shape
+from hotweights.engine.prefix_cache import PrefixCache, PrefixStats
+from hotweights.engine.row_attention import running
+from hotweights.engine.step_plan import EngineSequence, Plan, StepKind, StepStats, lay_out, plan
+from hotweights.engine.text_delivery import TextDelivery
 from hotweights.errors import EngineFailed, PayloadTooLarge, ShuttingDown
-from hotweights.generation import Deliver, GenerationParams, TokenChunk
+from hotweights.generation import Deliver, GenerationParams
 
 if TYPE_CHECKING:
     import torch
 
     from hotweights.backends.loaded_lm import LoadedLM
 
-StepObserver = Callable[["StepStats"], None]
+StepObserver = Callable[[StepStats], None]
 
 log = logging.getLogger("hotweights.engine")
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """One pass of an engine, for metrics."""
-
-    kind: str
-    """`prefill` or `decode`."""
-    batch: int
-    """Sequences in the pass."""
-    tokens: int
-    """Query tokens in the pass (padding included)."""
-    waiting: int
-    """Sequences still waiting for a row after it."""
-    seconds: float
-
-
-@dataclass(eq=False)
-class _Sequence:
-    tokens: TokenSequence
-    deliver: Deliver
-    cut: threading.Event | None
-    start: int = 0
-    pending: int | None = None
-    """The last sampled token, not yet in the cache."""
-    cancelled: bool = False
-    ended: bool = False
-    row: int = -1
 
 
 class EngineTicket:
     """A submitted sequence. `cancel` is thread-safe and idempotent."""
 
-    def __init__(self, engine: BatchEngine, sequence: _Sequence) -> None:
+    def __init__(self, engine: BatchEngine, sequence: EngineSequence) -> None:
         self._engine = engine
         self._sequence = sequence
 
@@ -86,11 +70,31 @@ class EngineLimits:
     """How much one engine takes on."""
 
     max_batch: int = 32
-    """Sequences stepped together (rows of the cache)."""
+    """Sequences in the cache at once (rows)."""
     columns: int = 1024
     """Tokens one sequence may hold: prompt plus completion."""
-    prefill_tokens: int = 2048
-    """Most padded prompt tokens one prefill pass takes (at least one prompt)."""
+    max_batch_tokens: int = 256
+    """Tokens in one pass: a decode token per generating sequence, the rest prompt chunks.
+    At least `max_batch`, so every generating sequence steps in every pass."""
+    prefill_chunk: int = 128
+    """Most tokens of one prompt in one pass."""
+    prefix_blocks: int = 256
+    """Blocks the prefix cache keeps (0: none)."""
+    prefix_block: int = 32
+    """Tokens per prefix block."""
+
+    def tokens(self) -> int:
+        """Tokens the cache can hold in all: its rows and the prefix pool."""
+        return self.max_batch * self.columns + self.prefix_blocks * self.prefix_block
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < self.max_batch:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch "
+                f"({self.max_batch}): every generating sequence takes a token of each pass"
+            )
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
 
 
 class BatchEngine:
@@ -98,7 +102,9 @@ class BatchEngine:
 
     `submit` is thread-safe; it checks sizes and returns at once. `stop` ends the thread
     after failing whatever is still running with `ModelRetired`; the loaded model must not
-    be released before `stop` returns (`LoadedLM.release` calls it first).
+    be released before `stop` returns (`LoadedLM.release` calls it first). Starting an
+    engine switches the model's attention to `row_attention` (which stays SDPA outside the
+    engine's passes); a model that does not attend with SDPA raises `ValueError`.
     """
 
     _ids = itertools.count(1)
@@ -112,28 +118,59 @@ class BatchEngine:
     ) -> None:
         import torch
 
+        from hotweights.engine.row_attention import adopt
+
+        model = lm.model
+        adopt(model)
+        number = next(self._ids)
         self._lm = lm
         self.limits = limits
         self.columns = limits.columns
         self._on_step = on_step
-        dtype = next(lm.model.parameters()).dtype
-        shape = kv_shape(lm.model.config.get_text_config(), dtype.itemsize)
-        self._kv = SlotKV(shape, limits.max_batch, limits.columns, dtype, lm.device)
-        self._pad = 0
+        dtype = next(model.parameters()).dtype
+        text_config = model.config.get_text_config()
+        shape = kv_shape(text_config, dtype.itemsize)
+        self._layers = shape.layers
+        self._kv = KVRows(shape, limits.max_batch, limits.columns, dtype, lm.device)
+        self._prefix = (
+            PrefixCache(
+                shape,
+                limits.prefix_blocks,
+                limits.prefix_block,
+                dtype,
+                lm.device,
+                namespace=f"{lm.fingerprint}|engine-{number}",
+            )
+            if limits.prefix_blocks
+            else None
+        )
+        self._prefix_stats = self._prefix.stats if self._prefix is not None else PrefixStats()
+        self._sampler = RowSampler(limits.max_batch, lm.tokenizer_size, lm.device)
+        self._trims = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=lm.device)
+        """A 4D mask transformers passes through untouched: `row_attention` masks."""
         self._torch = torch
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._running: list[_Sequence] = []
+        self._waiting: collections.deque[EngineSequence] = collections.deque()
+        self._running: list[EngineSequence] = []
         self._stopping = False
+        self._text = TextDelivery(f"hotweights-engine-{number}-text")
         self._thread = threading.Thread(
-            target=self._loop, name=f"hotweights-engine-{next(self._ids)}", daemon=True
+            target=self._loop, name=f"hotweights-engine-{number}", daemon=True
         )
         self._thread.start()
 
     @property
     def kv_bytes(self) -> int:
-        return self._kv.nbytes()
+        """The cache's budget: its rows and the prefix pool (reserved as written)."""
+        prefix = self._prefix.nbytes() if self._prefix is not None else 0
+        return self._kv.nbytes() + prefix
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens restored from the prefix cache rather than computed, so far."""
+        return self._prefix_stats.hit_tokens
 
     def load(self) -> dict[str, int]:
         """Sequences running and waiting now."""
@@ -147,7 +184,8 @@ class BatchEngine:
         deliver: Deliver,
         cut: threading.Event | None = None,
     ) -> EngineTicket:
-        """Queue a sequence. Its first chunk comes after the next prefill pass.
+        """Queue a sequence. Its first chunk comes after the pass that reads the end of
+        its prompt.
 
         Raises `ModelRetired` once the engine is stopping, `PayloadTooLarge` for a prompt
         that leaves no room in a row for one generated token, `InvalidRequest` for a
@@ -164,7 +202,7 @@ class BatchEngine:
             limit = min(limit, self._lm.max_positions - len(prompt_ids))
         limit = max(limit, 1) if params.max_tokens else 0
         tokens = TokenSequence(self._lm, prompt_ids, params, limit)
-        sequence = _Sequence(tokens=tokens, deliver=deliver, cut=cut)
+        sequence = EngineSequence(tokens=tokens, deliver=deliver, cut=cut)
         with self._lock:
             if self._stopping:
                 raise self._lm.retired()
@@ -178,17 +216,19 @@ class BatchEngine:
 
     def stop(self, timeout: float | None = None) -> None:
         """Fail every sequence still queued or running with `ModelRetired` and end the
-        thread (after the pass in progress). Idempotent."""
+        thread (after the pass in progress) and the text thread (after what it was
+        handed). Idempotent."""
         with self._lock:
             self._stopping = True
             self._wake.notify()
-        if threading.current_thread() is not self._thread:
+        # Called from one of the engine's own threads (a deliver callback), joining would
+        # wait for itself.
+        if threading.current_thread() not in (self._thread, self._text.thread):
             self._thread.join(timeout)
 
     # -- the engine thread -------------------------------------------------------------
 
     def _loop(self) -> None:
-        torch = self._torch
         while True:
             with self._lock:
                 while not self._stopping and not self._waiting and not self._running:
@@ -198,192 +238,152 @@ class BatchEngine:
                     self._waiting.clear()
                     self._running = []
                     break
-                joining = self._take_waiting()
             try:
-                with torch.inference_mode():
-                    self._retire_stopped()
-                    if joining:
-                        self._prefill(joining)
-                    if self._running:
-                        self._decode()
+                with self._torch.inference_mode():
+                    self._step()
             except Exception as exc:  # a failing pass fails its sequences, not the engine
                 log.exception("an engine pass failed")
                 self._fail_all(EngineFailed(f"generation failed: {type(exc).__name__}: {exc}"))
         error = self._lm.retired()
         for sequence in ending:
-            self._end(sequence, error)
+            self._text.end(sequence, error)
+        self._text.close()
         self._kv = None  # type: ignore[assignment]
+        self._prefix = None
 
-    def _take_waiting(self) -> list[_Sequence]:
-        """Waiting sequences that fit in free rows and the prefill budget (under the lock)."""
-        joining: list[_Sequence] = []
-        free = self.limits.max_batch - len(self._running)
-        longest = 0
-        while self._waiting and len(joining) < free:
-            head = self._waiting[0]
-            if head.cancelled:
+    def _step(self) -> None:
+        self._retire_stopped()
+        step = plan(
+            self._running, self.limits.max_batch_tokens, self.limits.prefill_chunk, self._admit
+        )
+        if step:
+            self._pass(step)
+
+    def _admit(self) -> EngineSequence | None:
+        """The next waiting sequence, given a row and what the prefix cache holds of its
+        prompt; None when none waits."""
+        if not self._kv.free_rows:
+            return None
+        with self._lock:
+            while self._waiting and self._waiting[0].cancelled:
                 self._waiting.popleft()
-                continue
-            longest_next = max(longest, len(head.tokens.prompt_ids))
-            if joining and longest_next * (len(joining) + 1) > self.limits.prefill_tokens:
-                break
-            joining.append(self._waiting.popleft())
-            longest = longest_next
-        return joining
+            if not self._waiting:
+                return None
+            sequence = self._waiting.popleft()
+        sequence.row = self._kv.take_row()
+        self._sampler.join(sequence.row, sequence.tokens.params)
+        self._running.append(sequence)
+        if self._prefix is not None and not sequence.tokens.scores_prompt:
+            slots = self._prefix.lookup(sequence.prompt)
+            self._prefix.restore(self._kv, sequence.row, slots)
+            sequence.length = len(slots) * self._prefix.block
+        return sequence
 
     def _retire_stopped(self) -> None:
-        """Free the rows of cancelled sequences and end those whose server cut them."""
+        """Free the rows of cancelled sequences, of those the text thread ended (a stop
+        string), and end those whose server cut them."""
         for sequence in list(self._running):
-            if sequence.cancelled:
+            if sequence.cancelled or sequence.stopped:
                 self._free(sequence)
             elif sequence.cut is not None and sequence.cut.is_set():
                 self._free(sequence)
-                self._end(sequence, ShuttingDown("the server shut down before this was complete"))
+                shut = ShuttingDown("the server shut down before this was complete")
+                self._text.end(sequence, shut)
 
-    def _prefill(self, joining: list[_Sequence]) -> None:
+    def _pass(self, step: Plan) -> None:
+        """One forward pass over `step`, then the next token of every sequence that has
+        read its whole prompt."""
         torch = self._torch
-        kv = self._kv
-        used = len(self._running)
-        queries = max(len(s.tokens.prompt_ids) for s in joining)
-        starts = kv.make_room(queries, used, [s.start for s in self._running])
-        for sequence, start in zip(self._running, starts, strict=True):
-            sequence.start = start
-        rows = slice(used, used + len(joining))
-        first = kv.end - queries
-        ids = torch.full((len(joining), queries), self._pad, dtype=torch.long)
-        positions = torch.zeros((len(joining), queries), dtype=torch.long)
-        for i, sequence in enumerate(joining):
-            length = len(sequence.tokens.prompt_ids)
-            ids[i, queries - length :] = torch.tensor(sequence.tokens.prompt_ids, dtype=torch.long)
-            positions[i, queries - length :] = torch.arange(length)
-            sequence.row, sequence.start = used + i, kv.end - length
-            kv.valid[sequence.row] = False
-            kv.valid[sequence.row, sequence.start : kv.end] = True
-        self._running.extend(joining)
-        scoring = any(s.tokens.scores_prompt for s in joining)
+        device = self._lm.device
+        inputs = lay_out(step, self._kv, device)
+        keep = torch.tensor(inputs.keep, dtype=torch.long, device=device)
         began = time.perf_counter()
-        logits = self._forward(ids, positions, rows, first, 0, every_position=scoring)
-        self._observe("prefill", len(joining), ids.numel(), began)
-        if scoring:
-            for i, sequence in enumerate(joining):
-                length = len(sequence.tokens.prompt_ids)
-                if sequence.tokens.scores_prompt:
-                    sequence.tokens.score(logits[i, queries - length : queries - 1])
-            logits = logits[:, -1]
-        for sequence in joining:
-            if sequence.tokens.limit == 0:  # scored, nothing to generate
+        with running(inputs.layout):
+            output = self._lm.model(
+                input_ids=torch.tensor([inputs.ids], dtype=torch.long, device=device),
+                position_ids=torch.tensor([inputs.positions], dtype=torch.long, device=device),
+                attention_mask=self._no_mask,
+                use_cache=False,
+                logits_to_keep=keep,
+            )
+        if inputs.layout.calls != self._layers:
+            raise EngineFailed(
+                f"{inputs.layout.calls} of the model's {self._layers} attention layers ran "
+                f"through the engine's attention"
+            )
+        logits = output.logits[0] if self._trims else output.logits[0, keep]
+        logits = logits[:, : self._lm.tokenizer_size].float()  # (kept, vocab)
+        self._observe(step, len(inputs.ids), began)
+        for sequence in step.decoding:
+            sequence.length += 1
+        for sequence, count in step.chunks:
+            sequence.length += count
+        choosing = list(step.decoding)
+        rows = [logits[: len(step.decoding)]]  # each (n, vocab): the choosing sequences' logits
+        for sequence, first, kept in inputs.reads:
+            if sequence.tokens.scores_prompt:
+                sequence.scored.append(logits[first : first + kept])
+            if sequence.reading:
+                continue
+            if self._prefix is not None:
+                self._prefix.store(self._kv, sequence.row, sequence.prompt)
+            last = logits[first : first + 1]
+            if sequence.tokens.scores_prompt:
+                whole = torch.cat(sequence.scored)  # (prompt, vocab)
+                sequence.scored = []
+                sequence.tokens.score(whole[:-1])
+                last = whole[-1:]
+            if sequence.tokens.limit == 0:  # the prompt alone: nothing to generate
                 self._free(sequence)
-                self._end(sequence, sequence.tokens.end_scored())
-        self._sample([(s, i) for i, s in enumerate(joining) if not s.tokens.finished], logits)
+                self._text.scored(sequence)
+                continue
+            rows.append(last)
+            choosing.append(sequence)
+        if choosing:
+            self._choose(choosing, torch.cat(rows))
 
-    def _decode(self) -> None:
-        torch = self._torch
-        kv = self._kv
-        running = self._running
-        starts = kv.make_room(0, len(running), [s.start for s in running])
-        for sequence, start in zip(running, starts, strict=True):
-            sequence.start = start
-        first = min(starts)
-        ids = torch.tensor([[s.pending] for s in running], dtype=torch.long)
-        positions = torch.tensor([[kv.end - s.start] for s in running], dtype=torch.long)
-        kv.valid[: len(running), kv.end] = True
-        began = time.perf_counter()
-        logits = self._forward(ids, positions, slice(0, len(running)), first, kv.end - first)
-        kv.end += 1
-        self._observe("decode", len(running), len(running), began)
-        self._sample(list(zip(running, range(len(running)), strict=True)), logits)
-
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        rows: slice,
-        first: int,
-        write_at: int,
-        *,
-        every_position: bool = False,
-    ) -> torch.Tensor:
-        """One pass over `rows`; returns the last position's logits, (rows, vocab), or with
-        `every_position` every query position's, (rows, queries, vocab)."""
-        kv = self._kv
-        device = kv.device
-        queries = ids.shape[1]
-        cache = kv.view(rows, first, write_at)
-        mask = kv.mask(rows, first, write_at, queries)  # (rows, 1, queries, write_at+queries)
-        output = self._lm.model(
-            input_ids=ids.to(device),
-            position_ids=positions.to(device),
-            attention_mask=mask,
-            use_cache=True,
-            logits_to_keep=0 if every_position else 1,
-            **{self._lm.cache_arg: cache},
-        )
-        logits: torch.Tensor = output.logits[..., : self._lm.tokenizer_size].float()
-        return logits if every_position else logits[:, -1]
-
-    def _sample(self, sequences: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
-        """Pick and account for each sequence's next token from its row (`index`) of the
-        pass's `logits` (rows, vocab)."""
-        greedy = self._torch.argmax(logits, dim=-1).tolist()  # (rows,)
-        for sequence, index in sequences:
+    def _choose(self, choosing: list[EngineSequence], logits: torch.Tensor) -> None:
+        """Pick the next token of each of `choosing` (its row of `logits`), hand them to
+        the text thread, and free the rows of the sequences that ended."""
+        draws = [Draw(s.row, s.tokens.params, s.tokens.numbers) for s in choosing]
+        allowed = grammar_masks([s.tokens.constraint for s in choosing], logits)
+        picked = self._sampler.pick(logits, draws, allowed)
+        handed: list[tuple[EngineSequence, Picked]] = []
+        eos = self._lm.eos_ids
+        for sequence, pick in zip(choosing, picked, strict=True):
             if sequence.cancelled:
                 self._free(sequence)
                 continue
-            tokens = sequence.tokens
-            try:
-                row = logits[index] if tokens.needs_logits else None
-                token = tokens.choose(row, int(greedy[index]))
-                chunk = tokens.advance(token)
-            except Exception as exc:  # one request's sampling fails that request alone
-                log.exception("sampling a sequence failed")
+            sequence.produced += 1
+            handed.append((sequence, pick))
+            complete = sequence.tokens.accept(pick.token)  # the grammar's, before the next mask
+            if pick.token in eos or sequence.produced >= sequence.tokens.limit or complete:
                 self._free(sequence)
-                self._end(sequence, EngineFailed(f"sampling failed: {type(exc).__name__}: {exc}"))
-                continue
-            if tokens.finished and chunk is not None:
-                self._free(sequence)
-                self._end(sequence, chunk)
-                continue
-            sequence.pending = token
-            if chunk is not None:
-                self._send(sequence, chunk)
+            else:
+                sequence.pending = pick.token
+        self._text.tokens(handed)
 
-    def _free(self, sequence: _Sequence) -> None:
-        """Give `sequence`'s row back, moving the last running row into it."""
-        if sequence not in self._running:
+    def _free(self, sequence: EngineSequence) -> None:
+        """Give `sequence`'s row back."""
+        if sequence.row < 0:
             return
-        running, kv = self._running, self._kv
-        last = running[-1]
-        if last is not sequence:
-            kv.move_row(last.row, sequence.row, last.start)
-            last.row = sequence.row
-            running[running.index(sequence)] = last
-        else:
-            kv.clear_row(sequence.row)
-        running.pop()
+        self._running.remove(sequence)
+        self._kv.give_row(sequence.row)
         sequence.row = -1
-        if not running:
-            kv.end = 0
-
-    def _end(self, sequence: _Sequence, last: TokenChunk | BaseException) -> None:
-        if sequence.ended or sequence.cancelled:
-            return
-        sequence.ended = True
-        self._send(sequence, last)
-
-    def _send(self, sequence: _Sequence, item: TokenChunk | BaseException) -> None:
-        try:
-            sequence.deliver(item)
-        except Exception:
-            log.exception("delivering to a sequence failed")
 
     def _fail_all(self, error: BaseException) -> None:
         for sequence in list(self._running):
             self._free(sequence)
-            self._end(sequence, error)
+            self._text.end(sequence, error)
 
-    def _observe(self, kind: str, batch: int, tokens: int, began: float) -> None:
+    def _observe(self, step: Plan, tokens: int, began: float) -> None:
         if self._on_step is None:
             return
+        seconds = time.perf_counter() - began
+        kind: StepKind = (
+            "mixed" if step.decoding and step.chunks else "decode" if step.decoding else "prefill"
+        )
         with self._lock:
             waiting = len(self._waiting)
-        self._on_step(StepStats(kind, batch, tokens, waiting, time.perf_counter() - began))
+        batch = len(step.decoding) + len(step.chunks)
+        self._on_step(StepStats(kind, batch, tokens, waiting, seconds))

@@ -42,6 +42,11 @@ CHECK_TOLERANCE = 1e-3
 float noise between a padded batch and one sequence, not a different token."""
 AUTO_KV_SHARE = 0.25
 """With no explicit budget, the cache takes at most this share of available memory."""
+PREFIX_SHARE = 0.125
+"""The share of the cache budget kept for the prefix cache's blocks."""
+PREFIX_BLOCK = 32
+"""Tokens per prefix-cache block: long enough that a lookup costs little per token, short
+enough that a shared system prompt of a few hundred tokens fills most of its blocks."""
 MIN_COLUMNS = 64
 _HALF = ("bfloat16", "float16")
 
@@ -58,6 +63,15 @@ class EngineSettings:
     """The longest sequence worth a cache row: the server's prompt limit plus `max_tokens`."""
     batched: bool = True
     """False serves every request through the per-request engine."""
+    max_batch_tokens: int = 256
+    """Tokens in one engine pass: a decode token per generating sequence, the rest chunks
+    of prompts being read."""
+    prefill_chunk: int = 128
+    """Most tokens of one prompt read in one pass."""
+    prefix_cache: bool = True
+    """Keep prompt prefixes' keys and values for later prompts that start the same way."""
+    threads: int = 0
+    """torch's intra-op threads, set once the libraries are imported; 0 leaves torch's."""
 
 
 class BatchingLoader:
@@ -118,7 +132,8 @@ class BatchingLoader:
         model.engine = engine
         model.engine_note = (
             f"batched ({limits.max_batch} sequences of up to {limits.columns} tokens, "
-            f"cache {engine.kv_bytes / 2**20:.0f} MiB)"
+            f"{limits.max_batch_tokens} tokens a pass, cache {engine.kv_bytes / 2**20:.0f} MiB"
+            f"{f', prefix cache {limits.prefix_blocks} blocks' if limits.prefix_blocks else ''})"
         )
 
     def unload(self, model: LoadedLM) -> None:
@@ -141,10 +156,16 @@ class BatchingLoader:
             limits = self.limits(shape, config.get("max_position_embeddings"))
         except (AttributeError, TypeError, ValueError, HotweightsError):
             return weights  # the load will say what is wrong with the config
-        return weights + shape.bytes_per_token() * limits.max_batch * limits.columns
+        return weights + limits.tokens() * shape.bytes_per_token()
 
     def import_libraries(self) -> None:
+        """Import torch and transformers, and give torch its threads (once, in a process
+        that serves, before the first load)."""
         self.inner.import_libraries()
+        if self.settings.threads:
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
 
     def close(self) -> None:
         self.inner.close()
@@ -152,24 +173,35 @@ class BatchingLoader:
     # -- sizing -----------------------------------------------------------------------
 
     def limits(self, shape: KVShape, max_positions: int | None) -> EngineLimits:
-        """Rows and columns from the budget: every row gets the same columns, at most the
-        longest useful sequence."""
-        longest = self.settings.max_sequence_tokens
+        """Rows, columns and prefix blocks from the budget: every row gets the same
+        columns, at most the longest useful sequence; the prefix cache `PREFIX_SHARE` of
+        the budget."""
+        settings = self.settings
+        longest = settings.max_sequence_tokens
         if max_positions is not None:
             longest = min(longest, max_positions)
-        rows = self.settings.max_batch
-        need = shape.bytes_per_token() * rows * longest
-        budget = self.settings.kv_cache_bytes
+        rows = settings.max_batch
+        share = PREFIX_SHARE if settings.prefix_cache else 0.0
+        need = int(shape.bytes_per_token() * rows * longest / (1 - share))
+        budget = settings.kv_cache_bytes
         if budget is None:
             free = free_bytes(self.inner.device)
             budget = min(need, int(free * AUTO_KV_SHARE)) if free is not None else need
-        columns = min(longest, shape.columns_for(budget, rows))
+        prefix_blocks = int(budget * share) // (shape.bytes_per_token() * PREFIX_BLOCK)
+        columns = min(longest, shape.columns_for(budget - int(budget * share), rows))
         if columns < MIN_COLUMNS:
             raise HotweightsError(
                 f"a cache of {budget} bytes holds only {columns} tokens for each of {rows} "
                 f"sequences; give more (--kv-cache-memory) or fewer (--max-batch-size)"
             )
-        return EngineLimits(max_batch=rows, columns=columns)
+        return EngineLimits(
+            max_batch=rows,
+            columns=columns,
+            max_batch_tokens=max(settings.max_batch_tokens, rows),
+            prefill_chunk=settings.prefill_chunk,
+            prefix_blocks=prefix_blocks,
+            prefix_block=PREFIX_BLOCK,
+        )
 
     def _fall_back(self, model: LoadedLM, reason: str) -> None:
         log.warning("%s: serving without batching: %s", model.source, reason)

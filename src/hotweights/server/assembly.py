@@ -132,6 +132,10 @@ def transformers_loader(
         kv_cache_bytes=config.kv_cache_bytes(),
         max_sequence_tokens=config.max_prompt_tokens + config.max_tokens_limit,
         batched=config.batching,
+        max_batch_tokens=config.max_batch_tokens,
+        prefill_chunk=config.prefill_chunk,
+        prefix_cache=config.prefix_cache,
+        threads=config.threads,
     )
     return BatchingLoader(inner, settings)
 

@@ -8,7 +8,7 @@ so they cost nothing between scrapes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,7 +16,8 @@ from prometheus_client.registry import Collector
 
 from hotweights.backends.grammar import SHARED_GRAMMARS, GrammarCache
 from hotweights.core import Notice, Reloader, ReloadFinished
-from hotweights.engine.batching import StepObserver, StepStats
+from hotweights.engine.batching import StepObserver
+from hotweights.engine.step_plan import StepKind, StepStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -186,8 +187,9 @@ class Metrics:
 
     def engine_step(self, model: str) -> StepObserver:
         """An observer of `model`'s engine passes (called on the engine threads)."""
-        batch = {kind: self.batch.labels(model, kind) for kind in ("prefill", "decode")}
-        seconds = {kind: self.step_seconds.labels(model, kind) for kind in ("prefill", "decode")}
+        kinds = get_args(StepKind)
+        batch = {kind: self.batch.labels(model, kind) for kind in kinds}
+        seconds = {kind: self.step_seconds.labels(model, kind) for kind in kinds}
         waiting = self.waiting.labels(model)
 
         def observe(stats: StepStats) -> None:
