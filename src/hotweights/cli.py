@@ -86,11 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     canary.add_argument(
         "--canary-min-requests", type=int, help="requests before a canary is judged (20)"
     )
-    serve.add_argument(
-        "--tool-parser",
-        choices=TOOL_PARSER_SETTINGS,
-        help="how tool calls are written and parsed; auto (default): from the chat template",
-    )
+    serve.add_argument("--tool-parser", choices=TOOL_PARSER_SETTINGS)  # auto: the template's
     serve.add_argument("--dtype", choices=DTYPES)
     serve.add_argument(
         "--device", type=_device, help="cpu (default), cuda or cuda:N: where weights live"

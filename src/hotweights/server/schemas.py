@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from hotweights.generation import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
-from hotweights.server.structured_output import check_json_schema
+from hotweights.server.schema_check import check_json_schema
 
 MAX_N = 16
 """Most choices (`n`) one request asks for."""

@@ -1,7 +1,7 @@
 """What a chat request asks its output to be: JSON (`response_format`) or tool calls
 (`tools` with `tool_choice`), as the `OutputConstraint` the engine enforces.
 
-A schema must be valid JSON Schema (checked here, a 400 naming the field); whether the
+A schema must be valid JSON Schema (`schema_check`, a 400 naming the field); whether the
 grammar can enforce every keyword of it is the backend's to say (`ConstraintChecking`),
 and it says so with a 400 too. Nothing falls back to unconstrained text.
 """
@@ -9,8 +9,7 @@ and it says so with a 400 too. Nothing falls back to unconstrained text.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, get_args
 
 from hotweights.errors import InvalidRequest
 from hotweights.generation import (
@@ -26,20 +25,6 @@ if TYPE_CHECKING:
 
 ANY_OBJECT = '{"type": "object"}'
 """The schema of `response_format` `json_object`."""
-
-
-def check_json_schema(schema: Mapping[str, Any]) -> None:
-    """Raise `ValueError` (a 400 naming the field, in a request model) unless `schema` is
-    valid JSON Schema (the draft it names, 2020-12 otherwise)."""
-    from jsonschema import SchemaError
-    from jsonschema.validators import validator_for
-
-    validator: Any = validator_for(schema)
-    try:
-        validator.check_schema(schema)
-    except SchemaError as exc:
-        place = "/".join(str(part) for part in exc.path)
-        raise ValueError(f"not valid JSON Schema at '{place}': {exc.message}") from None
 
 
 def offers_tools(body: ChatCompletionRequest) -> bool:
