@@ -138,16 +138,24 @@ def measure(
 
 
 def agree(running: Running, tokens: int) -> dict[str, Any]:
-    """One greedy request for the first prompt: what the server counted and answered."""
+    """One greedy request for the first prompt: the prompt tokens the server counted, its
+    text, and the bytes of each completion token where it returns logprobs (a byte-level
+    tokenizer's tokens, so equal bytes are equal tokens; the text of random weights is
+    mostly U+FFFD and proves little). A server that refuses logprobs is asked without."""
     base, model, _ = running
-    answer = httpx.post(
-        f"{base}/v1/chat/completions", json=body(model, PROMPTS[0], tokens, False), timeout=300
-    ).json()
-    usage = answer.get("usage", {})
+    url = f"{base}/v1/chat/completions"
+    request = body(model, PROMPTS[0], tokens, False)
+    answer = httpx.post(url, json=request | {"logprobs": True}, timeout=300)
+    if answer.status_code != 200:
+        answer = httpx.post(url, json=request, timeout=300)
+    data = answer.json()
+    choice = (data.get("choices") or [{}])[0]
+    content = (choice.get("logprobs") or {}).get("content")
     return {
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "text": answer["choices"][0]["message"]["content"] if "choices" in answer else None,
+        "prompt_tokens": data.get("usage", {}).get("prompt_tokens"),
+        "completion_tokens": data.get("usage", {}).get("completion_tokens"),
+        "text": (choice.get("message") or {}).get("content"),
+        "token_bytes": [entry.get("bytes") for entry in content] if content else None,
     }
 
 

@@ -117,5 +117,5 @@ def serve_command(
         binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
         "-np", str(parallel), "-c", str(parallel * per_slot),
         "-t", str(threads), "-tb", str(threads),
-        "--cont-batching", "--jinja", "--no-webui", "--log-disable",
+        "--cont-batching", "--jinja", "--no-webui",
     ]  # fmt: skip

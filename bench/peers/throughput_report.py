@@ -69,6 +69,14 @@ def _num(value: Any, scale: float = 1.0, digits: int = 2) -> str:
     return "–" if value is None else f"{value * scale:.{digits}f}"
 
 
+def _same(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    if ours.get("token_bytes") and theirs.get("token_bytes"):
+        return f"tokens: {ours['token_bytes'] == theirs['token_bytes']}"
+    if ours.get("text") is None or theirs.get("text") is None:
+        return "–"
+    return f"text: {ours['text'] == theirs['text']}"
+
+
 def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
     systems: dict[str, dict[str, Any]] = report["systems"]
     lines = [
@@ -115,17 +123,18 @@ def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
             "## Same prompt, same answer?",
             "",
             "One greedy request per system for the first prompt: the prompt tokens each "
-            "server counted (the chat template applied) and whether its text equals "
-            "hotweights'.",
+            "server counted (the chat template applied), and whether its completion equals "
+            "hotweights': token by token where both return logprobs (each token's bytes), "
+            "else by text.",
             "",
-            "| system | prompt tokens | completion tokens | same text as hotweights |",
+            "| system | prompt tokens | completion tokens | same as hotweights |",
             "|---|---|---|---|",
         ]
-        ours = agreement.get("hotweights", {}).get("text")
+        ours = agreement.get("hotweights", {})
         for name, seen in agreement.items():
-            same = "–" if ours is None or name == "hotweights" else str(seen["text"] == ours)
             lines.append(
-                f"| {name} | {seen['prompt_tokens']} | {seen['completion_tokens']} | {same} |"
+                f"| {name} | {seen['prompt_tokens']} | {seen['completion_tokens']} "
+                f"| {'–' if name == 'hotweights' else _same(ours, seen)} |"
             )
     reloads = report.get("reloads")
     if reloads:
