@@ -48,7 +48,14 @@ from hotweights.demo.tinylm import TinyShape  # noqa: E402
 from peers import llama_cpp  # noqa: E402
 from peers.chat_load import PROMPTS, body, closed_loop, streams_across_reloads, summarize  # noqa: E402
 from peers.loadgen import RssSampler  # noqa: E402
-from peers.procs import ensure_venv, free_port, spawn, stop_group, wait_http  # noqa: E402
+from peers.procs import (  # noqa: E402
+    ensure_venv,
+    free_port,
+    spawn,
+    stop_group,
+    wait_http,
+    wait_quiet,
+)
 from peers.report import commit  # noqa: E402
 from peers.system import PeerUnavailable  # noqa: E402
 from peers.throughput_report import markdown, targets  # noqa: E402
@@ -120,12 +127,17 @@ def measure(
     for stream in (False, True):
         for concurrency in levels:
             per_client = max(2, args.min_requests // concurrency)
+            quiet = wait_quiet(args.quiet_wait)  # other work on the machine skews every figure
             with RssSampler(process.pid, time.monotonic, interval=0.1) as rss:
                 results, wall = asyncio.run(
                     closed_loop(base, model, concurrency, per_client, args.tokens, stream)
                 )
             peak = max((size for _, size in rss.samples), default=0)
-            row = summarize(results, wall) | {"peak_rss_mb": peak / 2**20, "cpu": rss.cpu}
+            row = summarize(results, wall) | {
+                "peak_rss_mb": peak / 2**20,
+                "cpu": rss.cpu,
+                "busy_cores_before": quiet["busy_cores"],
+            }
             key = f"{'stream' if stream else 'plain'}-{concurrency}"
             rows[key] = row
             print(
@@ -256,6 +268,12 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=96,
         help="longest templated prompt, for llama.cpp's per-slot context",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait, before each level, for the machine's other work to calm down",
     )
     parser.add_argument("--model", choices=sorted(SHAPES), default="90m")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for every server")

@@ -91,6 +91,12 @@ def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
         "",
     ]
     lines += [f"- **{name}**: {about}" for name, about in report["about"].items()]
+    lines += [
+        "",
+        "*Busy before*: cores the rest of the machine kept busy just before a level began "
+        "(the benchmark waits up to `--quiet-wait` seconds for under 0.3); a level that "
+        "began on a busy machine measured the other work too.",
+    ]
     if report.get("unavailable"):
         lines += ["", "Not measured:", ""]
         lines += [f"- {name}: {why}" for name, why in report["unavailable"].items()]
@@ -100,8 +106,8 @@ def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
             f"## {title}",
             "",
             "| clients | system | tok/s | tokens/request | TTFT p50 / p99 s "
-            "| gap p50 / p99 ms | request p50 s | peak RSS MB | failed |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| gap p50 / p99 ms | request p50 s | peak RSS MB | failed | busy before |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for clients in report["concurrency"]:
             for name, rows in systems.items():
@@ -114,7 +120,8 @@ def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
                     f"| {_num(row['ttft_p50_s'])} / {_num(row['ttft_p99_s'])} "
                     f"| {_num(row['gap_p50_s'], 1000, 0)} / {_num(row['gap_p99_s'], 1000, 0)} "
                     f"| {_num(row['latency_p50_s'])} | {_num(row['peak_rss_mb'], digits=0)} "
-                    f"| {row['failed']} / {row['requests']} |"
+                    f"| {row['failed']} / {row['requests']} "
+                    f"| {_num(row.get('busy_cores_before'), digits=1)} |"
                 )
     agreement = report.get("agreement") or {}
     if agreement:
