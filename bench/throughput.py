@@ -257,6 +257,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reloads", type=int, default=3)
     parser.add_argument("--steady", type=float, default=8.0, help="seconds between reloads")
     parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--peers-only", action="store_true", help="skip hotweights (debugging)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -312,16 +313,17 @@ def main() -> int:
         args.out.write_text(json.dumps(report, indent=2, default=list))
         args.out.with_suffix(".md").write_text(markdown(report, report["targets"]))
 
-    hw_command = hotweights_command(models, args)
-    about["hotweights"] = "`hotweights serve " + " ".join(map(str, hw_command[4:])) + "`"
-    with served(hw_command, "/ready", "bench", work / "hotweights.log") as running:
-        report["agreement"]["hotweights"] = agree(running, args.tokens)
-        systems["hotweights"] = measure("hotweights", running, args.concurrency, args)
-        report["reloads"] = streams_across_reloads(
-            running[0], models, args.reload_streams, args.reloads, args.steady, args.tokens
-        )
-        print(f"{'hotweights':>22} {'reloads':>10}: {report['reloads']}", flush=True)
-    save()
+    if not args.peers_only:
+        hw_command = hotweights_command(models, args)
+        about["hotweights"] = "`hotweights serve " + " ".join(map(str, hw_command[4:])) + "`"
+        with served(hw_command, "/ready", "bench", work / "hotweights.log") as running:
+            report["agreement"]["hotweights"] = agree(running, args.tokens)
+            systems["hotweights"] = measure("hotweights", running, args.concurrency, args)
+            report["reloads"] = streams_across_reloads(
+                running[0], models, args.reload_streams, args.reloads, args.steady, args.tokens
+            )
+            print(f"{'hotweights':>22} {'reloads':>10}: {report['reloads']}", flush=True)
+        save()
     runs: dict[str, Callable[[], None]] = {
         "llama.cpp": lambda: _llama(report, models[0], args, work),
         "transformers-cb": lambda: _transformers(report, models[0], args, work, tuned=False),
