@@ -151,9 +151,9 @@ def measure(
 
 def agree(running: Running, tokens: int) -> dict[str, Any]:
     """One greedy request for the first prompt: the prompt tokens the server counted, its
-    text, and the bytes of each completion token where it returns logprobs (a byte-level
-    tokenizer's tokens, so equal bytes are equal tokens; the text of random weights is
-    mostly U+FFFD and proves little). A server that refuses logprobs is asked without."""
+    text, and each completion token's bytes where it returns logprobs (kept for a reader:
+    servers report the bytes of a partial UTF-8 token differently). A server that refuses
+    logprobs is asked without."""
     base, model, _ = running
     url = f"{base}/v1/chat/completions"
     request = body(model, PROMPTS[0], tokens, False)

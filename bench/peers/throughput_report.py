@@ -70,11 +70,18 @@ def _num(value: Any, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def _same(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
-    if ours.get("token_bytes") and theirs.get("token_bytes"):
-        return f"tokens: {ours['token_bytes'] == theirs['token_bytes']}"
-    if ours.get("text") is None or theirs.get("text") is None:
+    """How much of two answers' text agrees. Token bytes from logprobs do not compare
+    across servers: for a token that is not whole UTF-8, llama-server reports its raw
+    byte, hotweights the bytes of U+FFFD; and a server may hold back a trailing partial
+    character at the end of a completion."""
+    a, b = ours.get("text"), theirs.get("text")
+    if a is None or b is None:
         return "–"
-    return f"text: {ours['text'] == theirs['text']}"
+    if a == b:
+        return f"yes, all {len(a)} characters"
+    common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    same = min(len(a), len(b)) if common is None else common
+    return f"first {same} characters equal (lengths {len(a)}, {len(b)})"
 
 
 def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
@@ -130,9 +137,9 @@ def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
             "## Same prompt, same answer?",
             "",
             "One greedy request per system for the first prompt: the prompt tokens each "
-            "server counted (the chat template applied), and whether its completion equals "
-            "hotweights': token by token where both return logprobs (each token's bytes), "
-            "else by text.",
+            "server counted (the chat template applied), and how much of its text equals "
+            "hotweights' (random weights answer mostly U+FFFD, but the characters that "
+            "decode, and where, show whether the greedy tokens agree).",
             "",
             "| system | prompt tokens | completion tokens | same as hotweights |",
             "|---|---|---|---|",
