@@ -68,7 +68,8 @@ cli=$(dirname "$(command -v "$python")")/transformers
 [[ -x $cli ]] || cli=$(command -v transformers || echo transformers)
 step timeout 400 "$python" bench/throughput.py --model 1b --device cuda --dtype bfloat16 \
     --peers transformers-cb --transformers-cli "$cli" --concurrency 1 8 32 --tokens 64 \
-    --min-requests 16 --reloads 3 --steady 5 --out "$out/throughput-gpu.json" || failed=1
+    --min-requests 16 --reloads 3 --steady 5 --quiet-wait 0 --out "$out/throughput-gpu.json" \
+    || failed=1
 
 if ((!dry)); then
     for log in hotweights transformers-cb; do
