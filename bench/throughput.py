@@ -143,7 +143,8 @@ def measure(
             print(
                 f"{name:>22} {key:>10}: {row['tokens_per_s']:7.1f} tok/s  "
                 f"failed {row['failed']}  ttft p50 {row['ttft_p50_s']}  "
-                f"gap p99 {row['gap_p99_s']}  rss {row['peak_rss_mb']:.0f} MB",
+                f"gap p99 {row['gap_p99_s']}  rss {row['peak_rss_mb']:.0f} MB"
+                + (f"  errors {row['errors']}" if row["errors"] else ""),
                 flush=True,
             )
     return rows
@@ -315,7 +316,8 @@ def main() -> int:
 
     if not args.peers_only:
         hw_command = hotweights_command(models, args)
-        about["hotweights"] = "`hotweights serve " + " ".join(map(str, hw_command[4:])) + "`"
+        shown = " ".join(str(part) for part in hw_command[4:]).replace("{port}", "PORT")
+        about["hotweights"] = f"`hotweights serve {shown}`"
         with served(hw_command, "/ready", "bench", work / "hotweights.log") as running:
             report["agreement"]["hotweights"] = agree(running, args.tokens)
             systems["hotweights"] = measure("hotweights", running, args.concurrency, args)

@@ -45,6 +45,8 @@ class Result:
     started: float = 0.0
     stamps: list[float] = field(default_factory=list)
     """When each content chunk arrived (perf_counter)."""
+    error: str | None = None
+    """Why it failed, shortened: the status and body, the error chunk, or the exception."""
 
 
 def prompt_for(client: int, k: int) -> str:
@@ -77,12 +79,16 @@ async def one(
             ok = response.status_code == 200 and "choices" in data
             count = data.get("usage", {}).get("completion_tokens", 0) if ok else 0
             result = Result(ok, count, time.perf_counter() - began, started=began)
+            if not ok:
+                result.error = f"HTTP {response.status_code}: {response.text[:200]}"
             if GEN_HEADER in response.headers:
                 result.generations.add(response.headers[GEN_HEADER])
             return result
         return await _streamed(client, url, body(model, prompt, tokens, True), began)
-    except (httpx.HTTPError, json.JSONDecodeError):
-        return Result(False, 0, time.perf_counter() - began, started=began)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        failed = Result(False, 0, time.perf_counter() - began, started=began)
+        failed.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return failed
 
 
 async def _streamed(
@@ -93,6 +99,8 @@ async def _streamed(
     usage_tokens: int | None = None
     async with client.stream("POST", url, json=request) as response:
         result.ok = response.status_code == 200
+        if not result.ok:
+            result.error = f"HTTP {response.status_code}"
         if GEN_HEADER in response.headers:
             result.generations.add(response.headers[GEN_HEADER])
         async for line in response.aiter_lines():
@@ -101,6 +109,7 @@ async def _streamed(
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 result.ok = False
+                result.error = f"error chunk: {str(chunk['error'])[:200]}"
                 continue
             if chunk.get("usage"):
                 usage_tokens = chunk["usage"].get("completion_tokens")
@@ -168,6 +177,7 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
         "ttft_p99_s": pct(firsts, 0.99),
         "gap_p50_s": pct(gaps, 0.5),
         "gap_p99_s": pct(gaps, 0.99),
+        "errors": sorted({r.error for r in results if r.error})[:3],
     }
 
 
@@ -224,6 +234,7 @@ def streams_across_reloads(
         "reloads": len(windows),
         "requests": len(results),
         "failed": sum(not r.ok for r in results),
+        "errors": sorted({r.error for r in results if r.error})[:3],
         "mixed_streams": sum(len(r.generations) > 1 for r in results),
         "generations_seen": sorted({g for r in results for g in r.generations}),
         "gap_p99_steady_s": calm,

@@ -130,6 +130,14 @@ def markdown(report: dict[str, Any], targets_rows: list[dict[str, Any]]) -> str:
                     f"| {row['failed']} / {row['requests']} "
                     f"| {_num(row.get('busy_cores_before'), digits=1)} |"
                 )
+    failures = [
+        f"- {name} {key}: {'; '.join(row['errors'])}"
+        for name, rows in systems.items()
+        for key, row in rows.items()
+        if row.get("errors")
+    ]
+    if failures:
+        lines += ["", "Why requests failed (up to three distinct reasons per row):", "", *failures]
     agreement = report.get("agreement") or {}
     if agreement:
         lines += [
