@@ -198,7 +198,7 @@ def hotweights_command(models: list[Path], args: argparse.Namespace) -> list[str
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
     if "--threads" in helps:  # torch intra-op threads, once the serve CLI has the flag
-        command += ["--threads", str(args.threads)]
+        command += ["--threads", str(args.hotweights_threads or args.threads)]
     return command
 
 
@@ -264,6 +264,11 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=os.cpu_count() or 1,
         help="llama.cpp's -t, and hotweights' --threads where serve has it",
+    )
+    parser.add_argument(
+        "--hotweights-threads",
+        type=int,
+        help="hotweights' --threads where it should differ from llama.cpp's -t",
     )
     parser.add_argument(
         "--prompt-tokens",
