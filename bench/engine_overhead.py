@@ -9,7 +9,9 @@ tokens are one per row. For each two consecutive full decode passes, the time be
 their reports is one whole turn of the engine's loop (sampling, delivery, scheduling
 and one forward), and forward hooks on the model time the forward inside it. Host time
 per step is the turn minus its forward. Issue #22's target: at most 2 ms per step at 64
-rows (judged on the mean, so that rare slow turns count).
+rows (judged on the mean, so that rare slow turns count). Work an engine does on another
+thread (since 208ad5b, decoding text and delivering it) counts only as the time it keeps
+the engine's thread waiting, for the GIL or otherwise: what stays between two passes.
 
 Runs twice: greedy, and sampled (temperature 0.8, top_p 0.95, a seed per request), the
 path that does per-row work in the engine this was written against. The sampled run
