@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput bench-sizes bench-publish bench-gate soak clean
+.PHONY: install demo test lint typecheck check bench bench-micro bench-throughput bench-engine gpu-wheels bench-sizes bench-publish bench-gate soak clean
 
 install: $(STAMP)
 
@@ -44,10 +44,19 @@ bench-micro: install  ## admission cost, HTTP overhead, publish-to-reload, sha25
 	$(PY) bench/repository.py
 	$(PY) bench/load_interference.py
 
-# Batched generation next to `transformers serve --continuous-batching` (installed into a
-# cached environment on first run), same model and load; then 16 streams across 3 reloads.
-bench-throughput: install  ## tokens/s, TTFT, inter-token latency vs transformers serve
+# Batched generation next to llama.cpp's llama-server (built from source on first run) and
+# `transformers serve --continuous-batching` on its defaults and tuned (installed into a
+# cached environment on first run), same weights and load; then 16 streams across 3
+# reloads; then issue #22's targets. About 20 minutes on 2 idle cores once installed.
+bench-throughput: install  ## tokens/s, TTFT, gaps vs llama.cpp and transformers serve
 	$(PY) bench/throughput.py
+
+bench-engine: install  ## the batched engine's host time per step at 64 rows (1 M model)
+	$(PY) bench/engine_overhead.py
+
+# The cp312 wheels bench/gpu_check.sh installs on a GPU machine with no network.
+gpu-wheels: install  ## download them into bench/.gpu-wheels (carry that folder there)
+	PYTHON=$(PY) bash bench/gpu_wheels.sh
 
 bench-sizes: install  ## reloads at 0.1, 1.3 and 4.3 GB against a bare warm load, idle and under load
 	$(PY) bench/reload_sizes.py

@@ -1,20 +1,25 @@
-"""Generation throughput: hotweights' batched engine next to `transformers serve
---continuous-batching`, on the same model, prompts and concurrency, in one run.
+"""Generation throughput: hotweights' batched engine next to llama.cpp's `llama-server` and
+`transformers serve --continuous-batching` (on its defaults and tuned for this CPU), on
+the same weights, prompts and concurrency, in one run.
 
-Both servers serve one ~76 M-parameter Qwen3-style model (float32, random weights, the
-byte-level tokenizer; built on the spot and cached), on the CPU, one after the other,
-each warmed with a few requests first. Closed-loop clients (each sends its next request
-when the last one ended) send greedy chat completions of `--tokens` tokens, non-streamed,
-then streamed. Reported per system and concurrency: output tokens/s, time to first token
-p50/p99 (streamed), inter-token latency p99 (streamed), request latency p50, peak RSS of
-the server's process tree. Then hotweights alone: `--reload-streams` streams while
-`--reloads` reloads alternate two weight sets (`POST /admin/reload`): failed requests,
-streams that saw two generations, inter-token p99 inside reload windows over steady.
+Every server serves one Qwen3-style model (issue #22's: hidden 1024, 8 layers, ~90 M
+parameters, float32, random weights, the byte-level tokenizer; built on the spot and
+cached; llama.cpp gets it as an f32 GGUF), on the CPU, one server at a time, each warmed
+with a few requests first. Closed-loop clients send greedy chat completions of
+`--tokens` tokens, non-streamed, then streamed (see peers/chat_load.py). Reported per
+system and concurrency: tokens/s, TTFT p50/p99, the gap between chunks p50/p99, request
+latency p50 and peak RSS of the server's process tree. `llama-server` is restarted for
+each concurrency with `-np` equal to it. Then hotweights alone: `--reload-streams`
+streams while `--reloads` reloads alternate two weight sets: failed requests, streams
+that saw two generations, gap p99 inside reload windows over steady. Last, issue #22's
+targets as ratios, each MET or MISSED.
 
-transformers serve runs from its own cached environment (torch 2.13.0, the same
-transformers, `transformers[serving]` and accelerate), in ~/.cache/hotweights/bench-peers.
+The peers install into cached environments in ~/.cache/hotweights/bench-peers on first
+use: transformers serve (torch 2.13.0, this transformers, `transformers[serving]`,
+accelerate; about 5 minutes) and llama.cpp (built from source, peers/llama_cpp.py;
+about 5 minutes on 2 idle cores).
 
-    python bench/throughput.py [--concurrency 1 4 16 32] [--tokens 64]
+    python bench/throughput.py [--concurrency 1 4 16 32] [--tokens 64] [--peers ...]
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,365 +44,331 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from hotweights.demo.tinylm import TinyShape  # noqa: E402
+from peers import llama_cpp  # noqa: E402
+from peers.chat_load import PROMPTS, body, closed_loop, streams_across_reloads, summarize  # noqa: E402
 from peers.loadgen import RssSampler  # noqa: E402
-from peers.procs import ensure_venv, free_port, spawn, stop_group, wait_http  # noqa: E402
+from peers.procs import (  # noqa: E402
+    ensure_venv,
+    free_port,
+    spawn,
+    stop_group,
+    wait_http,
+    wait_quiet,
+)
+from peers.report import commit  # noqa: E402
+from peers.system import PeerUnavailable  # noqa: E402
+from peers.throughput_report import markdown, targets  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "hotweights" / "bench-peers"
-PROMPTS = [
-    "Tell me about the sea.",
-    "Write a short poem about mountains.",
-    "What is the capital of France, and why?",
-    "List three colours.",
-    "Explain how a bicycle works.",
-    "Describe your favourite meal in detail.",
-    "Count from one to ten.",
-    "Why is the sky blue?",
-]
+MODEL = (
+    "Model: Qwen3-style, hidden 1024, 8 layers, intermediate 2816, 16 heads, 4 KV heads, "
+    "head size 64, tied embeddings, byte-level tokenizer (259 tokens), ~90 M parameters, "
+    "float32, random weights (issue #22's)"
+)
+PEERS = ("llama.cpp", "transformers-cb", "transformers-cb-tuned")
+# transformers' continuous batching tuned for this CPU and workload. Its defaults size the
+# cache from "available memory" and take 8192 tokens per step with 256-token pages: on a
+# CPU that reserves gigabytes, builds attention masks of steps x cache tokens, and gives
+# every ~130-token request a 256-token page. Here: 32-token pages (a request of ~70 prompt
+# + 64 completion tokens takes 5), 256 of them (8192 tokens, 2x what 32 such requests
+# hold; 128 MiB of float32 KV for this model), and at most 512 tokens per step (32 decode
+# rows plus about 7 prompts joining), so a wave of joins costs running streams a few
+# short steps instead of one long one.
+CB_TUNED = ("--cb-block-size", "32", "--cb-num-blocks", "256", "--cb-max-batch-tokens", "512")
+
+Running = tuple[str, str, subprocess.Popen[bytes]]
+"""A started server: its base URL, the model name clients send, its process."""
 
 
-@dataclass
-class Result:
-    """One request as a client saw it."""
-
-    ok: bool
-    tokens: int
-    latency: float
-    first: float | None = None
-    gaps: list[float] = field(default_factory=list)
-    generations: set[str] = field(default_factory=set)
-    started: float = 0.0
-    stamps: list[float] = field(default_factory=list)
-
-
-def build_model(path: Path, seed: int) -> Path:
-    """The benchmark model: hidden 768, 12 layers, 12 heads, 4 KV heads (~76 M parameters)."""
-    if (path / "model.safetensors").exists():
-        return path
-    from hotweights.demo.tinylm import TinyShape, save_tiny_model
-
-    shape = TinyShape(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
+SHAPES = {
+    # Issue #22's CPU model: ~90 M parameters.
+    "90m": TinyShape(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
         num_key_value_heads=4,
         max_position_embeddings=1024,
-    )
-    return save_tiny_model(path, seed=seed, shape=shape)
+    ),
+    # For a GPU (bench/gpu_check.sh): ~0.94 B parameters, head size 128.
+    "1b": TinyShape(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+    ),
+}
+MODELS = {
+    "90m": MODEL,
+    "1b": "Model: Qwen3-style, hidden 2048, 20 layers, intermediate 5632, 16 heads, 8 KV "
+    "heads, head size 128, tied embeddings, byte-level tokenizer, ~0.94 B parameters, "
+    "random weights",
+}
 
 
-async def one(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, tokens: int, stream: bool
-) -> Result:
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": stream,
-    }
-    if stream:  # count tokens from usage: a chunk can hold several (bytes of one character)
-        body["stream_options"] = {"include_usage": True}
-    began = time.perf_counter()
-    try:
-        if not stream:
-            response = await client.post(url, json=body)
-            data = response.json()
-            ok = response.status_code == 200 and "choices" in data
-            count = data.get("usage", {}).get("completion_tokens", 0) if ok else 0
-            result = Result(ok, count, time.perf_counter() - began, started=began)
-            if GEN_HEADER in response.headers:
-                result.generations.add(response.headers[GEN_HEADER])
-            return result
-        result = Result(True, 0, 0.0, started=began)
-        last = began
-        usage_tokens: int | None = None
-        async with client.stream("POST", url, json=body) as response:
-            result.ok = response.status_code == 200
-            if GEN_HEADER in response.headers:
-                result.generations.add(response.headers[GEN_HEADER])
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.ok = False
-                    continue
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                fingerprint = chunk.get("system_fingerprint") or ""
-                if fingerprint.startswith("hw-g"):  # hw-g3-1a2b3c4d names generation 3
-                    result.generations.add(fingerprint.split("-")[1][1:])
-                for choice in chunk.get("choices", []):
-                    if (choice.get("delta") or {}).get("content"):
-                        now = time.perf_counter()
-                        if result.first is None:
-                            result.first = now - began
-                        else:
-                            result.gaps.append(now - last)
-                        result.stamps.append(now)
-                        last = now
-                        result.tokens += 1
-        if usage_tokens is not None:
-            result.tokens = usage_tokens
-        result.latency = time.perf_counter() - began
-        return result
-    except httpx.HTTPError:
-        return Result(False, 0, time.perf_counter() - began, started=began)
+def build_model(path: Path, seed: int, size: str) -> Path:
+    if (path / "model.safetensors").exists():
+        return path
+    from hotweights.demo.tinylm import save_tiny_model
+
+    return save_tiny_model(path, seed=seed, shape=SHAPES[size])
 
 
-GEN_HEADER = "x-hotweights-generation"
-
-
-async def closed_loop(
-    base: str, model: str, concurrency: int, per_client: int, tokens: int, stream: bool
-) -> tuple[list[Result], float]:
-    url = f"{base}/v1/chat/completions"
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-
-        async def client_loop(index: int) -> list[Result]:
-            done = []
-            for k in range(per_client):
-                prompt = PROMPTS[(index + k) % len(PROMPTS)] + f" (client {index})"
-                done.append(await one(client, url, model, prompt, tokens, stream))
-            return done
-
-        began = time.perf_counter()
-        groups = await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
-        return [r for group in groups for r in group], time.perf_counter() - began
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summarize(results: list[Result], wall: float) -> dict[str, Any]:
-    firsts = [r.first for r in results if r.first is not None]
-    gaps = [gap for r in results for gap in r.gaps]
-    return {
-        "requests": len(results),
-        "failed": sum(not r.ok for r in results),
-        "tokens": sum(r.tokens for r in results),
-        "tokens_per_s": sum(r.tokens for r in results) / wall,
-        "wall_s": wall,
-        "latency_p50_s": pct([r.latency for r in results], 0.5),
-        "ttft_p50_s": pct(firsts, 0.5),
-        "ttft_p99_s": pct(firsts, 0.99),
-        "itl_p99_s": pct(gaps, 0.99),
-    }
-
-
-def sweep(name: str, base: str, model: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    name: str, running: Running, levels: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Warm `running`, then each mode at each of `levels` clients; rows keyed `mode-clients`."""
+    base, model, process = running
     asyncio.run(closed_loop(base, model, 4, 1, 8, False))  # warm: compile paths, fill pools
     rows: dict[str, Any] = {}
     for stream in (False, True):
-        for concurrency in args.concurrency:
+        for concurrency in levels:
             per_client = max(2, args.min_requests // concurrency)
-            with RssSampler(pid, time.monotonic, interval=0.1) as rss:
+            quiet = wait_quiet(args.quiet_wait)  # other work on the machine skews every figure
+            with RssSampler(process.pid, time.monotonic, interval=0.1) as rss:
                 results, wall = asyncio.run(
                     closed_loop(base, model, concurrency, per_client, args.tokens, stream)
                 )
             peak = max((size for _, size in rss.samples), default=0)
-            row = summarize(results, wall) | {"peak_rss_mb": peak / 2**20, "cpu": rss.cpu}
+            row = summarize(results, wall) | {
+                "peak_rss_mb": peak / 2**20,
+                "cpu": rss.cpu,
+                "busy_cores_before": quiet["busy_cores"],
+            }
             key = f"{'stream' if stream else 'plain'}-{concurrency}"
             rows[key] = row
             print(
                 f"{name:>22} {key:>10}: {row['tokens_per_s']:7.1f} tok/s  "
                 f"failed {row['failed']}  ttft p50 {row['ttft_p50_s']}  "
-                f"rss {row['peak_rss_mb']:.0f} MB",
+                f"gap p99 {row['gap_p99_s']}  rss {row['peak_rss_mb']:.0f} MB"
+                + (f"  errors {row['errors']}" if row["errors"] else ""),
                 flush=True,
             )
     return rows
 
 
-def run_hotweights(models: list[Path], args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def agree(running: Running, tokens: int) -> dict[str, Any]:
+    """One greedy request for the first prompt: the prompt tokens the server counted, its
+    text, and each completion token's bytes where it returns logprobs (kept for a reader:
+    servers report the bytes of a partial UTF-8 token differently). A server that refuses
+    logprobs is asked without."""
+    base, model, _ = running
+    url = f"{base}/v1/chat/completions"
+    request = body(model, PROMPTS[0], tokens, False)
+    answer = httpx.post(url, json=request | {"logprobs": True}, timeout=300)
+    if answer.status_code != 200:
+        answer = httpx.post(url, json=request, timeout=300)
+    data = answer.json()
+    choice = (data.get("choices") or [{}])[0]
+    content = (choice.get("logprobs") or {}).get("content")
+    return {
+        "prompt_tokens": data.get("usage", {}).get("prompt_tokens"),
+        "completion_tokens": data.get("usage", {}).get("completion_tokens"),
+        "text": (choice.get("message") or {}).get("content"),
+        "token_bytes": [entry.get("bytes") for entry in content] if content else None,
+    }
+
+
+@contextmanager
+def served(
+    command: list[str | Path], ready: str, model: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[Running]:
     port = free_port()
+    process = spawn([part if part != "{port}" else str(port) for part in command], log, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + ready, timeout=600, process=process, log=log)
+        yield base, model, process
+    finally:
+        stop_group(process)
+
+
+def hotweights_command(models: list[Path], args: argparse.Namespace) -> list[str | Path]:
     command: list[str | Path] = [
         sys.executable, "-m", "hotweights.cli", "serve", models[0], "--name", "bench",
-        "--port", str(port), "--max-batch-size", str(max(args.concurrency)),
+        "--port", "{port}", "--max-batch-size", str(max(args.concurrency)),
         "--max-pending", "256", "--model-root", models[0].parent,
+        "--device", args.device, "--dtype", args.dtype,
     ]  # fmt: skip
-    process = spawn(command, log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/ready", timeout=300, process=process, log=log)
-        rows = sweep("hotweights", base, "bench", process.pid, args)
-        rows["reloads"] = reload_run(base, models, args)
-        return rows
-    finally:
-        stop_group(process)
+    helps = subprocess.run(
+        [sys.executable, "-m", "hotweights.cli", "serve", "--help"],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    if "--threads" in helps:  # torch intra-op threads, once the serve CLI has the flag
+        command += ["--threads", str(args.hotweights_threads or args.threads)]
+    return command
 
 
-def reload_run(base: str, models: list[Path], args: argparse.Namespace) -> dict[str, Any]:
-    """`--reload-streams` closed-loop streams; after a steady stretch, `--reloads` reloads."""
-    windows: list[tuple[float, float]] = []
-
-    async def drive() -> tuple[list[Result], float]:
-        stop = asyncio.Event()
-        url = f"{base}/v1/chat/completions"
-        results: list[Result] = []
-        async with httpx.AsyncClient(timeout=600) as client:
-
-            async def streamer(index: int) -> None:
-                k = 0
-                while not stop.is_set():
-                    prompt = PROMPTS[(index + k) % len(PROMPTS)] + f" (stream {index})"
-                    results.append(await one(client, url, "bench", prompt, args.tokens, True))
-                    k += 1
-
-            async def reloads() -> None:
-                await asyncio.sleep(args.steady)
-                async with httpx.AsyncClient(timeout=600) as admin:
-                    for i in range(args.reloads):
-                        target = models[(i + 1) % len(models)]
-                        began = time.perf_counter()
-                        answer = await admin.post(
-                            f"{base}/admin/reload", json={"path": str(target), "wait": True}
-                        )
-                        windows.append((began, time.perf_counter()))
-                        if answer.status_code != 200:
-                            print("reload failed:", answer.text[:300], flush=True)
-                        await asyncio.sleep(args.steady / 2)
-                stop.set()
-
-            began = time.perf_counter()
-            await asyncio.gather(reloads(), *(streamer(i) for i in range(args.reload_streams)))
-            return results, time.perf_counter() - began
-
-    results, wall = asyncio.run(drive())
-
-    def in_window(stamp: float) -> bool:
-        return any(start <= stamp <= end for start, end in windows)
-
-    steady_gaps: list[float] = []
-    window_gaps: list[float] = []
-    for r in results:
-        for stamp, gap in zip(r.stamps[1:], r.gaps, strict=True):
-            (window_gaps if in_window(stamp) else steady_gaps).append(gap)
-    steady, during = pct(steady_gaps, 0.99), pct(window_gaps, 0.99)
-    row = {
-        "streams": args.reload_streams,
-        "reloads": len(windows),
-        "requests": len(results),
-        "failed": sum(not r.ok for r in results),
-        "mixed_streams": sum(len(r.generations) > 1 for r in results),
-        "generations_seen": sorted({g for r in results for g in r.generations}),
-        "itl_p99_steady_s": steady,
-        "itl_p99_reload_s": during,
-        "itl_p99_ratio": (during / steady) if steady and during else None,
-        "reload_window_s": [round(end - start, 3) for start, end in windows],
-        "tokens_per_s": sum(r.tokens for r in results) / wall,
-    }
-    print(f"{'hotweights':>22} {'reloads':>10}: {row}", flush=True)
-    return row
-
-
-def run_transformers(model: Path, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def transformers_command(
+    model: Path, log: Path, args: argparse.Namespace, tuned: bool
+) -> list[str | Path]:
+    """`transformers serve`: `--transformers-cli` where given (a machine with no network),
+    else from its cached environment, installed on first use."""
     import transformers
 
-    venv = CACHE / "transformers-serve" / "venv"
-    python = ensure_venv(
-        venv,
-        [("torch==2.13.0",), (f"transformers[serving]=={transformers.__version__}", "accelerate")],
-        timeout=1800,
-        log=log.with_name("transformers-install.log"),
-    )
-    port = free_port()
-    command: list[str | Path] = [
-        python.with_name("transformers"), "serve", str(model), "--continuous-batching",
-        "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+    cli: Path | None = args.transformers_cli
+    if cli is None:
+        python = ensure_venv(
+            CACHE / "transformers-serve" / "venv",
+            [
+                ("torch==2.13.0",),
+                (f"transformers[serving]=={transformers.__version__}", "accelerate"),
+            ],
+            timeout=1800,
+            log=log.with_name("transformers-install.log"),
+        )
+        cli = python.with_name("transformers")
+    return [
+        cli, "serve", str(model), "--continuous-batching", "--device", args.device,
+        "--host", "127.0.0.1", "--port", "{port}", "--dtype", args.dtype,
+        *(CB_TUNED if tuned else ()),
     ]  # fmt: skip
-    process = spawn(command, log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/health", timeout=300, process=process, log=log)
-        return sweep("transformers serve --cb", base, str(model), process.pid, args)
-    finally:
-        stop_group(process)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_llama(
+    model: Path, args: argparse.Namespace, log: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rows for every level, each from its own `llama-server -np LEVEL`; and the agreement."""
+    cache = CACHE / "llama.cpp"
+    binary = llama_cpp.server_binary(cache, log.with_name("llama-build.log"))
+    gguf = llama_cpp.gguf_for(model, cache, log.with_name("llama-convert.log"))
+    per_slot = llama_cpp.slot_context(args.prompt_tokens, args.tokens)
+    rows: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
+    for level in args.concurrency:
+        command = llama_cpp.serve_command(
+            binary, gguf, 0, parallel=level, threads=args.threads, per_slot=per_slot
+        )
+        command[command.index("--port") + 1] = "{port}"
+        with served(command, "/health", "bench", log) as running:
+            seen = seen or agree(running, args.tokens)
+            rows |= measure("llama.cpp", running, [level], args)
+    return rows, seen
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--min-requests", type=int, default=32, help="per concurrency level")
     parser.add_argument("--reload-streams", type=int, default=16)
     parser.add_argument("--reloads", type=int, default=3)
     parser.add_argument("--steady", type=float, default=8.0, help="seconds between reloads")
-    parser.add_argument("--skip-peer", action="store_true", help="hotweights only")
+    parser.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--peers-only", action="store_true", help="skip hotweights (debugging)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp's -t, and hotweights' --threads where serve has it",
+    )
+    parser.add_argument(
+        "--hotweights-threads",
+        type=int,
+        help="hotweights' --threads where it should differ from llama.cpp's -t",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=96,
+        help="longest templated prompt, for llama.cpp's per-slot context",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait, before each level, for the machine's other work to calm down",
+    )
+    parser.add_argument("--model", choices=sorted(SHAPES), default="90m")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for every server")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--transformers-cli", type=Path, help="an installed `transformers` to run, not the cache's"
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "throughput.json")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    # A SIGTERM (`timeout`) unwinds, so the servers started so far are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = CACHE.parent / "throughput"
-    models = [build_model(work / "models" / str(n), seed=n) for n in (1, 2)]
+    models = [build_model(work / f"models-{args.model}" / str(n), n, args.model) for n in (1, 2)]
     report: dict[str, Any] = {
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "model": "Qwen3-style, hidden 768, 12 layers, ~76 M parameters, float32, random weights",
+        "commit": commit(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "model": f"{MODELS[args.model]}; served as {args.dtype} on {args.device}",
         "tokens": args.tokens,
         "concurrency": args.concurrency,
+        "systems": {},
+        "about": {},
+        "agreement": {},
+        "unavailable": {},
     }
-    report["hotweights"] = run_hotweights(models, args, work / "hotweights.log")
-    if not args.skip_peer:
-        report["transformers_serve_cb"] = run_transformers(
-            models[0], args, work / "transformers.log"
-        )
-        report["ratios"] = {
-            key: row["tokens_per_s"] / peer["tokens_per_s"]
-            for key, row in report["hotweights"].items()
-            if (peer := report["transformers_serve_cb"].get(key)) and peer["tokens_per_s"]
-        }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=list))
-    write_markdown(report, args.out.with_suffix(".md"))
-    print(f"wrote {args.out}")
+    systems, about = report["systems"], report["about"]
+
+    def save() -> None:  # after every system: a run cut short keeps what it measured
+        report["targets"] = targets(report)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=list))
+        args.out.with_suffix(".md").write_text(markdown(report, report["targets"]))
+
+    if not args.peers_only:
+        hw_command = hotweights_command(models, args)
+        shown = " ".join(str(part) for part in hw_command[4:]).replace("{port}", "PORT")
+        about["hotweights"] = f"`hotweights serve {shown}`"
+        with served(hw_command, "/ready", "bench", work / "hotweights.log") as running:
+            report["agreement"]["hotweights"] = agree(running, args.tokens)
+            systems["hotweights"] = measure("hotweights", running, args.concurrency, args)
+            report["reloads"] = streams_across_reloads(
+                running[0], models, args.reload_streams, args.reloads, args.steady, args.tokens
+            )
+            print(f"{'hotweights':>22} {'reloads':>10}: {report['reloads']}", flush=True)
+        save()
+    runs: dict[str, Callable[[], None]] = {
+        "llama.cpp": lambda: _llama(report, models[0], args, work),
+        "transformers-cb": lambda: _transformers(report, models[0], args, work, tuned=False),
+        "transformers-cb-tuned": lambda: _transformers(report, models[0], args, work, tuned=True),
+    }
+    for name in args.peers:
+        try:
+            runs[name]()
+        except PeerUnavailable as exc:
+            print(f"{name} unavailable: {exc}", flush=True)
+            report["unavailable"][name] = str(exc)[:500]
+        save()
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
-    def fmt(value: Any, scale: float = 1.0, digits: int = 2) -> str:
-        return "–" if value is None else f"{value * scale:.{digits}f}"
+def _llama(report: dict[str, Any], model: Path, args: argparse.Namespace, work: Path) -> None:
+    rows, seen = run_llama(model, args, work / "llama-server.log")
+    report["systems"]["llama.cpp"], report["agreement"]["llama.cpp"] = rows, seen
+    per_slot = llama_cpp.slot_context(args.prompt_tokens, args.tokens)
+    report["about"]["llama.cpp"] = (
+        f"`llama-server` from llama-cpp-python {llama_cpp.VERSION}'s vendored source, f32 "
+        f"GGUF, `-np` = clients, `-c` = clients x {per_slot}, `-t`/`-tb` {args.threads}, "
+        "`--cont-batching --jinja` (the GGUF's chat template)"
+    )
 
-    lines = [
-        "# Throughput: hotweights vs `transformers serve --continuous-batching`",
-        "",
-        f"{report['model']}; {report['tokens']} greedy tokens per request; "
-        f"{report['machine']['cpus']} CPUs. Produced by `python bench/throughput.py`.",
-        "",
-        "| mode | clients | hotweights tok/s | transformers tok/s | ratio | hw TTFT p50/p99 s "
-        "| tf TTFT p50/p99 s | hw ITL p99 ms | tf ITL p99 ms | hw / tf peak RSS MB | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    peer = report.get("transformers_serve_cb", {})
-    for key, row in report["hotweights"].items():
-        if key == "reloads":
-            continue
-        other = peer.get(key, {})
-        mode, clients = key.split("-")
-        ratio = report.get("ratios", {}).get(key)
-        lines.append(
-            f"| {mode} | {clients} | {fmt(row['tokens_per_s'], digits=1)} "
-            f"| {fmt(other.get('tokens_per_s'), digits=1)} | {fmt(ratio)}x "
-            f"| {fmt(row['ttft_p50_s'])}/{fmt(row['ttft_p99_s'])} "
-            f"| {fmt(other.get('ttft_p50_s'))}/{fmt(other.get('ttft_p99_s'))} "
-            f"| {fmt(row['itl_p99_s'], 1000, 0)} | {fmt(other.get('itl_p99_s'), 1000, 0)} "
-            f"| {fmt(row['peak_rss_mb'], digits=0)} / {fmt(other.get('peak_rss_mb'), digits=0)} "
-            f"| {row['failed']} / {other.get('failed', '–')} |"
-        )
-    reloads = report["hotweights"].get("reloads")
-    if reloads:
-        lines += [
-            "",
-            f"During reloads (hotweights, {reloads['streams']} streams, {reloads['reloads']} "
-            f"reloads): {reloads['requests']} requests, {reloads['failed']} failed, "
-            f"{reloads['mixed_streams']} streams saw two generations; inter-token p99 "
-            f"{fmt(reloads['itl_p99_steady_s'], 1000, 0)} ms steady, "
-            f"{fmt(reloads['itl_p99_reload_s'], 1000, 0)} ms in reload windows "
-            f"({fmt(reloads['itl_p99_ratio'])}x); windows {reloads['reload_window_s']} s.",
-        ]
-    path.write_text("\n".join(lines) + "\n")
+
+def _transformers(
+    report: dict[str, Any], model: Path, args: argparse.Namespace, work: Path, *, tuned: bool
+) -> None:
+    name = "transformers-cb-tuned" if tuned else "transformers-cb"
+    log = work / f"{name}.log"
+    command = transformers_command(model, log, args, tuned)
+    with served(command, "/health", str(model), log) as running:
+        report["agreement"][name] = agree(running, args.tokens)
+        report["systems"][name] = measure(name, running, args.concurrency, args)
+    flags = " ".join(CB_TUNED) if tuned else "its defaults"
+    report["about"][name] = f"`transformers serve --continuous-batching`, {args.dtype}, {flags}"
 
 
 if __name__ == "__main__":
