@@ -1,8 +1,8 @@
 """The cost of holding output to a JSON schema: throughput and grammar compile time.
 
 Throughput: one hotweights server (batched engine, in this process, on the CPU) serves the
-throughput benchmark's ~76 M-parameter model (random weights, byte-level tokenizer; `--small`
-serves the 0.1 M demo shape instead). `--streams` closed-loop clients (each sends its next
+throughput benchmark's `90m` model (random weights, byte-level tokenizer; `--small` serves
+the 0.1 M demo shape instead). `--streams` closed-loop clients (each sends its next
 request when the last ended) run for `--seconds`, first unconstrained, then with a
 `json_schema` `response_format`, then unconstrained again; sampled (temperature 1, a seed
 per request), `--tokens` tokens at most. Reported: completion tokens/s of each run and the
@@ -193,7 +193,7 @@ def main() -> int:
         if not (model / "model.safetensors").exists():
             save_tiny_model(model, seed=1, shape=TinyShape(max_position_embeddings=1024))
     else:
-        model = build_model(CACHE / "bench", seed=1)
+        model = build_model(CACHE / "bench", seed=1, size="90m")
     began = time.perf_counter()
     report: dict[str, Any] = {
         "commit": commit(),
