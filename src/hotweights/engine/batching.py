@@ -355,8 +355,13 @@ class BatchEngine:
                 self._free(sequence)
                 continue
             sequence.produced += 1
+            try:
+                complete = sequence.tokens.accept(pick.token)  # the grammar's, before the next mask
+            except RuntimeError as exc:  # its grammar failed: that request alone ends
+                self._free(sequence)
+                self._text.end(sequence, EngineFailed(f"the output grammar failed: {exc}"))
+                continue
             handed.append((sequence, pick))
-            complete = sequence.tokens.accept(pick.token)  # the grammar's, before the next mask
             if pick.token in eos or sequence.produced >= sequence.tokens.limit or complete:
                 self._free(sequence)
             else:
