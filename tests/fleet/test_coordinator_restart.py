@@ -142,6 +142,7 @@ def test_bad_marks_and_pins_outlive_the_fleet_on_the_same_repository(fleet: Flee
     record = first.sync()
     assert record is not None
     assert record["outcome"] == "aborted"
+    assert "replica r1: broken" in first.status()["bad"]["2"]  # type: ignore[index]
     assert first.reload(1) is None  # pinned to the committed version: nothing to do
     # A new fleet (another name) on the same repository.
     second = fleet.coordinator("fleet-b")

@@ -339,6 +339,7 @@ class Coordinator:
             mark = Mark(f"fleet cutover g{generation} aborted: {why}", signature)
             self.repository.mark_bad(self.model, number, mark.reason, signature=signature)
             self._entry.bad[number] = mark
+            self.repository.scan()  # the mark counts from a scan on: in `status` too
         self._save_quietly()
         return record
 

@@ -3,7 +3,8 @@
 
 Ray does the distribution, placement and restarts: the replicas are a Serve deployment
 (Serve restarts one that dies, and a new one loads the committed version in its
-constructor, before Serve routes to it), the coordinator a detached named actor, and
+constructor, before Serve routes to it), the coordinator a detached named actor that
+Ray restarts when it dies (it carries on from the fleet's record, `ledger.py`), and
 the two phases are `DeploymentHandle.broadcast` calls. `user_config` is never used for a
 version: Serve rolls it out in batches, which is the skew the two phases exist to avoid.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,10 @@ CONTROL_TIMEOUT_S = 30.0
 CATCH_UP_ROUNDS = 5
 """A starting replica asks the coordinator again after loading, at most this many times,
 until what it holds is what the fleet has (see `FleetReplica.catch_up`)."""
+HEALTH_CHECK_S = 2.0
+COORDINATOR_RETRIES = 3
+"""Calls to the coordinator that its death interrupted are sent again to its successor
+this many times (Ray's `max_task_retries`)."""
 
 
 class Replica:
@@ -47,6 +54,7 @@ class Replica:
         self.settings = settings
         self.coordinator = coordinator
         self._catching_up = asyncio.Lock()
+        self._reconciling: asyncio.Task[None] | None = None
         self.engine = FleetReplica(
             settings.config,
             settings.model,
@@ -85,6 +93,22 @@ class Replica:
         async with self._catching_up:
             joined = await self.coordinator.join.remote()
             await asyncio.to_thread(self.engine.catch_up, joined, self.settings.prepare_timeout)
+
+    async def check_health(self) -> None:
+        """Serve's health check (every `HEALTH_CHECK_S`), used to notice a held version
+        that nobody decided: a finish or an abort that missed this replica (it became
+        routable just after the broadcast, or the coordinator died before sending it).
+        The catch-up runs in the background; the check itself never fails for it."""
+        busy = self._reconciling is not None and not self._reconciling.done()
+        if busy or self.engine.held_generation() is None or self._catching_up.locked():
+            return
+        self._reconciling = asyncio.create_task(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        try:
+            await self._catch_up()
+        except Exception as exc:
+            log.warning("replica %s: catching up with the fleet failed: %s", self.engine.id, exc)
 
     async def describe(self) -> dict[str, object]:
         return self.engine.describe()
@@ -166,10 +190,22 @@ class RayLink:
 
 
 class CoordinatorActor(Coordinator):
-    """The coordinator as a Ray actor, reaching the fleet through Serve handles."""
+    """The coordinator as a Ray actor, reaching the fleet through Serve handles. Ray
+    builds it again with the same arguments when it dies; then it resumes what its
+    predecessor left and watches the repository again, in the background (the actor
+    answers `join` and `status` meanwhile)."""
 
-    def __init__(self, settings: FleetSettings) -> None:
-        super().__init__(settings, RayLink())
+    def __init__(self, settings: FleetSettings, fleet_id: str) -> None:
+        super().__init__(settings, RayLink(), fleet_id=fleet_id)
+        if self.restarts:
+            threading.Thread(target=self._carry_on, name="hotweights-resume", daemon=True).start()
+
+    def _carry_on(self) -> None:
+        try:
+            self.resume()
+        except Exception:
+            log.exception("the restarted coordinator could not resume its cutover")
+        self.watch()
 
 
 @dataclass
@@ -230,8 +266,10 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
             lifetime="detached",
             max_concurrency=16,
             num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=COORDINATOR_RETRIES,
         )
-        .remote(settings)
+        .remote(settings, uuid.uuid4().hex)
     )
     try:
         ray.get(coordinator.committed.remote())
@@ -247,7 +285,7 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
         num_replicas=settings.replicas,
         ray_actor_options=actor,
         max_ongoing_requests=settings.config.max_pending + 8,
-        health_check_period_s=2.0,
+        health_check_period_s=HEALTH_CHECK_S,
         graceful_shutdown_timeout_s=settings.config.drain_timeout,
         logging_config=quiet,
     ).bind(settings)

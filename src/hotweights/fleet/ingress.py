@@ -13,6 +13,7 @@ ingress's counts and every replica's own metrics, labelled by replica.
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 
@@ -175,14 +176,18 @@ class Ingress:
     # -- called by the coordinator ---------------------------------------------------------
 
     async def flip(self, generation: int) -> int:
-        self.admissions.flip(generation)
-        return generation
+        """Stamp `generation` from now on; an older one (a flip sent by a coordinator
+        that died, arriving after its successor's) changes nothing."""
+        if generation > self.admissions.generation:
+            self.admissions.flip(generation)
+        return self.admissions.generation
 
     async def drained(self, generation: int, timeout: float) -> int:
         return await self.admissions.drained(generation, timeout)
 
     async def status(self) -> dict[str, object]:
         return {
+            "pid": os.getpid(),
             "generation": self.admissions.generation,
             "inflight": {str(g): n for g, n in self.admissions.inflight().items()},
             "admitted": {str(g): n for g, n in self.admissions.admitted.items()},
@@ -296,7 +301,8 @@ class Ingress:
 
     async def _ask(self, pending: Any) -> Any:
         """The coordinator's answer; its own errors as they are, and 503 when it cannot
-        be reached (it died: Ray does not restart it, see the README)."""
+        be reached (Ray restarts it, and sends it again a call its death interrupted, a
+        few times)."""
         try:
             return await pending
         except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as exc:
