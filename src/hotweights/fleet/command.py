@@ -54,6 +54,11 @@ def add_fleet_command(
     fleet.add_argument("--model", help="the repository's model to serve (default: its only one)")
     fleet.add_argument("--replicas", type=int, default=2, help="replicas, each with its own copy")
     fleet.add_argument("--ray-address", help="join this Ray cluster (default: start one locally)")
+    fleet.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a fleet already running on the cluster (default: refuse to start)",
+    )
     fleet.add_argument("--host", help="interface of the HTTP endpoint (default 127.0.0.1)")
     fleet.add_argument("--port", type=int, help="TCP port (default 8000)")
     fleet.add_argument(
@@ -95,6 +100,7 @@ def _fleet(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             prepare_timeout=args.prepare_timeout,
             ray_address=args.ray_address,
+            replace=args.replace,
         )
         from hotweights.fleet import deployment
     except ImportError as exc:
@@ -106,7 +112,7 @@ def _fleet(args: argparse.Namespace) -> int:
     say(f"starting {settings.replicas} replicas of {model} from {config.repo} on Ray Serve")
     try:
         fleet = deployment.start(settings)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError) as exc:  # FleetRunning is a RuntimeError
         print(f"hotweights fleet: {exc}", file=sys.stderr)
         return 1
     say(f"fleet serving {model} on {fleet.url} (GET /admin/fleet; Ctrl-C stops it)")

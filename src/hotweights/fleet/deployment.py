@@ -214,7 +214,10 @@ class Fleet:
 
     settings: FleetSettings
     coordinator: Any
-    started_ray: bool
+    connected: bool
+    """This driver connected to Ray (`ray.init`) to start the fleet."""
+    started_cluster: bool
+    """This driver started the local Ray cluster (no `ray_address`)."""
 
     @property
     def url(self) -> str:
@@ -226,28 +229,36 @@ class Fleet:
         return status
 
     def stop(self) -> None:
-        """Delete the application and the coordinator; shut down Ray if `start` began it."""
+        """Delete the application and the coordinator, nothing else: on a cluster it
+        joined, Serve and its other applications go on. Shuts down Serve and Ray only
+        if `start` began them, and disconnects if `start` connected."""
         with contextlib.suppress(Exception):
             ray.get(self.coordinator.close.remote(), timeout=CONTROL_TIMEOUT_S)
         with contextlib.suppress(Exception):
             serve.delete(APP)
         with contextlib.suppress(Exception):
             ray.kill(self.coordinator)
-        if self.started_ray:
+        if self.started_cluster:
             with contextlib.suppress(Exception):
                 serve.shutdown()
+        if self.connected:
             ray.shutdown()
+
+
+class FleetRunning(RuntimeError):
+    """A fleet already runs on the cluster (and `replace` was not asked for)."""
 
 
 def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
     """Start (or join, with `settings.ray_address`) a Ray cluster, the coordinator, and
     the application: one ingress on `config.host:config.port` in front of
     `settings.replicas` replicas. Returns once every replica serves the committed
-    version. Raises `ValueError` for a repository with nothing to serve, and what Serve
-    raised if the replicas could not start."""
-    config = settings.config
-    started_ray = not ray.is_initialized()
-    if started_ray:
+    version. Raises `ValueError` for a repository with nothing to serve or a Serve that
+    listens elsewhere, `FleetRunning` if a fleet runs on the cluster already (unless
+    `settings.replace`), and what Serve raised if the replicas could not start. Touches
+    no other Serve application."""
+    connected = not ray.is_initialized()
+    if connected:
         options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": log_to_driver}
         if settings.ray_address is None:
             # Ray's own gRPC ports listen beyond loopback whatever is asked (Ray 2.60 maps
@@ -255,9 +266,13 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
             # default); the HTTP endpoint listens on `config.host` only.
             options |= {"include_dashboard": False}
         ray.init(address=settings.ray_address, **options)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    with contextlib.suppress(ValueError):  # a coordinator left by an earlier fleet
-        ray.kill(ray.get_actor(COORDINATOR, namespace=NAMESPACE))
+    try:
+        _serve_on(settings)
+    except BaseException:
+        if connected:
+            ray.shutdown()
+        raise
+    started_cluster = connected and settings.ray_address is None
     coordinator = (
         ray.remote(CoordinatorActor)
         .options(
@@ -276,7 +291,7 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
     except ray.exceptions.RayActorError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
         raise ValueError(str(cause or exc).strip().splitlines()[-1]) from None
-    fleet = Fleet(settings, coordinator, started_ray)
+    fleet = Fleet(settings, coordinator, connected, started_cluster)
     actor = {"num_cpus": settings.replica_cpus}
     quiet = {"enable_access_log": False}
     replicas = serve.deployment(
@@ -304,3 +319,32 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
         raise
     ray.get(coordinator.watch.remote())
     return fleet
+
+
+def _serve_on(settings: FleetSettings) -> None:
+    """Start Serve's HTTP proxy on `config.host:config.port`, or find it there; then make
+    sure no fleet runs on the cluster, or replace it if `settings.replace`. Raises
+    `ValueError` when Serve already listens elsewhere (it keeps its own settings), and
+    `FleetRunning`."""
+    config = settings.config
+    serve.start(http_options={"host": config.host, "port": config.port})
+    from ray.serve.context import _get_global_client  # no public getter for Serve's HTTP
+
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (config.host, config.port):
+        raise ValueError(
+            f"Serve already runs on this cluster with its HTTP endpoint on {http.host}:"
+            f"{http.port}: give the fleet --host {http.host} --port {http.port}"
+        )
+    try:
+        running: Any = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
+    except ValueError:
+        running = None
+    deployed = APP in serve.status().applications
+    if (running is not None or deployed) and not settings.replace:
+        raise FleetRunning(
+            f"a fleet already runs on this cluster (Serve application {APP!r}, actor "
+            f"{COORDINATOR!r}): stop it first, or start with --replace"
+        )
+    if running is not None:
+        ray.kill(running)

@@ -32,6 +32,9 @@ class FleetSettings:
     cutover aborts."""
     ray_address: str | None = None
     """An existing Ray cluster to join; None: start a local one on 127.0.0.1."""
+    replace: bool = False
+    """Replace a fleet already running on the cluster (its Serve application and
+    coordinator); False: refuse to start beside it."""
     replica_cpus: float = 0.0
     """CPUs each replica asks Ray for (0: placement by memory only, as on one machine)."""
     loader: Callable[[Config], Loader[Any]] | None = None
