@@ -29,7 +29,7 @@ the fleet's cutover (prepare + commit, the coordinator's own times) with one rep
 reload (the server's own time) both idle and under the load.
 
     python bench/fleet.py [--duration 150] [--rate 3] [--reloads 5] [--idle-reloads 3]
-        [--replicas 2] [--systems fleet,ray-rolling,single]
+        [--replicas 2] [--prepare-parallel 0] [--systems fleet,ray-rolling,single]
 """
 
 from __future__ import annotations
@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--replicas", type=int, default=2, help="replicas of both fleets")
     parser.add_argument(
+        "--prepare-parallel",
+        type=int,
+        default=0,
+        help="the fleet's replicas that prepare at once (0: all)",
+    )
+    parser.add_argument(
         "--crash-duration",
         type=float,
         default=60.0,
@@ -138,7 +144,12 @@ def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
 
 def _system(name: str, args: argparse.Namespace, workdir: Path, logs: Path) -> System:
     if name == "fleet":
-        return FleetSystem(workdir / "repo-fleet", logs, replicas=args.replicas)
+        return FleetSystem(
+            workdir / "repo-fleet",
+            logs,
+            replicas=args.replicas,
+            prepare_parallel=args.prepare_parallel,
+        )
     if name == "single":
         return HotweightsSystem("availability", AdminTrigger(workdir / "models"), logs)
     if name == "ray-rolling":
@@ -170,7 +181,8 @@ def _run_system(
         _warm(system, workload)
         entry["start_s"] = round(time.monotonic() - began, 1)
         stage = "run"
-        idle, loaded = versions[1 : 1 + args.idle_reloads], versions[args.idle_reloads :]
+        idle = versions[1 : 1 + args.idle_reloads]
+        loaded = versions[args.idle_reloads : args.idle_reloads + args.reloads + 1]
         entry["quiet_gate"] = wait_quiet(args.quiet_wait)
         entry["idle"] = idle_figures([system.reload(v, MonotonicClock()) for v in idle])
         clock = MonotonicClock()

@@ -40,10 +40,17 @@ class FleetSystem:
     """`hotweights fleet` with `replicas` replicas, versions published into `repo`."""
 
     def __init__(
-        self, repo: Path, logs: Path, replicas: int = 2, start_timeout: float = 300.0
+        self,
+        repo: Path,
+        logs: Path,
+        replicas: int = 2,
+        start_timeout: float = 300.0,
+        prepare_parallel: int = 0,
     ) -> None:
-        self.name = f"hotweights-fleet ({replicas} replicas)"
+        at_once = f", {prepare_parallel} preparing at once" if prepare_parallel else ""
+        self.name = f"hotweights-fleet ({replicas} replicas{at_once})"
         self.replicas = replicas
+        self.prepare_parallel = prepare_parallel
         self.repo = repo
         self.log = logs / "hotweights-fleet.log"
         self.publisher = PublishTrigger(repo, logs / "publish-fleet.log")
@@ -76,6 +83,8 @@ class FleetSystem:
             str(port),
             "--watch",
             "events",
+            "--prepare-parallel",
+            str(self.prepare_parallel),
         ]
         self._process = spawn(command, self.log, env={"RAY_USAGE_STATS_ENABLED": "0"})
         wait_http(

@@ -67,6 +67,12 @@ def add_fleet_command(
         default=300.0,
         help="seconds every replica has to load a new version before the cutover aborts",
     )
+    fleet.add_argument(
+        "--prepare-parallel",
+        type=int,
+        default=0,
+        help="replicas that prepare a new version at once; the others wait (0: all)",
+    )
     fleet.add_argument("--drain-timeout", type=float, help="seconds old requests may finish in")
     fleet.add_argument("--admin-token", help="bearer token for /admin (required beyond loopback)")
     fleet.add_argument("--api-key", help="bearer token required on /v1 endpoints")
@@ -99,6 +105,7 @@ def _fleet(args: argparse.Namespace) -> int:
             model,
             replicas=args.replicas,
             prepare_timeout=args.prepare_timeout,
+            prepare_parallel=args.prepare_parallel,
             ray_address=args.ray_address,
             replace=args.replace,
         )

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
 from hotweights.fleet.ingress import Ingress
 from hotweights.fleet.names import APP, COORDINATOR, INGRESS, NAMESPACE, REPLICA
+from hotweights.fleet.prepare_slots import PrepareSlots
 from hotweights.fleet.replica import FleetReplica, Prepared, Target
 from hotweights.fleet.settings import FleetSettings
 
@@ -37,6 +39,8 @@ CONTROL_TIMEOUT_S = 30.0
 CATCH_UP_ROUNDS = 5
 """A starting replica asks the coordinator again after loading, at most this many times,
 until what it holds is what the fleet has (see `FleetReplica.catch_up`)."""
+SLOT_POLL_S = 0.05
+"""How often a replica waiting for a place to prepare asks again (`prepare_parallel`)."""
 HEALTH_CHECK_S = 2.0
 COORDINATOR_RETRIES = 3
 """Calls to the coordinator that its death interrupted are sent again to its successor
@@ -68,7 +72,24 @@ class Replica:
                 break
 
     async def prepare(self, target: Target) -> Prepared:
-        return await asyncio.to_thread(self.engine.hold, target, self.settings.prepare_timeout)
+        """Hold `target` (with `prepare_parallel`, once the coordinator gives this replica
+        a place: it waits for one within the prepare timeout)."""
+        timeout = self.settings.prepare_timeout
+        limited = self.settings.prepare_parallel > 0 and not self.engine.has(target.generation)
+        if limited:
+            started = time.monotonic()
+            while not await self.coordinator.prepare_slot.remote(target.generation, self.engine.id):
+                waited = time.monotonic() - started
+                if waited > timeout:
+                    error = f"replica {self.engine.id}: no place to prepare in {timeout:g} s"
+                    return Prepared(self.engine.id, target.generation, False, error, waited)
+                await asyncio.sleep(SLOT_POLL_S)
+            timeout -= time.monotonic() - started
+        try:
+            return await asyncio.to_thread(self.engine.hold, target, timeout)
+        finally:
+            if limited:
+                self.coordinator.prepared.remote(target.generation, self.engine.id)
 
     async def finish(self, generation: int, timeout: float) -> bool:
         """Make `generation` live here; a replica that never held it (it became
@@ -197,8 +218,16 @@ class CoordinatorActor(Coordinator):
 
     def __init__(self, settings: FleetSettings, fleet_id: str) -> None:
         super().__init__(settings, RayLink(), fleet_id=fleet_id)
+        self.slots = PrepareSlots(settings.prepare_parallel)
         if self.restarts:
             threading.Thread(target=self._carry_on, name="hotweights-resume", daemon=True).start()
+
+    def prepare_slot(self, generation: int, replica: str) -> bool:
+        """Whether `replica` may prepare `generation` now (see `PrepareSlots`)."""
+        return self.slots.take(generation, replica)
+
+    def prepared(self, generation: int, replica: str) -> None:
+        self.slots.give_back(generation, replica)
 
     def _carry_on(self) -> None:
         try:
