@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from hotweights.config import Config
+from hotweights.errors import UnknownModel
 from hotweights.fleet.coordinator import Coordinator
 from hotweights.fleet.fleet_link import FINISH_ATTEMPTS
 from hotweights.fleet.replica import Prepared, Target
@@ -368,3 +369,25 @@ def test_a_version_without_a_manifest_is_cut_over_to_once_its_files_settled(
     finally:
         coordinator.close()
     assert committed(coordinator) == (2, "2")
+
+
+def test_status_keeps_its_fields_and_adds_them_under_models_by_name(fleet: Fleet) -> None:
+    fleet.publish()
+    status = fleet.coordinator().status()
+    models = status["models"]
+    assert isinstance(models, dict)
+    assert list(models) == ["m"]
+    assert all(status[field] == value for field, value in models["m"].items())
+
+
+def test_a_reload_or_rollback_of_a_model_the_fleet_does_not_serve_is_refused(
+    fleet: Fleet,
+) -> None:
+    fleet.publish()
+    coordinator = fleet.coordinator()
+    with pytest.raises(UnknownModel, match="this fleet serves 'm', not 'other'"):
+        coordinator.reload(None, model="other")
+    with pytest.raises(UnknownModel, match="not 'other'"):
+        coordinator.rollback(model="other")
+    assert coordinator.reload(None, model="m") is None  # its own model: as without one
+    assert fleet.link.calls == []

@@ -30,6 +30,7 @@ def test_a_publish_goes_live_on_every_replica_with_no_failed_request(running: Ru
         traffic.wait_for(10, after=committed_at)
     assert cutover["outcome"] == "committed"
     assert cutover["version"] == version
+    assert status["models"][MODEL]["committed"] == status["committed"]
     assert set(cutover["replicas"]) == {r["replica"] for r in status["replicas"]}
     assert traffic.failed == []
     late_old = [a for a in traffic.answers if a.sent_at > committed_at and a.generation == old]
@@ -78,6 +79,9 @@ def test_rollback_goes_back_through_both_phases(running: Running) -> None:
     assert record["version"] < committed["version"]
     assert record["generation"] > committed["generation"]
     running.wait(live_everywhere(record["generation"]))
+    other = running.admin.post("/admin/reload", json={"model": "other"})
+    assert other.status_code == 404, other.text
+    assert "this fleet serves 'tiny', not 'other'" in other.json()["error"]["message"]
     refused = running.admin.post("/admin/reload", json={"path": str(running.repo / MODEL / "1")})
     assert refused.status_code == 400
     assert "not a path" in refused.json()["error"]["message"]

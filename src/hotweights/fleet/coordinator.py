@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
+from hotweights.errors import UnknownModel
 from hotweights.fleet.cutover_record import Cutover, describe, reason, target_json
 from hotweights.fleet.fleet_link import (
     FleetLink,
@@ -43,7 +44,7 @@ from hotweights.fleet.fleet_link import (
     flip_until,
     prepare_everywhere,
 )
-from hotweights.fleet.ledger import LEDGER_NAME, FleetLedger, Mark, Pending, Phase
+from hotweights.fleet.ledger import LEDGER_NAME, FleetLedger, Mark, Pending, Phase, restore
 from hotweights.fleet.replica import Joined, Target
 from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import ModelRepository, make_watcher
@@ -97,7 +98,7 @@ class Coordinator:
         self._state = threading.Lock()  # the fields `join` and `status` read
         self._watcher: Watcher | None = None
         self._settle: threading.Timer | None = None
-        self._restore()
+        restore(self._entry, self.repository, self.model)
         self._interrupted: Pending | None = None
         self._draining: Target | None = None
         entry = self._entry
@@ -147,9 +148,7 @@ class Coordinator:
             with self._state:
                 self._cutovers.appendleft(record)
             if pending.phase is Phase.COMMITTED:
-                log.info(
-                    "cutover g%d was committed when the coordinator died: finishing", generation
-                )
+                log.info("cutover g%d was committed before a restart: finishing", generation)
                 record.outcome = "committed"
                 self._complete(record, pending)
                 return record.to_dict()
@@ -183,8 +182,12 @@ class Coordinator:
                 return None
             return self._cutover(target, trigger, description).to_dict()
 
-    def reload(self, version: int | None = None, description: str = "") -> dict[str, object] | None:
-        """Pin `version` (or, with None, follow the latest eligible one again) and sync."""
+    def reload(
+        self, version: int | None = None, description: str = "", model: str | None = None
+    ) -> dict[str, object] | None:
+        """Pin `version` (or, with None, follow the latest eligible one again) and sync.
+        Raises `UnknownModel` for a `model` the fleet does not serve."""
+        self._served(model)
         self.repository.scan()
         with self._lock:
             if version is None:
@@ -195,8 +198,9 @@ class Coordinator:
             self._remember_policy()
         return self.sync("api", description)
 
-    def rollback(self, description: str = "") -> dict[str, object] | None:
+    def rollback(self, description: str = "", model: str | None = None) -> dict[str, object] | None:
         """Pin the newest eligible version older than the committed one and sync."""
+        self._served(model)
         self.repository.scan()
         with self._lock:
             self.repository.rollback(self.model, live=self._number)
@@ -213,8 +217,9 @@ class Coordinator:
 
     def status(self) -> dict[str, object]:
         """`GET /admin/fleet`: the committed generation, the last cutovers, the bad marks
-        and the pin, each replica's live and resident generations and requests in flight,
-        the ingress's counts, and the coordinator's own process."""
+        and the pin (also under `models`, by name), each replica's live and resident
+        generations and requests in flight, the ingress's counts, and the coordinator's
+        own process."""
         with self._state:
             committed, preparing, draining = self._committed, self._preparing, self._draining
             cutovers = [cutover.to_dict() for cutover in self._cutovers]
@@ -223,7 +228,7 @@ class Coordinator:
             for info in self.repository.versions(self.model)
             if info.status is VersionStatus.BAD
         }
-        return {
+        model: dict[str, object] = {
             "model": self.model,
             "committed": target_json(committed),
             "preparing": target_json(preparing) if preparing is not None else None,
@@ -232,6 +237,9 @@ class Coordinator:
             "bad": bad,
             "last_cutover": cutovers[0] if cutovers else None,
             "cutovers": cutovers,
+        }
+        return model | {
+            "models": {self.model: model},
             "replicas": [
                 r if isinstance(r, dict) else {"error": reason(r)} for r in self.link.replicas()
             ],
@@ -343,6 +351,10 @@ class Coordinator:
         self._save_quietly()
         return record
 
+    def _served(self, model: str | None) -> None:
+        if model is not None and model != self.model:
+            raise UnknownModel(f"this fleet serves {self.model!r}, not {model!r}")
+
     # -- the record --------------------------------------------------------------------------
 
     def _issue(self) -> int:
@@ -351,20 +363,6 @@ class Coordinator:
             generation = self._record.next_generation
             self._record.next_generation += 1
         return generation
-
-    def _restore(self) -> None:
-        """Give the repository the pin and the bad marks of the record (a pin first: it
-        clears its version's mark), then scan so that the marks count."""
-        entry = self._entry
-        if entry.pin is not None:
-            try:
-                self.repository.pin(self.model, entry.pin.version, reason=entry.pin.reason)
-            except Exception as exc:  # the pinned version is gone: follow the latest
-                log.warning("the fleet's pin of v%d is dropped: %s", entry.pin.version, exc)
-                entry.pin = None
-        for number, mark in entry.bad.items():
-            self.repository.mark_bad(self.model, number, mark.reason, signature=mark.signature)
-        self.repository.scan()
 
     def _remember_policy(self) -> None:
         policy = self.repository.policy(self.model)

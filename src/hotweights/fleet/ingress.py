@@ -272,10 +272,12 @@ class Ingress:
         self, request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> JSONResponse:
         """Cut over to the repository's latest eligible version, or with `{"version": N}`
-        pin version N (the watcher then keeps it until the next reload without one)."""
+        pin version N (the watcher then keeps it until the next reload without one);
+        `model` names the model (the fleet's only one, for now)."""
         self._admin(authorization)
         ask = parse_reload(await _read(request, 4096))
-        return await self._cutover(self.coordinator.reload.remote(ask.version, ask.description))
+        pending = self.coordinator.reload.remote(ask.version, ask.description, ask.model)
+        return await self._cutover(pending)
 
     @app.post("/admin/rollback")
     async def rollback(
@@ -284,7 +286,7 @@ class Ingress:
         """Cut over to the newest eligible version older than the committed one (pinned)."""
         self._admin(authorization)
         ask = parse_rollback(await _read(request, 4096))
-        return await self._cutover(self.coordinator.rollback.remote(ask.description))
+        return await self._cutover(self.coordinator.rollback.remote(ask.description, ask.model))
 
     @app.get("/metrics")
     async def metrics(self) -> Response:

@@ -25,16 +25,20 @@ its own: the coordinator calls it under its lock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from hotweights.errors import UnknownVersion
 from hotweights.fleet.replica import Target
+from hotweights.sources import ModelRepository
 from hotweights.sources.layout import Signature
 from hotweights.sources.version_policy import Pinned
 
+log = logging.getLogger("hotweights.fleet")
 LEDGER_NAME = ".hotweights-fleet.json"
 FORMAT = 1
 
@@ -137,6 +141,21 @@ class FleetLedger:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def restore(entry: ModelRecord, repository: ModelRepository, model: str) -> None:
+    """Give `repository` the pin and the bad marks `entry` kept for `model` (the pin
+    first: it clears its version's mark), then scan so that the marks count. A pin of a
+    version that is gone is dropped from `entry`."""
+    if entry.pin is not None:
+        try:
+            repository.pin(model, entry.pin.version, reason=entry.pin.reason)
+        except UnknownVersion as exc:
+            log.warning("the fleet's pin of v%d is dropped: %s", entry.pin.version, exc)
+            entry.pin = None
+    for number, mark in entry.bad.items():
+        repository.mark_bad(model, number, mark.reason, signature=mark.signature)
+    repository.scan()
 
 
 def _json(record: Record) -> dict[str, object]:
