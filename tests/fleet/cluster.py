@@ -30,6 +30,7 @@ class Answer:
     generation: int | None
     replica: str | None = None
     error: str | None = None
+    ended_at: float = 0.0
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Traffic:
         return answer
 
     def _record(self, answer: Answer) -> None:
+        answer.ended_at = time.time()
         with self._lock:
             self.answers.append(answer)
 

@@ -12,6 +12,7 @@ import pytest
 from hotweights.fleet.coordinator import INTERRUPTED_LIMIT, Coordinator
 from hotweights.fleet.ledger import LEDGER_NAME, FleetLedger, Phase
 from hotweights.fleet.replica import Prepared
+from hotweights.sources.repository_scan import RepositoryState
 from tests.fleet.fake_link import Fleet
 
 FLEET = "fleet-a"
@@ -133,6 +134,26 @@ def test_the_record_says_committed_before_the_ingress_is_flipped(fleet: Fleet) -
     fleet.link.flip = flip_and_look  # type: ignore[method-assign]
     assert coordinator.sync() is not None
     assert seen == [(2, Phase.COMMITTED)]
+
+
+def test_a_bad_mark_is_on_disk_before_status_can_show_it(fleet: Fleet) -> None:
+    """`status` shows a mark once a scan applied it: a coordinator killed right after
+    `status` showed it must find it in the record."""
+    coordinator = fleet.coordinator(FLEET)
+    fleet.publish()
+    fleet.link.rounds = [[Prepared("r1", 2, ok=False, error="replica r1: broken")]]
+    ledger = FleetLedger(fleet.repo / LEDGER_NAME)
+    scan = coordinator.repository.scan
+    on_disk: list[list[int]] = []
+
+    def scan_and_look() -> RepositoryState:
+        on_disk.append(sorted(ledger.load().models["m"].bad))
+        return scan()
+
+    coordinator.repository.scan = scan_and_look  # type: ignore[method-assign]
+    assert coordinator.sync() is not None
+    assert on_disk[-1] == [2]
+    assert "2" in coordinator.status()["bad"]  # type: ignore[operator]
 
 
 def test_bad_marks_and_pins_outlive_the_fleet_on_the_same_repository(fleet: Fleet) -> None:

@@ -347,8 +347,9 @@ class Coordinator:
             mark = Mark(f"fleet cutover g{generation} aborted: {why}", signature)
             self.repository.mark_bad(self.model, number, mark.reason, signature=signature)
             self._entry.bad[number] = mark
-            self.repository.scan()  # the mark counts from a scan on: in `status` too
-        self._save_quietly()
+        self._save_quietly()  # on disk before `status` shows it: a restart keeps what it saw
+        if blame:
+            self.repository.scan()  # the mark counts from a scan on
         return record
 
     def _served(self, model: str | None) -> None:
