@@ -178,13 +178,16 @@ def _start(cluster: Cluster, repo: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
     def ready() -> bool:
+        """Serving, and past its start (it says so once SIGTERM stops it cleanly)."""
         assert process.poll() is None, log.read_text()[-3000:]
+        if "fleet serving" not in log.read_text(errors="replace"):
+            return False
         try:
             return httpx.get(f"{cluster.http}/ready", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
 
-    _until(ready, "the fleet is ready")
+    _until(ready, "the fleet is serving")
     return process
 
 

@@ -4,7 +4,9 @@ CLI builds its parser without the ray extra installed)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,9 +124,10 @@ def _fleet(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:  # FleetRunning is a RuntimeError
         print(f"hotweights fleet: {exc}", file=sys.stderr)
         return 1
+    stop = _stop_on_signals()  # after the start: ray.init put in a SIGTERM handler that exits
     say(f"fleet serving {model} on {fleet.url} (GET /admin/fleet; Ctrl-C stops it)")
     try:
-        _wait_for_stop()
+        stop.wait()
     finally:
         say("stopping the fleet")
         fleet.stop()
@@ -143,12 +146,9 @@ def _only_model(repo: str) -> str:
     return models[0]
 
 
-def _wait_for_stop() -> None:
-    """Block until SIGINT or SIGTERM."""
-    import signal
-    import threading
-
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGINT or SIGTERM sets (from now on)."""
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stop.set())
-    stop.wait()
+    return stop

@@ -341,12 +341,12 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
         max_ongoing_requests=10_000,
         logging_config=quiet,
     ).bind(settings, replicas)
-    try:
+    try:  # even a SystemExit (ray.init's SIGTERM handler): leave nothing on the cluster
         serve.run(ingress, name=APP, route_prefix="/", blocking=False)
-    except Exception:
+        ray.get(coordinator.watch.remote())
+    except BaseException:
         fleet.stop()
         raise
-    ray.get(coordinator.watch.remote())
     return fleet
 
 
