@@ -19,13 +19,17 @@ of the last one an older version answered: how long both versions were answering
 requests; zero when no request sent later got an older version); the fleet's prepare,
 commit, drain and finish times; p99 and peak RSS as in reload_under_load.py. After its
 load, the fleet row runs the load again for 60 s and kills one replica's process a third
-of the way in: failed requests and the time until a replacement serves. Before the
+of the way in: failed requests and the time until a replacement serves. Then twice more
+with the coordinator's process killed a third of the way in: while idle (the next version
+is published once Ray has restarted it), and while a cutover prepares the next version:
+failed requests, the time until Ray restarted it, and the time from the kill until that
+version is live (the time until a publish can go live again). Before the
 load, 3 versions go live with nothing else running (`idle`): the cutover target compares
 the fleet's cutover (prepare + commit, the coordinator's own times) with one replica's
 reload (the server's own time) both idle and under the load.
 
     python bench/fleet.py [--duration 150] [--rate 3] [--reloads 5] [--idle-reloads 3]
-        [--replicas 2] [--systems fleet,ray-rolling,single]
+        [--replicas 2] [--prepare-parallel 0] [--systems fleet,ray-rolling,single]
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ from reload_under_load import PROMPT, _build_models, _resolve, _say, _version, _
 
 BENCH = Path(__file__).resolve().parent
 SYSTEMS = ("fleet", "ray-rolling", "single")
+KILLS = ("idle", "prepare")
+"""When the coordinator is killed in its rows: with nothing to do, and in a cutover's prepare."""
 CUTOVER_TARGET = 1.5
 """The fleet's cutover (prepare + commit) may take this many times one replica's reload."""
 
@@ -84,10 +90,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--replicas", type=int, default=2, help="replicas of both fleets")
     parser.add_argument(
+        "--prepare-parallel",
+        type=int,
+        default=0,
+        help="the fleet's replicas that prepare at once (0: all)",
+    )
+    parser.add_argument(
         "--crash-duration",
         type=float,
         default=60.0,
         help="seconds of load during which one fleet replica is killed (0: none)",
+    )
+    parser.add_argument(
+        "--kill-duration",
+        type=float,
+        default=45.0,
+        help="seconds of load during each coordinator kill (0: none)",
     )
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
     parser.add_argument("--max-in-flight", type=int, default=32, help="client cap")
@@ -110,7 +128,8 @@ def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
     size = SIZES["97MB"]
     model = _build_models(workdir / "models", size) | {"size": "97MB"}
     dirs = {"A": workdir / "models" / "1", "B": workdir / "models" / "2"}
-    versions = [_version(n, dirs) for n in range(1, args.idle_reloads + args.reloads + 2)]
+    count = args.idle_reloads + args.reloads + len(KILLS) + 2
+    versions = [_version(n, dirs) for n in range(1, count)]
     logs = workdir / "logs"
     chosen = [name.strip() for name in args.systems.split(",") if name.strip()]
     results = []
@@ -125,7 +144,12 @@ def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
 
 def _system(name: str, args: argparse.Namespace, workdir: Path, logs: Path) -> System:
     if name == "fleet":
-        return FleetSystem(workdir / "repo-fleet", logs, replicas=args.replicas)
+        return FleetSystem(
+            workdir / "repo-fleet",
+            logs,
+            replicas=args.replicas,
+            prepare_parallel=args.prepare_parallel,
+        )
     if name == "single":
         return HotweightsSystem("availability", AdminTrigger(workdir / "models"), logs)
     if name == "ray-rolling":
@@ -157,7 +181,8 @@ def _run_system(
         _warm(system, workload)
         entry["start_s"] = round(time.monotonic() - began, 1)
         stage = "run"
-        idle, loaded = versions[1 : 1 + args.idle_reloads], versions[args.idle_reloads :]
+        idle = versions[1 : 1 + args.idle_reloads]
+        loaded = versions[args.idle_reloads : args.idle_reloads + args.reloads + 1]
         entry["quiet_gate"] = wait_quiet(args.quiet_wait)
         entry["idle"] = idle_figures([system.reload(v, MonotonicClock()) for v in idle])
         clock = MonotonicClock()
@@ -173,6 +198,12 @@ def _run_system(
         entry["records"] = [r.to_dict() for r in records]
         if isinstance(system, FleetSystem) and args.crash_duration > 0:
             entry["crash"] = _crash(system, workload, args)
+        if isinstance(system, FleetSystem) and args.kill_duration > 0:
+            spare = versions[args.idle_reloads + args.reloads + 1 :]
+            entry["coordinator_kills"] = [
+                _kill_coordinator(system, workload, args, version, when)
+                for version, when in zip(spare, KILLS, strict=False)
+            ]
     except PeerUnavailable as exc:
         entry |= {"status": "failed", "stage": exc.stage, "reason": exc.reason}
     except Exception as exc:  # a broken driver is reported like a broken peer
@@ -248,6 +279,53 @@ def _crash(system: FleetSystem, workload: Workload, args: argparse.Namespace) ->
         "errors": sorted({(r.error or "")[:160] for r in failed}),
         "killed_at_s": round(killed, 3),
         "replaced_after_s": None if recovered is None else round(recovered - killed, 3),
+    }
+
+
+def _kill_coordinator(
+    system: FleetSystem,
+    workload: Workload,
+    args: argparse.Namespace,
+    version: ModelVersion,
+    when: str,
+) -> dict[str, Any]:
+    """The same load for `kill_duration` s; a third of the way in, the coordinator's
+    process is killed: `idle` (then `version` is published once Ray restarted it), or
+    `prepare` (`version` is published and the kill lands while it prepares). Counts what
+    failed, and the time from the kill until `version` is live."""
+    clock = MonotonicClock()
+    spec = LoadSpec(args.rate, args.kill_duration, args.max_in_flight, args.timeout)
+    done: list[list[Record]] = []
+    loader = threading.Thread(
+        target=lambda: done.append(asyncio.run(run_load(system, workload, spec, clock, []))[0])
+    )
+    loader.start()
+    time.sleep(args.kill_duration / 3)  # a point in the load, not a synchronisation
+    if when == "prepare" and (error := system.publish(version)):
+        raise RuntimeError(error)
+    restarts, landed = system.kill_coordinator(preparing=when == "prepare")
+    killed = clock()
+    deadline = time.monotonic() + 300
+    while not system.restarted(restarts) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    restarted = clock()
+    if when == "idle" and (error := system.publish(version)):
+        raise RuntimeError(error)
+    while not system.live(version.number) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    live = clock() if system.live(version.number) else None
+    loader.join()
+    records = done[0] if done else []
+    failed = [r for r in records if r.failed]
+    return {
+        "when": when,
+        "landed_in": landed,
+        "requests": len(records),
+        "failed": len(failed),
+        "errors": sorted({(r.error or "")[:160] for r in failed}),
+        "killed_at_s": round(killed, 3),
+        "restarted_after_s": round(restarted - killed, 3),
+        "live_after_s": None if live is None else round(live - killed, 3),
     }
 
 
@@ -350,6 +428,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 f"the kill, {crash['failed_started_after_kill']} after), a replacement "
                 f"serving the committed version {crash['replaced_after_s']} s after the kill"
             )
+        for kill in entry.get("coordinator_kills", []):
+            rows.append(
+                f"\n{entry['name']}, the coordinator's process killed (SIGKILL) {kill['when']} "
+                f"(its record said: {kill['landed_in']}) {kill['killed_at_s']} s into "
+                f"{kill['requests']} requests: {kill['failed']} failed; Ray restarted it "
+                f"{kill['restarted_after_s']} s after the kill; the next version live "
+                f"{kill['live_after_s']} s after the kill"
+            )
     return "\n".join(rows)
 
 
@@ -369,6 +455,15 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows.append(
         _row("fleet: 0 old after commit", f["old_after_live"] == 0, str(f["old_after_live"]))
     )
+    for kill in fleet.get("coordinator_kills", []):
+        rows.append(
+            _row(
+                f"fleet: 0 failed, coordinator killed {kill['when']}",
+                kill["failed"] == 0 and kill["live_after_s"] is not None,
+                f"{kill['failed']} of {kill['requests']}; live again "
+                f"{kill['live_after_s']} s after the kill",
+            )
+        )
     if ray is not None:
         r = ray["fleet"]
         rows.append(

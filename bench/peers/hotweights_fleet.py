@@ -11,6 +11,7 @@ with `duration_s` the server's own cutover time: prepare plus commit.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -39,10 +40,17 @@ class FleetSystem:
     """`hotweights fleet` with `replicas` replicas, versions published into `repo`."""
 
     def __init__(
-        self, repo: Path, logs: Path, replicas: int = 2, start_timeout: float = 300.0
+        self,
+        repo: Path,
+        logs: Path,
+        replicas: int = 2,
+        start_timeout: float = 300.0,
+        prepare_parallel: int = 0,
     ) -> None:
-        self.name = f"hotweights-fleet ({replicas} replicas)"
+        at_once = f", {prepare_parallel} preparing at once" if prepare_parallel else ""
+        self.name = f"hotweights-fleet ({replicas} replicas{at_once})"
         self.replicas = replicas
+        self.prepare_parallel = prepare_parallel
         self.repo = repo
         self.log = logs / "hotweights-fleet.log"
         self.publisher = PublishTrigger(repo, logs / "publish-fleet.log")
@@ -75,6 +83,8 @@ class FleetSystem:
             str(port),
             "--watch",
             "events",
+            "--prepare-parallel",
+            str(self.prepare_parallel),
         ]
         self._process = spawn(command, self.log, env={"RAY_USAGE_STATS_ENABLED": "0"})
         wait_http(
@@ -142,16 +152,48 @@ class FleetSystem:
         live = committed_at - offset
         return ReloadResult(version.number, version.weights, trigger, live, True, "", server, done)
 
-    def _cutover_of(self, number: int) -> dict[str, Any] | None:
-        """The finished cutover to repository version `number`, if there is one yet."""
+    def _cutover_of(self, number: int, *, committed: bool = False) -> dict[str, Any] | None:
+        """The finished cutover to repository version `number`, if there is one yet (with
+        `committed`, only a committed one: an abort may be followed by a retry)."""
         for cutover in self.status()["cutovers"]:
             if cutover["version"] != number:
                 continue
             if cutover["outcome"] == "committed" and "finish" in cutover["phases"]:
                 return dict(cutover)
-            if cutover["outcome"] in ("aborted", "skipped"):
+            if cutover["outcome"] in ("aborted", "skipped") and not committed:
                 return dict(cutover)
         return None
+
+    def publish(self, version: ModelVersion) -> str | None:
+        """Publish `version` into the repository; the error, if it failed."""
+        return self.publisher._publish(version)
+
+    def kill_coordinator(self, *, preparing: bool = False) -> tuple[int, str]:
+        """SIGKILL the coordinator's process (with `preparing`, once a cutover prepares,
+        polled); how often Ray had restarted it, and the phase its record on disk was in
+        when it died (`idle`, `preparing` or `committed`)."""
+        deadline = time.monotonic() + CUTOVER_TIMEOUT_S
+        status = self.status()
+        while preparing and status["preparing"] is None:
+            if time.monotonic() > deadline:
+                raise PeerUnavailable("run", "no cutover began preparing")
+            time.sleep(0.02)
+            status = self.status()
+        os.kill(int(status["coordinator"]["pid"]), signal.SIGKILL)
+        record = json.loads((self.repo / ".hotweights-fleet.json").read_text())
+        pending = record["models"][MODEL_NAME]["pending"]
+        return int(status["coordinator"]["restarts"]), pending["phase"] if pending else "idle"
+
+    def restarted(self, restarts: int) -> bool:
+        """Whether Ray has restarted the coordinator since it had `restarts` restarts."""
+        return int(self.status()["coordinator"]["restarts"]) > restarts
+
+    def live(self, number: int) -> bool:
+        """Whether a cutover to repository version `number` committed and finished."""
+        cutover = self._cutover_of(number, committed=True)
+        if cutover is not None:
+            self._versions[int(cutover["generation"])] = number
+        return cutover is not None
 
     def kill_replica(self) -> str:
         """SIGKILL one replica's process (a crash, not a graceful stop); its id."""

@@ -4,107 +4,19 @@ flip, drain the old generation, finish; any failure aborts and marks the version
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from hotweights.config import Config
-from hotweights.fleet.coordinator import FINISH_ATTEMPTS, Coordinator
+from hotweights.errors import UnknownModel
+from hotweights.fleet.coordinator import Coordinator
+from hotweights.fleet.fleet_link import FINISH_ATTEMPTS
 from hotweights.fleet.replica import Prepared, Target
 from hotweights.fleet.settings import PREPARE_ROUNDS, FleetSettings
 from hotweights.sources import publish
+from tests.fleet.fake_link import Call, FakeLink, Fleet
 from tests.sources.layouts import WEIGHTS, make_version, write_files
-
-Call = tuple[object, ...]
-Round = Sequence[Prepared | BaseException] | BaseException
-"""One scripted answer to `prepare`: the replicas' answers, or what the call raises."""
-
-
-class FakeLink:
-    """A `FleetLink` that records every call in order. `prepare` answers the next of
-    `rounds` if any; otherwise every replica of `replica_ids` holds the target, fresh the
-    first time it is asked for that generation."""
-
-    def __init__(self, replica_ids: Sequence[str] = ("r1", "r2")) -> None:
-        self.replica_ids = tuple(replica_ids)
-        self.calls: list[Call] = []
-        self.rounds: list[Round] = []
-        self.stuck = 0
-        """What `drained` answers: requests left on the old generation."""
-        self.failures: dict[str, BaseException] = {}
-        """What `flip`, `drained` or `finish` raise (by name), once each."""
-        self.finishes: list[Sequence[bool | BaseException]] = []
-        """Scripted answers of `finish`, one per call; then every replica finishes."""
-        self._held: set[tuple[str, int]] = set()
-
-    def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
-        self.calls.append(("prepare", target.generation, Path(target.source).name))
-        if self.rounds:
-            scripted = self.rounds.pop(0)
-            if isinstance(scripted, BaseException):
-                raise scripted
-            return scripted
-        answers = []
-        for replica in self.replica_ids:
-            fresh = (replica, target.generation) not in self._held
-            self._held.add((replica, target.generation))
-            answers.append(Prepared(replica, target.generation, ok=True, seconds=0.5, fresh=fresh))
-        return answers
-
-    def abort(self, generation: int, reason: str) -> None:
-        self.calls.append(("abort", generation, reason))
-
-    def flip(self, generation: int) -> None:
-        self.calls.append(("flip", generation))
-        self._maybe_fail("flip")
-
-    def drained(self, generation: int, timeout: float) -> int:
-        self.calls.append(("drained", generation))
-        self._maybe_fail("drained")
-        return self.stuck
-
-    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]:
-        self.calls.append(("finish", generation))
-        self._maybe_fail("finish")
-        if self.finishes:
-            return self.finishes.pop(0)
-        return [True for _ in self.replica_ids]
-
-    def _maybe_fail(self, name: str) -> None:
-        failure = self.failures.pop(name, None)
-        if failure is not None:
-            raise failure
-
-    def replicas(self) -> Sequence[dict[str, object] | BaseException]:
-        return [{"replica": replica} for replica in self.replica_ids]
-
-    def ingress(self) -> dict[str, object]:
-        return {"generation": None}
-
-    def names(self) -> list[object]:
-        """The calls by name only."""
-        return [call[0] for call in self.calls]
-
-
-class Fleet:
-    """A repository of model `m` and a coordinator over it with a fake link."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.repo = tmp_path / "repo"
-        self.link = FakeLink()
-        self._builds = 0
-
-    def publish(self, description: str = "") -> Path:
-        """Publish a new version of `m`; its directory."""
-        self._builds += 1
-        files = write_files(self.tmp_path / "build" / str(self._builds), WEIGHTS)
-        return publish(files, self.repo, "m", description=description).path
-
-    def coordinator(self) -> Coordinator:
-        config = Config.load({"repo": str(self.repo)}, environ={})
-        return Coordinator(FleetSettings(config, "m", prepare_timeout=5.0), self.link)
 
 
 @pytest.fixture
@@ -351,22 +263,21 @@ def test_generations_are_never_reused_after_an_abort(fleet: Fleet) -> None:
     ]
 
 
-def test_an_ingress_that_cannot_flip_aborts_and_the_old_generation_stays_committed(
+def test_an_ingress_that_cannot_flip_at_first_is_flipped_again_after_the_commit(
     fleet: Fleet,
 ) -> None:
+    """The commit point is the record on disk: a flip that fails (the ingress is being
+    restarted) is tried again, never undone (a restarted ingress stamps the committed
+    generation by itself)."""
     fleet.publish()
     coordinator = fleet.coordinator()
     fleet.publish()
     fleet.link.failures["flip"] = ConnectionError("the ingress is gone")
     record = coordinator.sync()
     assert record is not None
-    assert record["outcome"] == "aborted"
-    assert record["error"] == "the ingress did not flip: ConnectionError: the ingress is gone"
-    # the flip back (in case it flipped after all), then the abort
-    assert fleet.link.names() == ["prepare", "prepare", "flip", "flip", "abort"]
-    assert coordinator.committed() == 1
-    assert coordinator.join().preparing is None
-    assert coordinator.repository.bad_reason("m", 2) is None  # not the version's fault
+    assert (record["outcome"], record["error"]) == ("committed", None)
+    assert fleet.link.names() == ["prepare", "prepare", "flip", "flip", "drained", "finish"]
+    assert coordinator.committed() == 2
 
 
 def test_an_ingress_that_cannot_report_its_drain_still_finishes_the_cutover(
@@ -458,3 +369,25 @@ def test_a_version_without_a_manifest_is_cut_over_to_once_its_files_settled(
     finally:
         coordinator.close()
     assert committed(coordinator) == (2, "2")
+
+
+def test_status_keeps_its_fields_and_adds_them_under_models_by_name(fleet: Fleet) -> None:
+    fleet.publish()
+    status = fleet.coordinator().status()
+    models = status["models"]
+    assert isinstance(models, dict)
+    assert list(models) == ["m"]
+    assert all(status[field] == value for field, value in models["m"].items())
+
+
+def test_a_reload_or_rollback_of_a_model_the_fleet_does_not_serve_is_refused(
+    fleet: Fleet,
+) -> None:
+    fleet.publish()
+    coordinator = fleet.coordinator()
+    with pytest.raises(UnknownModel, match="this fleet serves 'm', not 'other'"):
+        coordinator.reload(None, model="other")
+    with pytest.raises(UnknownModel, match="not 'other'"):
+        coordinator.rollback(model="other")
+    assert coordinator.reload(None, model="m") is None  # its own model: as without one
+    assert fleet.link.calls == []

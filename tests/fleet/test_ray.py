@@ -1,185 +1,20 @@
 """The fleet on a real local Ray cluster (loopback, no dashboard): 2 replicas of a tiny
-model, one cluster shared by every test of this module, each test leaving it serving."""
+model, one cluster shared by the fleet's Ray tests (`conftest.py`), each test leaving it
+serving."""
 
 from __future__ import annotations
 
-import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 ray = pytest.importorskip("ray")
 
-from hotweights.config import Config  # noqa: E402
-from hotweights.demo.tinylm import save_tiny_model  # noqa: E402
-from hotweights.fleet import deployment  # noqa: E402
-from hotweights.fleet.settings import FleetSettings  # noqa: E402
-from hotweights.sources import publish  # noqa: E402
-from hotweights.testing import free_port  # noqa: E402
 from tests.fleet import faults  # noqa: E402
+from tests.fleet.cluster import CHAT, MODEL, Running, Traffic, live_everywhere  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.llm, pytest.mark.timeout(300)]
-MODEL = "tiny"
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
-
-
-@dataclass
-class Answer:
-    sent_at: float
-    status: int
-    generation: int | None
-    replica: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class Traffic:
-    """Clients sending chat completions (every other one streamed) until stopped."""
-
-    url: str
-    clients: int = 3
-    answers: list[Answer] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __enter__(self) -> Traffic:
-        for index in range(self.clients):
-            thread = threading.Thread(target=self._client, args=(index,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-
-    def wait_for(self, count: int, after: float = 0.0, timeout: float = 60.0) -> None:
-        """Until `count` answers to requests sent after `after` (wall clock) came back."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if sum(a.sent_at > after for a in self.answers) >= count:
-                    return
-            self._stop.wait(0.05)
-        raise AssertionError(f"fewer than {count} answers after {after} in {timeout} s")
-
-    @property
-    def failed(self) -> list[Answer]:
-        with self._lock:
-            return [a for a in self.answers if a.status != 200 or a.error is not None]
-
-    def _client(self, index: int) -> None:
-        stream = index % 2 == 1
-        with httpx.Client(base_url=self.url, timeout=60) as client:
-            while not self._stop.is_set():
-                self._record(self._ask(client, stream))
-                stream = not stream
-
-    def _ask(self, client: httpx.Client, stream: bool) -> Answer:
-        sent_at = time.time()
-        try:
-            response = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
-        except httpx.HTTPError as exc:
-            return Answer(sent_at, 0, None, error=repr(exc))
-        generation = response.headers.get("x-hotweights-generation")
-        answer = Answer(
-            sent_at,
-            response.status_code,
-            int(generation) if generation else None,
-            response.headers.get("x-hotweights-replica"),
-        )
-        if stream and not response.text.rstrip().endswith("data: [DONE]"):
-            answer.error = f"stream ended without [DONE]: {response.text[-200:]!r}"
-        elif response.status_code != 200:
-            answer.error = response.text[:300]
-        return answer
-
-    def _record(self, answer: Answer) -> None:
-        with self._lock:
-            self.answers.append(answer)
-
-
-@dataclass
-class Running:
-    fleet: deployment.Fleet
-    repo: Path
-    builds: Path
-    admin: httpx.Client
-
-    def status(self) -> dict[str, Any]:
-        response = self.admin.get("/admin/fleet")
-        assert response.status_code == 200, response.text
-        status: dict[str, Any] = response.json()
-        return status
-
-    def publish(self, seed: int, *, fault: bool = False, hold: bool = False) -> int:
-        source = save_tiny_model(self.builds / f"seed-{seed}-{fault}-{hold}", seed=seed)
-        if fault:
-            (source / faults.FAULT_FILE).write_text("this version fails on one replica\n")
-        if hold:
-            (source / faults.HOLD_FILE).write_text("loads once released\n")
-        return publish(source, self.repo, MODEL).version
-
-    def wait(self, condition: Callable[[dict[str, Any]], bool], timeout: float = 90.0) -> Any:
-        """Poll /admin/fleet until `condition` holds (the fleet runs in other processes:
-        its status is the only thing to wait on)."""
-        deadline = time.monotonic() + timeout
-        status = self.status()
-        while not condition(status):
-            assert time.monotonic() < deadline, f"fleet never got there: {status}"
-            time.sleep(0.1)
-            status = self.status()
-        return status
-
-
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    root = tmp_path_factory.mktemp("fleet")
-    repo, builds = root / "repo", root / "builds"
-    publish(save_tiny_model(builds / "first", seed=1), repo, MODEL)
-    config = Config.load(
-        {
-            "repo": str(repo),
-            "port": free_port(),
-            "watch": "poll",
-            "poll_interval": 0.1,
-            "max_tokens_limit": 16,
-            "drain_timeout": 20.0,
-        },
-        environ={},
-    )
-    ray.cloudpickle.register_pickle_by_value(faults)
-    settings = FleetSettings(
-        config, MODEL, replicas=2, prepare_timeout=60.0, loader=faults.one_replica_fails
-    )
-    fleet = deployment.start(settings, log_to_driver=False)
-    try:
-        with httpx.Client(base_url=fleet.url, timeout=120) as admin:
-            yield Running(fleet, repo, builds, admin)
-    finally:
-        fleet.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _live_everywhere(generation: int) -> Callable[[dict[str, Any]], bool]:
-    def check(status: dict[str, Any]) -> bool:
-        replicas = status["replicas"]
-        return (
-            status["committed"]["generation"] == generation
-            and len(replicas) == 2
-            and all(r.get("live") == generation for r in replicas)
-            and all([v["generation"] for v in r["resident"]] == [generation] for r in replicas)
-        )
-
-    return check
 
 
 def test_a_publish_goes_live_on_every_replica_with_no_failed_request(running: Running) -> None:
@@ -188,13 +23,14 @@ def test_a_publish_goes_live_on_every_replica_with_no_failed_request(running: Ru
     with Traffic(running.fleet.url) as traffic:
         traffic.wait_for(10)
         version = running.publish(seed=2)
-        status = running.wait(_live_everywhere(old + 1))
+        status = running.wait(live_everywhere(old + 1))
         cutover = status["last_cutover"]
         committed_at = cutover["started_at"] + cutover["phases"]["prepare"]
         committed_at += cutover["phases"]["commit"]
         traffic.wait_for(10, after=committed_at)
     assert cutover["outcome"] == "committed"
     assert cutover["version"] == version
+    assert status["models"][MODEL]["committed"] == status["committed"]
     assert set(cutover["replicas"]) == {r["replica"] for r in status["replicas"]}
     assert traffic.failed == []
     late_old = [a for a in traffic.answers if a.sent_at > committed_at and a.generation == old]
@@ -222,7 +58,7 @@ def test_a_version_one_replica_cannot_load_aborts_and_nothing_changes(running: R
     cutover = status["last_cutover"]
     assert "injected fault on replica" in cutover["error"]
     assert status["committed"] == live
-    assert _live_everywhere(live["generation"])(running.wait(_live_everywhere(live["generation"])))
+    assert live_everywhere(live["generation"])(running.wait(live_everywhere(live["generation"])))
     assert traffic.failed == []
     assert {a.generation for a in traffic.answers} == {live["generation"]}
     marked = running.admin.post("/admin/reload").json()  # the bad version is not retried
@@ -242,7 +78,10 @@ def test_rollback_goes_back_through_both_phases(running: Running) -> None:
     assert record["description"] == "a bad eval"
     assert record["version"] < committed["version"]
     assert record["generation"] > committed["generation"]
-    running.wait(_live_everywhere(record["generation"]))
+    running.wait(live_everywhere(record["generation"]))
+    other = running.admin.post("/admin/reload", json={"model": "other"})
+    assert other.status_code == 404, other.text
+    assert "this fleet serves 'tiny', not 'other'" in other.json()["error"]["message"]
     refused = running.admin.post("/admin/reload", json={"path": str(running.repo / MODEL / "1")})
     assert refused.status_code == 400
     assert "not a path" in refused.json()["error"]["message"]
@@ -261,7 +100,7 @@ def test_a_killed_replica_comes_back_on_the_committed_version(running: Running) 
         killed_at = time.time()
         status = running.wait(
             lambda s: (
-                _live_everywhere(generation)(s)
+                live_everywhere(generation)(s)
                 and victim not in {r["replica"] for r in s["replicas"]}
             )
         )
@@ -292,7 +131,7 @@ def test_a_replica_that_dies_in_prepare_aborts_the_cutover(running: Running) -> 
         status = running.wait(lambda s: s["last_cutover"]["outcome"] == "aborted")
         status = running.wait(
             lambda s: (
-                _live_everywhere(live["generation"])(s)
+                live_everywhere(live["generation"])(s)
                 and victim["replica"] not in {r["replica"] for r in s["replicas"]}
             )
         )

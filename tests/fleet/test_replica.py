@@ -345,3 +345,46 @@ def test_a_finish_right_after_hold_returned_finds_the_version(make: Make, repo: 
     live = replica.reloader.live_version
     assert live is not None
     assert live.generation == 5
+
+
+def test_a_replica_starting_while_the_fleet_drains_holds_both_generations(
+    make: Make, repo: Path
+) -> None:
+    """Started between a commit (g5) and its finish: requests the ingress stamped g4
+    before the flip may still be routed here, so g4 is live and g5 held beside it."""
+    replica = make(FakeLoader())
+    draining = Joined(Target(5, source(repo, 5)), draining=Target(4, source(repo, 4)), issued=5)
+    replica.start(draining, TIMEOUT)
+    assert resident(replica) == [(5, "held"), (4, "live")]
+    assert replica.has(4)
+    assert replica.has(5)
+    assert replica.catch_up(draining, TIMEOUT)  # in line: nothing to do until the finish
+    assert resident(replica) == [(5, "held"), (4, "live")]
+    retired = Retired(replica)
+    assert not replica.catch_up(Joined(Target(5, source(repo, 5)), issued=5), TIMEOUT)
+    assert retired.wait(4)
+    assert resident(replica) == [(5, "live")]
+
+
+def test_a_replica_catching_up_keeps_the_generation_the_ingress_still_drains(
+    make: Make, repo: Path
+) -> None:
+    """A replica that learns of a commit by itself (a request stamped with the new
+    generation) holds the new one and unloads nothing until the fleet has drained."""
+    replica = started(make, repo, FakeLoader())  # g3 live
+    draining = Joined(Target(4, source(repo, 4)), draining=Target(3, source(repo, 3)), issued=4)
+    assert not replica.catch_up(draining, TIMEOUT)
+    assert resident(replica) == [(4, "held"), (3, "live")]
+    assert replica.catch_up(draining, TIMEOUT)
+    retired = Retired(replica)
+    assert not replica.catch_up(Joined(Target(4, source(repo, 4)), issued=4), TIMEOUT)
+    assert retired.wait(3)
+    assert resident(replica) == [(4, "live")]
+
+
+def test_catch_up_leaves_alone_a_version_prepared_after_its_answer(make: Make, repo: Path) -> None:
+    replica = started(make, repo, FakeLoader())
+    assert replica.hold(Target(6, source(repo, 6)), TIMEOUT).ok  # asked for after ...
+    stale = Joined(Target(3, source(repo, 3)), issued=5)  # ... this answer was given
+    assert replica.catch_up(stale, TIMEOUT)
+    assert resident(replica) == [(6, "held"), (3, "live")]

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from hotweights.errors import InvalidRequest
 
-RELOAD_FIELDS = frozenset({"version", "description", "wait"})
-ROLLBACK_FIELDS = frozenset({"description"})
+RELOAD_FIELDS = frozenset({"version", "description", "wait", "model"})
+ROLLBACK_FIELDS = frozenset({"description", "model"})
 
 
 @dataclass(frozen=True)
@@ -18,11 +18,13 @@ class AdminAsk:
     """A repository version to pin; None: follow the latest eligible one."""
     description: str = ""
     """Recorded with the cutover."""
+    model: str | None = None
+    """The model to cut over (None: the fleet's only one)."""
 
 
 def parse_reload(raw: bytes) -> AdminAsk:
-    """`{"version": N, "description": "...", "wait": true}`, every field optional. Raises
-    `InvalidRequest` naming what is wrong."""
+    """`{"version": N, "description": "...", "model": "...", "wait": true}`, every field
+    optional. Raises `InvalidRequest` naming what is wrong."""
     body = _object(raw, RELOAD_FIELDS)
     if "path" in body:
         raise InvalidRequest(
@@ -34,12 +36,13 @@ def parse_reload(raw: bytes) -> AdminAsk:
         raise InvalidRequest(f"version must be an integer, got {version!r}")
     if body.get("wait", True) is not True:
         raise InvalidRequest("a fleet's reload always answers once its cutover ended (wait)")
-    return AdminAsk(version, _description(body))
+    return AdminAsk(version, _description(body), _model(body))
 
 
 def parse_rollback(raw: bytes) -> AdminAsk:
-    """`{"description": "..."}` or nothing."""
-    return AdminAsk(None, _description(_object(raw, ROLLBACK_FIELDS)))
+    """`{"description": "...", "model": "..."}` or nothing."""
+    body = _object(raw, ROLLBACK_FIELDS)
+    return AdminAsk(None, _description(body), _model(body))
 
 
 def _object(raw: bytes, allowed: frozenset[str]) -> dict[str, object]:
@@ -62,3 +65,10 @@ def _description(body: dict[str, object]) -> str:
     if not isinstance(description, str):
         raise InvalidRequest("description must be a string")
     return description
+
+
+def _model(body: dict[str, object]) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequest("model must be a string")
+    return model

@@ -4,7 +4,9 @@ CLI builds its parser without the ray extra installed)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,11 @@ def add_fleet_command(
     fleet.add_argument("--model", help="the repository's model to serve (default: its only one)")
     fleet.add_argument("--replicas", type=int, default=2, help="replicas, each with its own copy")
     fleet.add_argument("--ray-address", help="join this Ray cluster (default: start one locally)")
+    fleet.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a fleet already running on the cluster (default: refuse to start)",
+    )
     fleet.add_argument("--host", help="interface of the HTTP endpoint (default 127.0.0.1)")
     fleet.add_argument("--port", type=int, help="TCP port (default 8000)")
     fleet.add_argument(
@@ -61,6 +68,12 @@ def add_fleet_command(
         type=float,
         default=300.0,
         help="seconds every replica has to load a new version before the cutover aborts",
+    )
+    fleet.add_argument(
+        "--prepare-parallel",
+        type=int,
+        default=0,
+        help="replicas that prepare a new version at once; the others wait (0: all)",
     )
     fleet.add_argument("--drain-timeout", type=float, help="seconds old requests may finish in")
     fleet.add_argument("--admin-token", help="bearer token for /admin (required beyond loopback)")
@@ -94,7 +107,9 @@ def _fleet(args: argparse.Namespace) -> int:
             model,
             replicas=args.replicas,
             prepare_timeout=args.prepare_timeout,
+            prepare_parallel=args.prepare_parallel,
             ray_address=args.ray_address,
+            replace=args.replace,
         )
         from hotweights.fleet import deployment
     except ImportError as exc:
@@ -106,12 +121,13 @@ def _fleet(args: argparse.Namespace) -> int:
     say(f"starting {settings.replicas} replicas of {model} from {config.repo} on Ray Serve")
     try:
         fleet = deployment.start(settings)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError) as exc:  # FleetRunning is a RuntimeError
         print(f"hotweights fleet: {exc}", file=sys.stderr)
         return 1
+    stop = _stop_on_signals()  # after the start: ray.init put in a SIGTERM handler that exits
     say(f"fleet serving {model} on {fleet.url} (GET /admin/fleet; Ctrl-C stops it)")
     try:
-        _wait_for_stop()
+        stop.wait()
     finally:
         say("stopping the fleet")
         fleet.stop()
@@ -130,12 +146,9 @@ def _only_model(repo: str) -> str:
     return models[0]
 
 
-def _wait_for_stop() -> None:
-    """Block until SIGINT or SIGTERM."""
-    import signal
-    import threading
-
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGINT or SIGTERM sets (from now on)."""
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stop.set())
-    stop.wait()
+    return stop

@@ -7,12 +7,18 @@ one in two phases.
    PREPARE ── every replica loads, validates, warms and holds gN beside g(N-1)
         │  └─ any replica fails, dies or times out ──► ABORT: all discard gN,
         │                                              g(N-1) stays, vN marked bad
-   COMMIT ─── the ingress flips: requests admitted from now on carry gN
-        │
+   COMMIT ─── recorded on disk (the commit point), then the ingress flips: requests
+        │     admitted from now on carry gN
    DRAIN ──── requests the ingress admitted on g(N-1) finish
         │
    FINISH ─── every replica makes gN its live version; g(N-1) is unloaded
 ```
+
+Every step is written to the fleet's record (`ledger.py`) before it is taken, so a
+coordinator that dies and is restarted carries on (`resume`): a cutover it left in
+prepare is aborted, one it left committed is finished. Until the finish, a replica that
+starts loads g(N-1) beside gN (`Joined.draining`): a request admitted before the flip
+finds its generation wherever it is routed.
 
 The coordinator never touches a request. It reaches the replicas and the ingress through
 a `FleetLink` (Ray handles in `deployment.py`, plain objects in tests). Thread-safe: one
@@ -23,88 +29,49 @@ repository's target already committed.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import replace
+from pathlib import Path
 
-from hotweights.fleet.replica import Joined, Prepared, Target
-from hotweights.fleet.settings import PREPARE_ROUNDS, FleetSettings
+from hotweights.errors import UnknownModel
+from hotweights.fleet.cutover_record import Cutover, describe, reason, target_json
+from hotweights.fleet.fleet_link import (
+    FleetLink,
+    finish_everywhere,
+    flip_until,
+    prepare_everywhere,
+)
+from hotweights.fleet.ledger import LEDGER_NAME, FleetLedger, Mark, Pending, Phase, restore
+from hotweights.fleet.replica import Joined, Target
+from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import ModelRepository, make_watcher
-from hotweights.sources.repository_scan import VersionInfo
+from hotweights.sources.layout import Signature
+from hotweights.sources.repository_scan import VersionInfo, VersionStatus
+from hotweights.sources.version_policy import Pinned
+from hotweights.sources.version_policy import describe as describe_policy
 from hotweights.sources.watcher import Watcher
 
 log = logging.getLogger("hotweights.fleet")
 
 MAX_CUTOVERS = 32
-FINISH_ATTEMPTS = 3
 SETTLE_MARGIN_S = 0.05
-
-
-class FleetLink(Protocol):
-    """How the coordinator reaches the replicas and the ingress. Blocking calls."""
-
-    def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
-        """Every running replica's answer; raises `TimeoutError` past `timeout`."""
-
-    def abort(self, generation: int, reason: str) -> None: ...
-
-    def flip(self, generation: int) -> None:
-        """The ingress stamps `generation` on every request admitted from now on."""
-
-    def drained(self, generation: int, timeout: float) -> int:
-        """Wait until the ingress has no request on `generation` in flight, or `timeout`;
-        the number still in flight."""
-
-    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]: ...
-
-    def replicas(self) -> Sequence[dict[str, object] | BaseException]: ...
-
-    def ingress(self) -> dict[str, object]: ...
-
-
-@dataclass
-class Cutover:
-    """One attempt to move the fleet to a version, as `/admin/fleet` reports it."""
-
-    generation: int
-    version: int
-    trigger: str
-    description: str = ""
-    """What the operator said (`hotweights reload --description`), if anything."""
-    started_at: float = field(default_factory=time.time)
-    outcome: str = "preparing"
-    """preparing, committed, aborted, or skipped (no replica to prepare)."""
-    error: str | None = None
-    phases: dict[str, float] = field(default_factory=dict)
-    """Seconds of prepare, commit, drain and finish."""
-    replicas: dict[str, float] = field(default_factory=dict)
-    """Each replica's prepare time."""
-    stuck: int = 0
-    """Requests still running on the old generation at the drain deadline."""
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "generation": self.generation,
-            "version": self.version,
-            "trigger": self.trigger,
-            "description": self.description,
-            "started_at": self.started_at,
-            "outcome": self.outcome,
-            "error": self.error,
-            # list(): one copy under the GIL while the cutover's thread may add a phase
-            "phases": {name: round(seconds, 4) for name, seconds in list(self.phases.items())},
-            "replicas": {name: round(s, 4) for name, s in list(self.replicas.items())},
-            "stuck": self.stuck,
-        }
+INTERRUPTED_LIMIT = 2
+"""A version whose prepare a coordinator died in this many times is marked bad: it may be
+what kills it."""
 
 
 class Coordinator:
-    """The fleet's single source of truth about versions (one per fleet)."""
+    """The fleet's single source of truth about versions (one per fleet).
 
-    def __init__(self, settings: FleetSettings, link: FleetLink) -> None:
+    `fleet_id` names the fleet this coordinator serves: built again with the same name
+    (Ray restarting its actor), it takes the committed generation and the cutover in
+    progress from the record; with another name (a fleet started anew on the same
+    repository) only the bad marks, the pins and the generation count."""
+
+    def __init__(self, settings: FleetSettings, link: FleetLink, *, fleet_id: str = "") -> None:
         config = settings.config
         if config.repo is None:  # pragma: no cover - FleetSettings checks
             raise ValueError("a fleet serves a model repository")
@@ -117,28 +84,48 @@ class Coordinator:
         state = self.repository.scan()
         if not state.readable:
             raise ValueError(f"cannot read the model repository {config.repo}: {state.error}")
-        first = self.repository.target(self.model)
-        if first is None:
-            raise ValueError(
-                f"model {self.model!r} has no eligible version in {config.repo} "
-                f"(models there: {', '.join(self.repository.models()) or 'none'})"
-            )
-        self._committed = Target(1, first.source, _describe(first))
-        self._number = first.number
-        self._next = 2
+        self.ledger = FleetLedger(Path(config.repo) / LEDGER_NAME)
+        record = self.ledger.load()
+        restarted = bool(fleet_id) and record.fleet == fleet_id
+        record.fleet, record.starts = fleet_id, record.starts + 1 if restarted else 1
+        self.restarts = record.starts - 1
+        """How often Ray restarted this fleet's coordinator."""
+        self._record = record
+        self._entry = record.model(self.model)
         self._preparing: Target | None = None
         self._cutovers: deque[Cutover] = deque(maxlen=MAX_CUTOVERS)
-        self._lock = threading.Lock()  # one cutover at a time
+        self._lock = threading.Lock()  # one cutover at a time; every change of the record
         self._state = threading.Lock()  # the fields `join` and `status` read
         self._watcher: Watcher | None = None
         self._settle: threading.Timer | None = None
+        restore(self._entry, self.repository, self.model)
+        self._interrupted: Pending | None = None
+        self._draining: Target | None = None
+        entry = self._entry
+        if restarted and entry.committed is not None and entry.number is not None:
+            self._committed, self._number = entry.committed, entry.number
+            self._interrupted = entry.pending
+            if entry.pending is not None and entry.pending.phase is Phase.COMMITTED:
+                self._draining = entry.pending.previous
+        else:
+            first = self.repository.target(self.model)
+            if first is None:
+                raise ValueError(
+                    f"model {self.model!r} has no eligible version in {config.repo} "
+                    f"(models there: {', '.join(self.repository.models()) or 'none'})"
+                )
+            self._committed = Target(self._issue(), first.source, describe(first))
+            self._number = first.number
+            entry.committed, entry.number, entry.pending = self._committed, first.number, None
+        self.ledger.save(record)
 
     # -- asked by replicas and the ingress ---------------------------------------------------
 
     def join(self) -> Joined:
         """What a replica starting now must load (see `FleetReplica.start`)."""
         with self._state:
-            return Joined(self._committed, self._preparing)
+            issued = self._record.next_generation - 1
+            return Joined(self._committed, self._preparing, self._draining, issued)
 
     def committed(self) -> int:
         """The committed generation (an ingress that restarts stamps it)."""
@@ -146,6 +133,30 @@ class Coordinator:
             return self._committed.generation
 
     # -- driving ---------------------------------------------------------------------------
+
+    def resume(self) -> dict[str, object] | None:
+        """Carry on where the coordinator before this one died: abort a cutover it left in
+        prepare (not the version's fault, unless it happened `INTERRUPTED_LIMIT` times),
+        finish one it left committed. Call once, before `watch`. The record of what was
+        done, or None when nothing was left."""
+        with self._lock:
+            pending, self._interrupted = self._interrupted, None
+            if pending is None:
+                return None
+            generation = pending.target.generation
+            record = Cutover(generation, pending.number, "restart", pending.target.description)
+            with self._state:
+                self._cutovers.appendleft(record)
+            if pending.phase is Phase.COMMITTED:
+                log.info("cutover g%d was committed before a restart: finishing", generation)
+                record.outcome = "committed"
+                self._complete(record, pending)
+                return record.to_dict()
+            count = self._entry.interrupted.get(pending.number, 0) + 1
+            self._entry.interrupted[pending.number] = count
+            why = f"the coordinator died while g{generation} prepared ({count} time(s))"
+            blame = count >= INTERRUPTED_LIMIT
+            return self._abort(record, pending.number, None, [why], blame=blame).to_dict()
 
     def watch(self) -> None:
         """Follow the repository from now on (call once the replicas serve), starting
@@ -171,21 +182,29 @@ class Coordinator:
                 return None
             return self._cutover(target, trigger, description).to_dict()
 
-    def reload(self, version: int | None = None, description: str = "") -> dict[str, object] | None:
-        """Pin `version` (or, with None, follow the latest eligible one again) and sync."""
+    def reload(
+        self, version: int | None = None, description: str = "", model: str | None = None
+    ) -> dict[str, object] | None:
+        """Pin `version` (or, with None, follow the latest eligible one again) and sync.
+        Raises `UnknownModel` for a `model` the fleet does not serve."""
+        self._served(model)
         self.repository.scan()
-        if version is None:
-            self.repository.unpin(self.model)
-        else:
-            self.repository.pin(self.model, version)
+        with self._lock:
+            if version is None:
+                self.repository.unpin(self.model)
+            else:
+                self.repository.pin(self.model, version)
+                self._entry.bad.pop(version, None)
+            self._remember_policy()
         return self.sync("api", description)
 
-    def rollback(self, description: str = "") -> dict[str, object] | None:
+    def rollback(self, description: str = "", model: str | None = None) -> dict[str, object] | None:
         """Pin the newest eligible version older than the committed one and sync."""
+        self._served(model)
         self.repository.scan()
-        with self._state:
-            live = self._number
-        self.repository.rollback(self.model, live=live)
+        with self._lock:
+            self.repository.rollback(self.model, live=self._number)
+            self._remember_policy()
         return self.sync("rollback", description)
 
     def close(self) -> None:
@@ -197,139 +216,166 @@ class Coordinator:
     # -- reporting ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
-        """`GET /admin/fleet`: the committed generation, the last cutovers, each replica's
-        live and resident generations and requests in flight, the ingress's counts."""
+        """`GET /admin/fleet`: the committed generation, the last cutovers, the bad marks
+        and the pin (also under `models`, by name), each replica's live and resident
+        generations and requests in flight, the ingress's counts, and the coordinator's
+        own process."""
         with self._state:
-            committed, preparing = self._committed, self._preparing
+            committed, preparing, draining = self._committed, self._preparing, self._draining
             cutovers = [cutover.to_dict() for cutover in self._cutovers]
-        return {
+        bad = {
+            str(info.number): info.reason
+            for info in self.repository.versions(self.model)
+            if info.status is VersionStatus.BAD
+        }
+        model: dict[str, object] = {
             "model": self.model,
-            "committed": _target(committed),
-            "preparing": _target(preparing) if preparing is not None else None,
+            "committed": target_json(committed),
+            "preparing": target_json(preparing) if preparing is not None else None,
+            "draining": target_json(draining) if draining is not None else None,
+            "policy": describe_policy(self.repository.policy(self.model)),
+            "bad": bad,
             "last_cutover": cutovers[0] if cutovers else None,
             "cutovers": cutovers,
+        }
+        return model | {
+            "models": {self.model: model},
             "replicas": [
-                r if isinstance(r, dict) else {"error": _reason(r)} for r in self.link.replicas()
+                r if isinstance(r, dict) else {"error": reason(r)} for r in self.link.replicas()
             ],
             "ingress": self.link.ingress(),
+            "coordinator": {"pid": os.getpid(), "restarts": self.restarts},
         }
 
     # -- the two phases ----------------------------------------------------------------------
 
-    def _cutover(self, info: VersionInfo, trigger: str, description: str = "") -> Cutover:
-        generation, self._next = self._next, self._next + 1
-        target = Target(generation, info.source, description or _describe(info))
-        record = Cutover(generation, info.number, trigger, description)
+    def _cutover(self, info: VersionInfo, trigger: str, description: str) -> Cutover:
+        number, signature = info.number, info.signature
+        target = Target(self._issue(), info.source, description or describe(info))
+        generation = target.generation
+        pending = Pending(target, number, Phase.PREPARING, self._committed, trigger)
+        self._entry.pending = pending
+        self.ledger.save(self._record)  # nothing has started if this raises
+        record = Cutover(generation, number, trigger, description)
         with self._state:
             self._cutovers.appendleft(record)
             self._preparing = target
-        log.info("cutover g%d to %s v%d: prepare", generation, self.model, info.number)
+        log.info("cutover g%d to %s v%d: prepare", generation, self.model, number)
         started = time.monotonic()
         try:
-            answers, errors = self._prepare(target)
+            answers, errors = prepare_everywhere(self.link, target, self.settings.prepare_timeout)
         finally:
             record.phases["prepare"] = time.monotonic() - started
         record.replicas = {a.replica: a.seconds for a in answers if a.fresh}
         if errors or not answers:
-            return self._abort(record, info, errors)
+            return self._abort(record, number, signature, errors)
         started = time.monotonic()
         try:
-            self.link.flip(generation)
-        except Exception as exc:  # not the version's fault: not marked bad
-            self._flip_back()
-            reason = f"the ingress did not flip: {_reason(exc)}"
-            return self._abort(record, info, [reason], blame=False)
+            self._commit(pending)
+        except OSError as exc:  # not the version's fault: not marked bad
+            why = f"the commit could not be recorded in {self.ledger.path}: {exc}"
+            return self._abort(record, number, signature, [why], blame=False)
+        record.outcome = "committed"
+        self._complete(record, pending, started)
+        return record
+
+    def _commit(self, pending: Pending) -> None:
+        """The commit point: the record on disk says the fleet committed `pending`. Raises
+        `OSError` (and commits nothing) if it cannot be written."""
+        entry = self._entry
+        entry.committed, entry.number = pending.target, pending.number
+        entry.pending = replace(pending, phase=Phase.COMMITTED)
+        interrupted = entry.interrupted.pop(pending.number, None)
+        try:
+            self.ledger.save(self._record)
+        except OSError:
+            entry.committed, entry.number, entry.pending = self._committed, self._number, pending
+            if interrupted is not None:
+                entry.interrupted[pending.number] = interrupted
+            raise
         with self._state:
-            old, self._committed, self._preparing = self._committed, target, None
-            self._number = info.number
-            record.outcome = "committed"
+            self._committed, self._number = pending.target, pending.number
+            self._preparing, self._draining = None, pending.previous
+        log.info("cutover g%d committed", pending.target.generation)
+
+    def _complete(self, record: Cutover, pending: Pending, started: float | None = None) -> None:
+        """Flip, drain and finish a committed cutover (also one a dead coordinator left)."""
+        generation, old = pending.target.generation, pending.previous.generation
+        started = time.monotonic() if started is None else started
+        flip_until(self.link, generation, self.settings.prepare_timeout)
         record.phases["commit"] = time.monotonic() - started
-        log.info("cutover g%d committed; draining g%d", generation, old.generation)
+        log.info("cutover g%d: draining g%d", generation, old)
         started = time.monotonic()
         try:
-            record.stuck = self.link.drained(old.generation, self.settings.config.drain_timeout)
+            record.stuck = self.link.drained(old, self.settings.config.drain_timeout)
         except Exception as exc:  # an ingress that died took its requests with it
             log.warning("cutover g%d: the ingress did not report its drain: %s", generation, exc)
         record.phases["drain"] = time.monotonic() - started
         started = time.monotonic()
-        record.error = self._finish(generation)
+        record.error = finish_everywhere(self.link, generation, self.settings.prepare_timeout)
         record.phases["finish"] = time.monotonic() - started
-        return record
-
-    def _flip_back(self) -> None:
-        """A flip that failed may have happened all the same: stamp the committed
-        generation again (retried: an ingress left on a discarded one fails everything)."""
-        for _ in range(FINISH_ATTEMPTS):
-            try:
-                self.link.flip(self._committed.generation)
-                return
-            except Exception as exc:
-                back = self._committed.generation
-                log.error("flipping the ingress back to g%d failed: %s", back, exc)
-
-    def _finish(self, generation: int) -> str | None:
-        """Every replica makes `generation` live (a replica that lacks it catches up
-        first). Retried; what still failed, for the record (None: all finished)."""
-        finished: Sequence[bool | BaseException] = []
-        for _ in range(FINISH_ATTEMPTS):
-            try:
-                finished = self.link.finish(generation, self.settings.prepare_timeout)
-            except Exception as exc:
-                finished = [exc]
-            if all(answer is True for answer in finished):
-                return None
-        failed = [a if isinstance(a, bool) else _reason(a) for a in finished if a is not True]
-        error = f"committed, but {len(failed)} replica(s) did not finish: {failed}"
-        log.error("cutover g%d: %s", generation, error)
-        return error
-
-    def _prepare(self, target: Target) -> tuple[list[Prepared], list[str]]:
-        answers: dict[str, Prepared] = {}
-        errors: list[str] = []
-        for _ in range(PREPARE_ROUNDS):
-            try:
-                results = self.link.prepare(target, self.settings.prepare_timeout)
-            except TimeoutError:
-                wait = self.settings.prepare_timeout
-                errors.append(f"not every replica was ready within {wait:g} s")
-                break
-            except Exception as exc:
-                errors.append(f"preparing failed: {_reason(exc)}")
-                break
-            fresh = False
-            for result in results:
-                if isinstance(result, BaseException):
-                    errors.append(f"a replica failed: {_reason(result)}")
-                elif not result.ok:
-                    errors.append(result.error or f"replica {result.replica} failed")
-                else:
-                    fresh = fresh or result.fresh
-                    if result.replica not in answers or result.fresh:
-                        answers[result.replica] = result
-            if errors or not fresh:
-                break
-        return list(answers.values()), errors
+        with self._state:
+            self._draining = None
+        self._entry.pending = None
+        self._save_quietly()  # if lost, a restarted coordinator finishes again: harmless
 
     def _abort(
-        self, record: Cutover, info: VersionInfo, errors: list[str], *, blame: bool = True
+        self,
+        record: Cutover,
+        number: int,
+        signature: Signature | None,
+        errors: list[str],
+        *,
+        blame: bool = True,
     ) -> Cutover:
         generation = record.generation
         with self._state:
             self._preparing = None
+        self._entry.pending = None
         if not errors:  # nothing answered: no replica yet, not the version's fault
             record.outcome, record.error = "skipped", "no replica was running to prepare it"
+            self._save_quietly()
             return record
-        reason = "; ".join(errors)
-        record.outcome, record.error = "aborted", reason
-        log.error("cutover g%d to v%d aborted: %s", generation, info.number, reason)
+        why = "; ".join(errors)
+        record.outcome, record.error = "aborted", why
+        log.error("cutover g%d to v%d aborted: %s", generation, number, why)
         try:
-            self.link.abort(generation, reason)
+            self.link.abort(generation, why)
         except Exception as exc:  # each replica's held copy rolls back when its hold ends
             log.warning("cutover g%d: telling the replicas to abort failed: %s", generation, exc)
         if blame:
-            why = f"fleet cutover g{generation} aborted: {reason}"
-            self.repository.mark_bad(self.model, info.number, why, signature=info.signature)
+            mark = Mark(f"fleet cutover g{generation} aborted: {why}", signature)
+            self.repository.mark_bad(self.model, number, mark.reason, signature=signature)
+            self._entry.bad[number] = mark
+        self._save_quietly()  # on disk before `status` shows it: a restart keeps what it saw
+        if blame:
+            self.repository.scan()  # the mark counts from a scan on
         return record
+
+    def _served(self, model: str | None) -> None:
+        if model is not None and model != self.model:
+            raise UnknownModel(f"this fleet serves {self.model!r}, not {model!r}")
+
+    # -- the record --------------------------------------------------------------------------
+
+    def _issue(self) -> int:
+        """A new generation number (kept on disk with the next save)."""
+        with self._state:
+            generation = self._record.next_generation
+            self._record.next_generation += 1
+        return generation
+
+    def _remember_policy(self) -> None:
+        policy = self.repository.policy(self.model)
+        self._entry.pin = policy if isinstance(policy, Pinned) else None
+        self._save_quietly()
+
+    def _save_quietly(self) -> None:
+        """Write the record; a failure is logged (what it loses is redone on a restart)."""
+        try:
+            self.ledger.save(self._record)
+        except OSError as exc:
+            log.error("the fleet's record %s could not be written: %s", self.ledger.path, exc)
 
     def _settle_later(self, due: float | None) -> None:
         """A version without a manifest becomes eligible once its files have settled,
@@ -348,22 +394,3 @@ class Coordinator:
             self.sync("watch")
         except Exception:
             log.exception("fleet: syncing %s failed", self.settings.config.repo)
-
-
-def _describe(info: VersionInfo) -> str:
-    text = f"{info.model} v{info.number}"
-    return f"{text}: {info.description}" if info.description else text
-
-
-def _target(target: Target) -> dict[str, object]:
-    return {
-        "generation": target.generation,
-        "version": int(target.number) if target.number.isdigit() else target.number,
-        "source": target.source,
-    }
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of an error (a Ray task error carries the whole remote traceback)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"

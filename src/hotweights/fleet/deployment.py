@@ -3,7 +3,8 @@
 
 Ray does the distribution, placement and restarts: the replicas are a Serve deployment
 (Serve restarts one that dies, and a new one loads the committed version in its
-constructor, before Serve routes to it), the coordinator a detached named actor, and
+constructor, before Serve routes to it), the coordinator a detached named actor that
+Ray restarts when it dies (it carries on from the fleet's record, `ledger.py`), and
 the two phases are `DeploymentHandle.broadcast` calls. `user_config` is never used for a
 version: Serve rolls it out in batches, which is the skew the two phases exist to avoid.
 """
@@ -13,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +29,7 @@ from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
 from hotweights.fleet.ingress import Ingress
 from hotweights.fleet.names import APP, COORDINATOR, INGRESS, NAMESPACE, REPLICA
+from hotweights.fleet.prepare_slots import PrepareSlots
 from hotweights.fleet.replica import FleetReplica, Prepared, Target
 from hotweights.fleet.settings import FleetSettings
 
@@ -34,6 +39,12 @@ CONTROL_TIMEOUT_S = 30.0
 CATCH_UP_ROUNDS = 5
 """A starting replica asks the coordinator again after loading, at most this many times,
 until what it holds is what the fleet has (see `FleetReplica.catch_up`)."""
+SLOT_POLL_S = 0.05
+"""How often a replica waiting for a place to prepare asks again (`prepare_parallel`)."""
+HEALTH_CHECK_S = 2.0
+COORDINATOR_RETRIES = 3
+"""Calls to the coordinator that its death interrupted are sent again to its successor
+this many times (Ray's `max_task_retries`)."""
 
 
 class Replica:
@@ -47,6 +58,7 @@ class Replica:
         self.settings = settings
         self.coordinator = coordinator
         self._catching_up = asyncio.Lock()
+        self._reconciling: asyncio.Task[None] | None = None
         self.engine = FleetReplica(
             settings.config,
             settings.model,
@@ -60,7 +72,24 @@ class Replica:
                 break
 
     async def prepare(self, target: Target) -> Prepared:
-        return await asyncio.to_thread(self.engine.hold, target, self.settings.prepare_timeout)
+        """Hold `target` (with `prepare_parallel`, once the coordinator gives this replica
+        a place: it waits for one within the prepare timeout)."""
+        timeout = self.settings.prepare_timeout
+        limited = self.settings.prepare_parallel > 0 and not self.engine.has(target.generation)
+        if limited:
+            started = time.monotonic()
+            while not await self.coordinator.prepare_slot.remote(target.generation, self.engine.id):
+                waited = time.monotonic() - started
+                if waited > timeout:
+                    error = f"replica {self.engine.id}: no place to prepare in {timeout:g} s"
+                    return Prepared(self.engine.id, target.generation, False, error, waited)
+                await asyncio.sleep(SLOT_POLL_S)
+            timeout -= time.monotonic() - started
+        try:
+            return await asyncio.to_thread(self.engine.hold, target, timeout)
+        finally:
+            if limited:
+                self.coordinator.prepared.remote(target.generation, self.engine.id)
 
     async def finish(self, generation: int, timeout: float) -> bool:
         """Make `generation` live here; a replica that never held it (it became
@@ -85,6 +114,22 @@ class Replica:
         async with self._catching_up:
             joined = await self.coordinator.join.remote()
             await asyncio.to_thread(self.engine.catch_up, joined, self.settings.prepare_timeout)
+
+    async def check_health(self) -> None:
+        """Serve's health check (every `HEALTH_CHECK_S`), used to notice a held version
+        that nobody decided: a finish or an abort that missed this replica (it became
+        routable just after the broadcast, or the coordinator died before sending it).
+        The catch-up runs in the background; the check itself never fails for it."""
+        busy = self._reconciling is not None and not self._reconciling.done()
+        if busy or self.engine.held_generation() is None or self._catching_up.locked():
+            return
+        self._reconciling = asyncio.create_task(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        try:
+            await self._catch_up()
+        except Exception as exc:
+            log.warning("replica %s: catching up with the fleet failed: %s", self.engine.id, exc)
 
     async def describe(self) -> dict[str, object]:
         return self.engine.describe()
@@ -166,10 +211,30 @@ class RayLink:
 
 
 class CoordinatorActor(Coordinator):
-    """The coordinator as a Ray actor, reaching the fleet through Serve handles."""
+    """The coordinator as a Ray actor, reaching the fleet through Serve handles. Ray
+    builds it again with the same arguments when it dies; then it resumes what its
+    predecessor left and watches the repository again, in the background (the actor
+    answers `join` and `status` meanwhile)."""
 
-    def __init__(self, settings: FleetSettings) -> None:
-        super().__init__(settings, RayLink())
+    def __init__(self, settings: FleetSettings, fleet_id: str) -> None:
+        super().__init__(settings, RayLink(), fleet_id=fleet_id)
+        self.slots = PrepareSlots(settings.prepare_parallel)
+        if self.restarts:
+            threading.Thread(target=self._carry_on, name="hotweights-resume", daemon=True).start()
+
+    def prepare_slot(self, generation: int, replica: str) -> bool:
+        """Whether `replica` may prepare `generation` now (see `PrepareSlots`)."""
+        return self.slots.take(generation, replica)
+
+    def prepared(self, generation: int, replica: str) -> None:
+        self.slots.give_back(generation, replica)
+
+    def _carry_on(self) -> None:
+        try:
+            self.resume()
+        except Exception:
+            log.exception("the restarted coordinator could not resume its cutover")
+        self.watch()
 
 
 @dataclass
@@ -178,7 +243,10 @@ class Fleet:
 
     settings: FleetSettings
     coordinator: Any
-    started_ray: bool
+    connected: bool
+    """This driver connected to Ray (`ray.init`) to start the fleet."""
+    started_cluster: bool
+    """This driver started the local Ray cluster (no `ray_address`)."""
 
     @property
     def url(self) -> str:
@@ -190,28 +258,36 @@ class Fleet:
         return status
 
     def stop(self) -> None:
-        """Delete the application and the coordinator; shut down Ray if `start` began it."""
+        """Delete the application and the coordinator, nothing else: on a cluster it
+        joined, Serve and its other applications go on. Shuts down Serve and Ray only
+        if `start` began them, and disconnects if `start` connected."""
         with contextlib.suppress(Exception):
             ray.get(self.coordinator.close.remote(), timeout=CONTROL_TIMEOUT_S)
         with contextlib.suppress(Exception):
             serve.delete(APP)
         with contextlib.suppress(Exception):
             ray.kill(self.coordinator)
-        if self.started_ray:
+        if self.started_cluster:
             with contextlib.suppress(Exception):
                 serve.shutdown()
+        if self.connected:
             ray.shutdown()
+
+
+class FleetRunning(RuntimeError):
+    """A fleet already runs on the cluster (and `replace` was not asked for)."""
 
 
 def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
     """Start (or join, with `settings.ray_address`) a Ray cluster, the coordinator, and
     the application: one ingress on `config.host:config.port` in front of
     `settings.replicas` replicas. Returns once every replica serves the committed
-    version. Raises `ValueError` for a repository with nothing to serve, and what Serve
-    raised if the replicas could not start."""
-    config = settings.config
-    started_ray = not ray.is_initialized()
-    if started_ray:
+    version. Raises `ValueError` for a repository with nothing to serve or a Serve that
+    listens elsewhere, `FleetRunning` if a fleet runs on the cluster already (unless
+    `settings.replace`), and what Serve raised if the replicas could not start. Touches
+    no other Serve application."""
+    connected = not ray.is_initialized()
+    if connected:
         options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": log_to_driver}
         if settings.ray_address is None:
             # Ray's own gRPC ports listen beyond loopback whatever is asked (Ray 2.60 maps
@@ -219,9 +295,13 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
             # default); the HTTP endpoint listens on `config.host` only.
             options |= {"include_dashboard": False}
         ray.init(address=settings.ray_address, **options)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    with contextlib.suppress(ValueError):  # a coordinator left by an earlier fleet
-        ray.kill(ray.get_actor(COORDINATOR, namespace=NAMESPACE))
+    try:
+        _serve_on(settings)
+    except BaseException:
+        if connected:
+            ray.shutdown()
+        raise
+    started_cluster = connected and settings.ray_address is None
     coordinator = (
         ray.remote(CoordinatorActor)
         .options(
@@ -230,15 +310,17 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
             lifetime="detached",
             max_concurrency=16,
             num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=COORDINATOR_RETRIES,
         )
-        .remote(settings)
+        .remote(settings, uuid.uuid4().hex)
     )
     try:
         ray.get(coordinator.committed.remote())
     except ray.exceptions.RayActorError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
         raise ValueError(str(cause or exc).strip().splitlines()[-1]) from None
-    fleet = Fleet(settings, coordinator, started_ray)
+    fleet = Fleet(settings, coordinator, connected, started_cluster)
     actor = {"num_cpus": settings.replica_cpus}
     quiet = {"enable_access_log": False}
     replicas = serve.deployment(
@@ -247,7 +329,7 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
         num_replicas=settings.replicas,
         ray_actor_options=actor,
         max_ongoing_requests=settings.config.max_pending + 8,
-        health_check_period_s=2.0,
+        health_check_period_s=HEALTH_CHECK_S,
         graceful_shutdown_timeout_s=settings.config.drain_timeout,
         logging_config=quiet,
     ).bind(settings)
@@ -259,10 +341,39 @@ def start(settings: FleetSettings, *, log_to_driver: bool = True) -> Fleet:
         max_ongoing_requests=10_000,
         logging_config=quiet,
     ).bind(settings, replicas)
-    try:
+    try:  # even a SystemExit (ray.init's SIGTERM handler): leave nothing on the cluster
         serve.run(ingress, name=APP, route_prefix="/", blocking=False)
-    except Exception:
+        ray.get(coordinator.watch.remote())
+    except BaseException:
         fleet.stop()
         raise
-    ray.get(coordinator.watch.remote())
     return fleet
+
+
+def _serve_on(settings: FleetSettings) -> None:
+    """Start Serve's HTTP proxy on `config.host:config.port`, or find it there; then make
+    sure no fleet runs on the cluster, or replace it if `settings.replace`. Raises
+    `ValueError` when Serve already listens elsewhere (it keeps its own settings), and
+    `FleetRunning`."""
+    config = settings.config
+    serve.start(http_options={"host": config.host, "port": config.port})
+    from ray.serve.context import _get_global_client  # no public getter for Serve's HTTP
+
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (config.host, config.port):
+        raise ValueError(
+            f"Serve already runs on this cluster with its HTTP endpoint on {http.host}:"
+            f"{http.port}: give the fleet --host {http.host} --port {http.port}"
+        )
+    try:
+        running: Any = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
+    except ValueError:
+        running = None
+    deployed = APP in serve.status().applications
+    if (running is not None or deployed) and not settings.replace:
+        raise FleetRunning(
+            f"a fleet already runs on this cluster (Serve application {APP!r}, actor "
+            f"{COORDINATOR!r}): stop it first, or start with --replace"
+        )
+    if running is not None:
+        ray.kill(running)

@@ -13,6 +13,7 @@ ingress's counts and every replica's own metrics, labelled by replica.
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 
@@ -175,14 +176,18 @@ class Ingress:
     # -- called by the coordinator ---------------------------------------------------------
 
     async def flip(self, generation: int) -> int:
-        self.admissions.flip(generation)
-        return generation
+        """Stamp `generation` from now on; an older one (a flip sent by a coordinator
+        that died, arriving after its successor's) changes nothing."""
+        if generation > self.admissions.generation:
+            self.admissions.flip(generation)
+        return self.admissions.generation
 
     async def drained(self, generation: int, timeout: float) -> int:
         return await self.admissions.drained(generation, timeout)
 
     async def status(self) -> dict[str, object]:
         return {
+            "pid": os.getpid(),
             "generation": self.admissions.generation,
             "inflight": {str(g): n for g, n in self.admissions.inflight().items()},
             "admitted": {str(g): n for g, n in self.admissions.admitted.items()},
@@ -267,10 +272,12 @@ class Ingress:
         self, request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> JSONResponse:
         """Cut over to the repository's latest eligible version, or with `{"version": N}`
-        pin version N (the watcher then keeps it until the next reload without one)."""
+        pin version N (the watcher then keeps it until the next reload without one);
+        `model` names the model (the fleet's only one, for now)."""
         self._admin(authorization)
         ask = parse_reload(await _read(request, 4096))
-        return await self._cutover(self.coordinator.reload.remote(ask.version, ask.description))
+        pending = self.coordinator.reload.remote(ask.version, ask.description, ask.model)
+        return await self._cutover(pending)
 
     @app.post("/admin/rollback")
     async def rollback(
@@ -279,7 +286,7 @@ class Ingress:
         """Cut over to the newest eligible version older than the committed one (pinned)."""
         self._admin(authorization)
         ask = parse_rollback(await _read(request, 4096))
-        return await self._cutover(self.coordinator.rollback.remote(ask.description))
+        return await self._cutover(self.coordinator.rollback.remote(ask.description, ask.model))
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -296,7 +303,8 @@ class Ingress:
 
     async def _ask(self, pending: Any) -> Any:
         """The coordinator's answer; its own errors as they are, and 503 when it cannot
-        be reached (it died: Ray does not restart it, see the README)."""
+        be reached (Ray restarts it, and sends it again a call its death interrupted, a
+        few times)."""
         try:
             return await pending
         except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as exc:

@@ -63,11 +63,17 @@ class Target:
 
 @dataclass(frozen=True)
 class Joined:
-    """What a replica starting now must load before it takes traffic: the committed
-    version, and the one being prepared if a cutover is under way."""
+    """Where the fleet is, for a replica that starts or catches up: the committed version,
+    the one being prepared if a cutover is under way, and the one committed before if the
+    ingress may still route requests to it (a cutover between its commit and its finish)."""
 
     committed: Target
     preparing: Target | None = None
+    draining: Target | None = None
+    issued: int | None = None
+    """The newest generation the coordinator had given out when it answered (None: not
+    said): a version held here under a newer one was asked for after this answer, which
+    says nothing about it."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,24 @@ class FleetReplica:
     def start(self, joined: Joined, timeout: float) -> None:
         """Load the committed version and make it live; then, if a cutover is preparing,
         prepare its version too (a replica that joins mid-cutover must hold it before
-        the commit can route to it). Raises `RuntimeError` if the committed version
+        the commit can route to it). While the fleet drains the generation committed
+        before, that one is made live and the committed one held beside it: requests
+        the ingress stamped with either can come here. Raises `RuntimeError` if a version
         fails to load: the replica must not take traffic."""
         committed = joined.committed
+        if joined.draining is not None:
+            self._start_on(joined.draining, timeout)
+            held = self.hold(committed, timeout)
+            if not held.ok:
+                raise RuntimeError(f"replica {self.id}: {held.error}")
+            return
+        self._start_on(committed, timeout)
+        if joined.preparing is not None:
+            prepared = self.hold(joined.preparing, timeout)
+            if not prepared.ok:
+                log.warning("replica %s: preparing on start failed: %s", self.id, prepared.error)
+
+    def _start_on(self, committed: Target, timeout: float) -> None:
         event = self.reloader.reload(
             committed.source,
             trigger="startup",
@@ -127,30 +148,35 @@ class FleetReplica:
                 f"replica {self.id}: the committed version g{committed.generation} "
                 f"({committed.source}) failed to load: {event.error_message}"
             )
-        if joined.preparing is not None:
-            prepared = self.hold(joined.preparing, timeout)
-            if not prepared.ok:
-                log.warning("replica %s: preparing on start failed: %s", self.id, prepared.error)
 
     def catch_up(self, joined: Joined, timeout: float) -> bool:
-        """Bring a starting replica in line with the fleet as it is now (`joined`, asked
-        again after `start`: a cutover may have ended meanwhile). Discards a held version
-        the fleet no longer prepares, moves to a newer committed version (held, then
-        finished: nothing is routed here yet), holds the version being prepared. True
-        if it was in line already."""
+        """Bring this replica in line with the fleet as it is now (`joined`, asked again
+        after `start`, or when a request or a health check found it behind). Discards a
+        held version the fleet no longer prepares, moves to a newer committed version
+        (held, then finished; while the fleet drains the one live here, only held),
+        holds the version being prepared. True if it was in line already."""
         in_line = True
-        held, preparing = self.held_generation(), joined.preparing
-        if held is not None and held == joined.committed.generation:
-            self.finish(held, timeout)  # committed while this replica started
-            in_line = False
+        committed, preparing = joined.committed, joined.preparing
+        held = self.held_generation()
+        if held is not None and joined.issued is not None and held > joined.issued:
+            held = None  # asked for after `joined` was answered: not this answer's business
+        live = self.reloader.live_version
+        draining = joined.draining is not None and (
+            live is not None and live.generation == joined.draining.generation
+        )
+        if held is not None and held == committed.generation:
+            if not draining:  # committed while this replica held it, and drained since
+                self.finish(held, timeout)
+                in_line = False
         elif held is not None and (preparing is None or held != preparing.generation):
             self.abort(held, "the fleet no longer prepares it")
             in_line = False
         live = self.reloader.live_version
-        if live is None or live.generation != joined.committed.generation:
-            if self.hold(joined.committed, timeout).ok:
-                self.finish(joined.committed.generation, timeout)
+        behind = live is None or live.generation != committed.generation
+        if behind and not self.has(committed.generation):
             in_line = False
+            if self.hold(committed, timeout).ok and not draining:
+                self.finish(committed.generation, timeout)
         if preparing is not None and not self.has(preparing.generation):
             self.hold(preparing, timeout)
             in_line = False

@@ -28,10 +28,16 @@ class FleetSettings:
     replicas: int = 2
     """How many replicas serve the model, each with its own copy of it."""
     prepare_timeout: float = 300.0
-    """Seconds every replica has to load, validate and warm a new version; past it the
-    cutover aborts."""
+    """Seconds every replica has to load, validate and warm a new version (waiting for its
+    turn included, see `prepare_parallel`); past it the cutover aborts."""
+    prepare_parallel: int = 0
+    """How many replicas prepare a new version at once; the others wait for a place
+    (0: all at once)."""
     ray_address: str | None = None
     """An existing Ray cluster to join; None: start a local one on 127.0.0.1."""
+    replace: bool = False
+    """Replace a fleet already running on the cluster (its Serve application and
+    coordinator); False: refuse to start beside it."""
     replica_cpus: float = 0.0
     """CPUs each replica asks Ray for (0: placement by memory only, as on one machine)."""
     loader: Callable[[Config], Loader[Any]] | None = None
@@ -41,6 +47,8 @@ class FleetSettings:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"a fleet needs at least 1 replica, got {self.replicas}")
+        if self.prepare_parallel < 0:
+            raise ValueError(f"prepare_parallel must be 0 or more, got {self.prepare_parallel}")
         if self.prepare_timeout <= 0:
             raise ValueError(f"prepare_timeout must be positive, got {self.prepare_timeout}")
         if self.config.repo is None:
