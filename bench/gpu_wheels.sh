@@ -13,10 +13,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 dest=${1:-$here/.gpu-wheels}
 python=${PYTHON:-python3}
 
-# The project's server extra, its test plugin, and what `transformers serve` checks for
-# (pydantic, fastapi, uvicorn, openai), less what the image has. Versions are left to the
-# resolver, for Python 3.12.
-wanted=(blake3 fastapi uvicorn pydantic starlette openai watchfiles pytest-asyncio)
+# The project's llm and server extras (llguidance and jsonschema for output constraints),
+# its test plugin, and what `transformers serve` checks for (pydantic, fastapi, uvicorn,
+# openai), less what the image has. Versions are left to the resolver, for Python 3.12.
+wanted=(blake3 fastapi uvicorn pydantic starlette openai watchfiles pytest-asyncio
+    llguidance jsonschema)
 # On the image already (its package list); a wheel of one of these would shadow it.
 present=(
     accelerate annotated_doc anyio attrs certifi charset_normalizer click filelock fsspec
