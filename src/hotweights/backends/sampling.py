@@ -46,19 +46,29 @@ def sample_rows(
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)
     nucleus = [i for i, top_p in enumerate(top_ps) if top_p < 1]
     whole = [i for i, top_p in enumerate(top_ps) if top_p >= 1]
-    if whole:
-        index = torch.tensor(whole, dtype=torch.long, device=device)
-        tokens[index] = _inverse_cdf(probs[index], uniform[index])
-    if nucleus:
-        index = torch.tensor(nucleus, dtype=torch.long, device=device)
-        top_p = torch.tensor([top_ps[i] for i in nucleus], device=device)[:, None]
-        ranked, order = torch.sort(probs[index], dim=-1, descending=True)  # (n, vocab) x2
-        ahead = torch.cumsum(ranked, dim=-1) - ranked  # the mass before each token
-        outside = ahead >= top_p
-        outside[:, 0] = False
-        picked = _inverse_cdf(ranked.masked_fill(outside, 0.0), uniform[index])  # (n,)
-        tokens[index] = order.gather(1, picked[:, None])[:, 0]
+    for group, draw in ((whole, _whole), (nucleus, _nucleus)):
+        if len(group) == len(top_ps):  # every row alike: no gather and scatter
+            return draw(probs, uniform, top_ps)
+        if group:
+            index = torch.tensor(group, dtype=torch.long, device=device)
+            tokens[index] = draw(probs[index], uniform[index], [top_ps[i] for i in group])
     return tokens
+
+
+def _whole(probs: torch.Tensor, uniform: torch.Tensor, top_ps: Sequence[float]) -> torch.Tensor:
+    return _inverse_cdf(probs, uniform)
+
+
+def _nucleus(probs: torch.Tensor, uniform: torch.Tensor, top_ps: Sequence[float]) -> torch.Tensor:
+    import torch
+
+    top_p = torch.tensor(top_ps, device=probs.device)[:, None]
+    ranked, order = torch.sort(probs, dim=-1, descending=True)  # (n, vocab) x2
+    ahead = torch.cumsum(ranked, dim=-1) - ranked  # the mass before each token
+    outside = ahead >= top_p
+    outside[:, 0] = False
+    picked = _inverse_cdf(ranked.masked_fill(outside, 0.0), uniform)  # (n,)
+    return order.gather(1, picked[:, None])[:, 0]
 
 
 def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

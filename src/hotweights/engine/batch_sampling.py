@@ -84,38 +84,49 @@ class RowSampler:
         import torch
 
         device = logits.device
+        everyone = len(draws)
         adjusted = logits
         adjusting = [i for i, draw in enumerate(draws) if draw.row in self._adjusting]
+        penalised = [i for i in adjusting if _penalises(draws[i].params)]
         if adjusting and self._counts is not None and self._bias is not None:
-            index = torch.tensor(adjusting, dtype=torch.long, device=device)
-            rows = torch.tensor([draws[i].row for i in adjusting], dtype=torch.long, device=device)
-            counts = self._counts[rows]  # (adjusting, vocab)
-            frequency = torch.tensor(
-                [draws[i].params.frequency_penalty for i in adjusting], device=device
-            )[:, None]
-            presence = torch.tensor(
-                [draws[i].params.presence_penalty for i in adjusting], device=device
-            )[:, None]
-            penalty = counts * frequency + (counts > 0) * presence
-            adjusted = logits.clone()
-            adjusted[index] = (logits[index] + self._bias[rows]) - penalty
+            rows = _longs([draws[i].row for i in adjusting], device)
+            whole = len(adjusting) == everyone  # the common case: no gather and scatter
+            index = None if whole else _longs(adjusting, device)
+            # (logits + bias) - penalty, in that order, as the per-request loop rounds it
+            change = (logits if index is None else logits[index]) + self._bias[rows]
+            if penalised:
+                counts = self._counts[rows]  # (adjusting, vocab)
+                frequency = [draws[i].params.frequency_penalty for i in adjusting]
+                presence = [draws[i].params.presence_penalty for i in adjusting]
+                change = change - (
+                    counts * torch.tensor(frequency, device=device)[:, None]
+                    + (counts > 0) * torch.tensor(presence, device=device)[:, None]
+                )
+            if index is None:
+                adjusted = change
+            else:
+                adjusted = logits.clone()
+                adjusted[index] = change
         if allowed is not None:
             adjusted = adjusted.masked_fill(~allowed, float("-inf"))
         tokens = torch.argmax(adjusted, dim=-1)  # (draws,)
         sampled = [i for i, draw in enumerate(draws) if draw.numbers is not None]
         if sampled:
-            index = torch.tensor(sampled, dtype=torch.long, device=device)
-            tokens[index] = sample_rows(
-                adjusted[index],
+            chosen = sample_rows(
+                adjusted if len(sampled) == everyone else adjusted[_longs(sampled, device)],
                 [draws[i].params.temperature for i in sampled],
                 [draws[i].params.top_p for i in sampled],
                 [draws[i].numbers.random() for i in sampled],  # type: ignore[union-attr]
             )
-        if adjusting and self._counts is not None:
-            rows = torch.tensor([draws[i].row for i in adjusting], dtype=torch.long, device=device)
-            chosen = tokens[torch.tensor(adjusting, dtype=torch.long, device=device)]
-            ones = torch.ones_like(chosen, dtype=torch.float32)
-            self._counts.index_put_((rows, chosen), ones, accumulate=True)
+            if len(sampled) == everyone:
+                tokens = chosen
+            else:
+                tokens[_longs(sampled, device)] = chosen
+        if penalised and self._counts is not None:
+            rows = _longs([draws[i].row for i in penalised], device)
+            picked = tokens[_longs(penalised, device)]
+            ones = torch.ones_like(picked, dtype=torch.float32)
+            self._counts.index_put_((rows, picked), ones, accumulate=True)
         return self._gather(logits, tokens, draws)
 
     def _gather(
@@ -145,3 +156,13 @@ class RowSampler:
             top = [(int(line[2 + j]), line[2 + k + j]) for j in range(wanted)]
             picked.append(Picked(token, line[1], top))
         return picked
+
+
+def _penalises(params: GenerationParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty)
+
+
+def _longs(values: list[int], device: str | torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(values, dtype=torch.long, device=device)
