@@ -57,9 +57,7 @@ class KVRows:
     def __init__(
         self, shape: KVShape, rows: int, columns: int, dtype: torch.dtype, device: str
     ) -> None:
-        dims = (rows, shape.kv_heads, columns, shape.head_dim)
-        self.keys = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
-        self.values = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
+        self.keys, self.values = layer_buffers(shape, rows, columns, dtype, device)
         self.rows = rows
         self.columns = columns
         self.device = device
@@ -68,7 +66,7 @@ class KVRows:
         batched call over rows `[0, highest used]` wastes little."""
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return buffer_bytes(self.keys, self.values)
 
     @property
     def free_rows(self) -> int:
@@ -84,6 +82,22 @@ class KVRows:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s key and value buffers, (rows, kv_heads, columns, head_dim)."""
         return self.keys[index], self.values[index]
+
+
+def layer_buffers(
+    shape: KVShape, rows: int, columns: int, dtype: torch.dtype, device: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's key and value buffers, (rows, kv_heads, columns, head_dim) each, in
+    memory nobody has written (see `_zeros`)."""
+    dims = (rows, shape.kv_heads, columns, shape.head_dim)
+    keys = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
+    values = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
+    return keys, values
+
+
+def buffer_bytes(keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
+    """What `layer_buffers` reserve at most."""
+    return sum(t.numel() * t.element_size() for t in (*keys, *values))
 
 
 def _zeros(dims: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hotweights.engine.kv import KVRows, KVShape, _zeros
+from hotweights.engine.kv import KVRows, KVShape, buffer_bytes, layer_buffers
 
 if TYPE_CHECKING:
     import torch
@@ -51,9 +51,7 @@ class PrefixCache:
         device: str,
         namespace: str,
     ) -> None:
-        dims = (blocks, shape.kv_heads, block, shape.head_dim)
-        self.keys = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
-        self.values = [_zeros(dims, dtype, device) for _ in range(shape.layers)]
+        self.keys, self.values = layer_buffers(shape, blocks, block, dtype, device)
         self.block = block
         self.blocks = blocks
         self.device = device
@@ -64,7 +62,7 @@ class PrefixCache:
         self._free = list(range(blocks - 1, -1, -1))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return buffer_bytes(self.keys, self.values)
 
     def names(self, ids: list[int], whole_blocks: int) -> list[bytes]:
         """The chained names of the first `whole_blocks` blocks of `ids`."""
