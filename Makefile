@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[llm,server,ray,dev]"
+	$(PY) -m pip install --quiet -e ".[llm,lora,server,ray,dev]"
 	touch $(STAMP)
 
 demo: install  ## build two tiny model versions, serve them, swap live under traffic
