@@ -50,10 +50,11 @@ def pairs_of(peft_model: Any) -> dict[str, tuple[Any, Any, float]]:
     found = {}
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            layer: Any = module
             found[name.removeprefix("base_model.model.")] = (
-                module.lora_A["default"].weight.detach(),
-                module.lora_B["default"].weight.detach(),
-                float(module.scaling["default"]),
+                layer.lora_A["default"].weight.detach(),
+                layer.lora_B["default"].weight.detach(),
+                float(layer.scaling["default"]),
             )
     return found
 
@@ -145,7 +146,8 @@ def test_an_adapter_never_restores_prefix_blocks_the_base_computed(
     engine = BatchEngine(lm, limits)
     params = GenerationParams(temperature=0, max_tokens=6, logprobs=0)
     try:
-        for index, chosen in enumerate([None, adapter, adapter]):
+        choices: list[LoraWeights | None] = [None, adapter, adapter]
+        for index, chosen in enumerate(choices):
             collected = Collector(1)
             engine.submit(ids, params, collected.deliver(0), adapter=chosen)  # type: ignore[arg-type]
             assert collected.done.wait(60)
