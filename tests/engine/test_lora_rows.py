@@ -116,8 +116,8 @@ def test_base_and_two_adapters_in_one_batch_answer_as_peft(base_dir: Path, lm: L
     params = GenerationParams(temperature=0, max_tokens=TOKENS, logprobs=0)
     collected = Collector(len(jobs))
     try:
-        for index, (ids, adapter) in enumerate(jobs):
-            engine.submit(ids, params, collected.deliver(index), adapter=adapter)  # type: ignore[arg-type]
+        for index, (ids, chosen) in enumerate(jobs):
+            engine.submit(ids, params, collected.deliver(index), adapter=chosen)  # type: ignore[arg-type]
         assert collected.done.wait(120)
     finally:
         engine.stop()
