@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,6 +14,7 @@ from hotweights.backends.lora_layers import LoraWeights, install, linear_shapes
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.engine.batching import BatchEngine, EngineLimits
 from hotweights.generation import GenerationParams
+from tests.backends.lora_adapters import TARGETS, pairs_of, peft_adapter, peft_greedy
 from tests.engine.test_batching import Collector
 
 pytestmark = pytest.mark.llm
@@ -22,56 +22,6 @@ pytestmark = pytest.mark.llm
 SHAPE = TinyShape(max_position_embeddings=512, tie_word_embeddings=False)
 PROMPTS = ["Hello there", "Count to five please", "Which version are you?"]
 TOKENS = 12
-TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-
-
-def peft_adapter(base_dir: Path, seed: int, rank: int, targets: list[str]) -> Any:
-    """A PEFT model over a fresh copy of the base, its LoRA B matrices random (PEFT starts
-    them at zero, which would change nothing)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets)
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return peft_model.eval()
-
-
-def pairs_of(peft_model: Any) -> dict[str, tuple[Any, Any, float]]:
-    """Module name in the base model -> (A, B, scale), read from PEFT's layers."""
-    from peft.tuners.lora import LoraLayer
-
-    found = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            layer: Any = module
-            found[name.removeprefix("base_model.model.")] = (
-                layer.lora_A["default"].weight.detach(),
-                layer.lora_B["default"].weight.detach(),
-                float(layer.scaling["default"]),
-            )
-    return found
-
-
-def peft_greedy(model: Any, ids: list[int], tokens: int) -> tuple[list[int], list[float]]:
-    """PEFT's own greedy continuation of `ids`: token ids and their log-probabilities."""
-    import torch
-
-    out: list[int] = []
-    logprobs: list[float] = []
-    with torch.inference_mode():
-        for _ in range(tokens):
-            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
-            token = int(logits.argmax())
-            out.append(token)
-            logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-    return out, logprobs
 
 
 @pytest.fixture(scope="module")
