@@ -54,9 +54,9 @@ def server(serve: Serve, built: dict[str, Path], tmp_path: Path) -> ServerThread
 
 
 class Pause:
-    """Stops the base model's live engine after its first pass from now on (its step
-    observer) until released: the one stream the test then starts has its first token
-    out and is certainly still in flight while the test acts."""
+    """Stops the base model's live engine (its step observer) at the pass that would
+    choose the last token of the one stream the test then starts, until released: every
+    earlier token is out, and the stream is certainly still in flight while the test acts."""
 
     def __init__(self, server: ServerThread) -> None:
         base = server.state.models["tiny"].reloader.models()[0][1]
@@ -67,13 +67,13 @@ class Pause:
         self._engine._on_step = self._observe
 
     def _observe(self, _: object) -> None:
-        self._passes += 1
-        if self._passes > 1 and not self._go.is_set():
+        self._passes += 1  # pass k chooses token k of the stream
+        if self._passes == TOKENS:
             self._held.set()
             self._go.wait(60)
 
     def wait_held(self) -> None:
-        assert self._held.wait(30), "the engine ran no second pass"
+        assert self._held.wait(30), "the engine did not reach the stream's last token"
 
     def release(self) -> None:
         self._go.set()
@@ -166,7 +166,7 @@ def test_unload_while_a_stream_runs_lets_it_finish_then_releases_the_adapter(
     body = {"model": "beta", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
             "stream": True}  # fmt: skip
     pieces: list[str] = []
-    paused = Pause(server)  # before the request: its second pass waits
+    paused = Pause(server)  # before the request: its last pass waits
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as stream:
         lines = stream.iter_lines()
         for line in lines:

@@ -24,22 +24,20 @@ from typing import Any
 
 from hotweights.backends.lora_loader import AdapterLoader, AdapterModel
 from hotweights.core import (
-    Decision,
     Lease,
     ModelVersion,
     PreparedVersion,
     Reloader,
     ServingView,
 )
-from hotweights.errors import FollowFailed, InvalidRequest, LoadError
+from hotweights.core.following import prepare_followers
+from hotweights.errors import InvalidRequest, LoadError
 from hotweights.server.server_state import ServedModel, ServerState
 
 log = logging.getLogger("hotweights.server")
 
 GENERATION_HEADER = "x-hotweights-generation"
 ADAPTER_GENERATION_HEADER = "x-hotweights-adapter-generation"
-FOLLOW_SECONDS = 600.0
-"""How long a base reload waits for one adapter to be prepared on the new base."""
 
 
 def stamp(lease: Lease[Any]) -> tuple[str, dict[str, str]]:
@@ -137,37 +135,12 @@ class AdapterFollowers:
         self.base = base
 
     def prepare_on(self, base: PreparedVersion[Any]) -> tuple[PreparedVersion[Any], ...]:
-        prepared: list[PreparedVersion[Any]] = []
-        try:
-            for name, reloader in self._adapters():
-                live = reloader.live_version
-                if live is None:
-                    continue
-                ticket = reloader.prepare(
-                    live.source,
-                    trigger="follow",
-                    description=f"{name} on {self.base} g{base.generation}",
-                    base_generation=base.generation,
-                    hold_seconds=FOLLOW_SECONDS,
-                )
-                result = ticket.wait(FOLLOW_SECONDS)
-                if not isinstance(result, PreparedVersion):
-                    reason = result.error_message or result.outcome.value
-                    raise FollowFailed(
-                        f"adapter {name} (from {live.source}) does not follow {self.base} "
-                        f"g{base.generation}: {reason}"
-                    )
-                prepared.append(result)
-        except BaseException:
-            for handle in prepared:
-                handle.claim(Decision.DISCARD, f"{self.base} g{base.generation} was refused")
-            raise
-        return tuple(prepared)
+        return prepare_followers(base, self._adapters())
 
-    def _adapters(self) -> list[tuple[str, Reloader[Any]]]:
-        """The adapters whose live version is bound to this base."""
+    def _adapters(self) -> list[Reloader[Any]]:
+        """The reloaders of the adapters whose live version is bound to this base."""
         found = []
-        for name, served in self.state.models.items():
+        for served in self.state.models.values():
             if not served.adapter:
                 continue
             models = served.reloader.models()
@@ -175,7 +148,7 @@ class AdapterFollowers:
             for version, model in models:
                 bound = isinstance(model, AdapterModel) and model.base_name == self.base
                 if version is live and bound:
-                    found.append((name, served.reloader))
+                    found.append(served.reloader)
         return found
 
 
