@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hotweights.core import Notice, VersionChanged, VersionState
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.sources import publish
 from hotweights.testing import ServerThread
@@ -162,6 +163,13 @@ def test_unload_while_a_stream_runs_lets_it_finish_then_releases_the_adapter(
     assert loaded.status_code == 200, loaded.text
     reloader = server.state.models["beta"].reloader
     (_, beta_model), = reloader.models()  # fmt: skip
+    retired = threading.Event()
+
+    def observe(notice: Notice) -> None:
+        if isinstance(notice, VersionChanged) and notice.new is VersionState.RETIRED:
+            retired.set()
+
+    reloader.subscribe(observe)
     expected = _text(server, adapter_answer(built["base1"], built["beta1"], _ids(server), TOKENS))
     body = {"model": "beta", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
             "stream": True}  # fmt: skip
@@ -185,7 +193,7 @@ def test_unload_while_a_stream_runs_lets_it_finish_then_releases_the_adapter(
             if line.startswith("data: {"):
                 pieces.append(json.loads(line[6:])["choices"][0]["text"])
     assert "".join(pieces) == expected
-    assert reloader.wait_drained(30)
+    assert retired.wait(30)
     assert beta_model.weights is None  # released after its last request
     assert (
         httpx.post(
@@ -254,6 +262,12 @@ def test_bad_adapter_requests_get_clear_errors(
     refused = _load(server, "gamma", unfit)
     assert refused.status_code == 422
     assert "q_proj" in refused.text
+    head = save_adapter(
+        built["base1"], built["base1"].parent.parent / "head" / "1", seed=9, targets=["lm_head"]
+    )
+    refused = _load(server, "gamma", head)
+    assert refused.status_code == 422
+    assert "output head" in refused.text
     unknown = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "zeta"})
     assert unknown.status_code == 404
     assert _ask(server, "alpha").status_code == 200  # the live adapter serves on

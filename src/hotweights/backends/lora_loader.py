@@ -221,6 +221,7 @@ class AdapterLoader:
         try:
             with lease.use() as lm:
                 check_fits(files, linear_shapes(lm.model))
+                _refuse_head(files, lm.model)
                 install(lm.model, list(files.pairs))
                 like = next(lm.model.parameters())
                 pairs = {name: (p.a, p.b, p.scale) for name, p in files.pairs.items()}
@@ -275,6 +276,18 @@ class AdapterLoader:
 
     def estimate_bytes(self, source: str) -> int:
         return estimate_bytes(source)
+
+
+def _refuse_head(files: AdapterFiles, model: Any) -> None:
+    """The engine computes the output head only at the positions whose logits it keeps,
+    so an update to the head could not be matched to its tokens: refuse one."""
+    head = model.get_output_embeddings()
+    for name in files.pairs:
+        if head is not None and model.get_submodule(name) is head:
+            raise LoadError(
+                f"{files.path}: module {name} is the model's output head; LoRA updates of "
+                "the output head are not supported (the layers inside the model are)"
+            )
 
 
 def _lease_base(base: ServingView[Any], name: str, generation: int | None) -> Lease[Any]:
