@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--prefill-chunk", type=int, help="prompt tokens one pass reads (128)")
     engine.add_argument("--threads", type=int, help="torch threads (0, default: one per core)")
     serve.add_argument("--lora-base", help="base model of adapters whose config names none served")
+    serve.add_argument("--max-resident-adapters", type=int, help="adapters in memory (0: all)")
     engine.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     serve.set_defaults(prefix_cache=None)  # unset: the environment or the default decides
     engine.add_argument(
@@ -225,7 +226,7 @@ SERVE_SETTINGS = (
     "canary_min_requests", "api_key", "audit_file", "max_pending", "dtype", "device",
     "allow_pickle", "trust_remote_code", "load_in", "tool_parser", "max_batch_size",
     "kv_cache_memory", "batching", "max_batch_tokens", "prefill_chunk", "prefix_cache",
-    "threads", "lora_base",
+    "threads", "lora_base", "max_resident_adapters",
 )  # fmt: skip
 
 

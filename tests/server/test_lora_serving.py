@@ -271,3 +271,39 @@ def test_bad_adapter_requests_get_clear_errors(
     unknown = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "zeta"})
     assert unknown.status_code == 404
     assert _ask(server, "alpha").status_code == 200  # the live adapter serves on
+
+
+def test_at_most_n_adapters_stay_resident_and_an_evicted_one_comes_back_as_it_was(
+    serve: Serve, built: dict[str, Path], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    publish(built["base1"], repo, "tiny")
+    publish(built["alpha1"], repo, "alpha")
+    publish(built["beta1"], repo, "beta")
+    server = serve(None, None, repo=str(repo), watch="poll", max_resident_adapters=1,
+                   max_batch_size=8, kv_cache_memory="16MiB")  # fmt: skip
+    ids = _ids(server)
+    answers = {
+        name: _text(server, adapter_answer(built["base1"], built[f"{name}1"], ids, TOKENS))
+        for name in ("alpha", "beta")
+    }
+
+    def resident() -> dict[str, bool]:
+        data = httpx.get(f"{server.url}/v1/models").json()["data"]
+        return {m["id"]: m["resident"] for m in data if "resident" in m}
+
+    assert sorted(resident().values()) == [False, True]
+    for name, other in (("alpha", "beta"), ("beta", "alpha"), ("alpha", "beta")):
+        response = _ask(server, name)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == answers[name]
+        assert response.headers["x-hotweights-adapter-generation"] == "1"  # kept
+        assert resident() == {name: True, other: False}
+    held = server.state.models["alpha"].reloader.slot.acquire()  # a request in flight
+    try:
+        assert _ask(server, "beta").status_code == 200
+        assert resident() == {"alpha": True, "beta": True}  # alpha has a lease: not evicted
+    finally:
+        held.release()
+    assert _ask(server, "beta").status_code == 200
+    assert resident() == {"alpha": False, "beta": True}
