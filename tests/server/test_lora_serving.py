@@ -5,6 +5,7 @@ version) it started with, across loads, unloads and a base reload."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -307,3 +308,28 @@ def test_at_most_n_adapters_stay_resident_and_an_evicted_one_comes_back_as_it_wa
         held.release()
     assert _ask(server, "beta").status_code == 200
     assert resident() == {"alpha": False, "beta": True}
+
+
+def test_the_gate_judges_an_adapter_against_its_own_live_version(
+    serve: Serve, built: dict[str, Path], tmp_path: Path
+) -> None:
+    """`same_as_live` compares a new adapter version with the adapter's live version (not
+    with the base): the same weights again pass, v2's different answer is refused (422,
+    the reason from the gate) and v1 serves on."""
+    gate = tmp_path / "gate.json"
+    prompt = {"prompt": PROMPT, "expect": {"same_as_live": True}, "max_tokens": TOKENS}
+    gate.write_text(json.dumps({"prompts": [prompt]}))
+    root = built["base1"].parent.parent
+    copy = root / "alpha-again" / "1"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(built["alpha1"], copy)
+    server = serve(None, built["base1"], model_name="tiny", gate=str(gate),
+                   model_roots=(str(root),), max_batch_size=8, kv_cache_memory="16MiB")  # fmt: skip
+    assert _load(server, "alpha", built["alpha1"]).status_code == 200  # nothing live: passes
+    assert _load(server, "alpha", copy).status_code == 200  # the same answers
+    refused = _load(server, "alpha", built["alpha2"])
+    assert refused.status_code == 422
+    assert "gate" in refused.text
+    answer = _ask(server, "alpha")
+    assert answer.headers["x-hotweights-adapter-generation"] == "2"  # the copy serves on
