@@ -1,5 +1,6 @@
-"""`FleetReplica` without Ray: start on the committed version, hold a prepared one beside
-it, finish (it goes live, the old one is unloaded) or abort (it is discarded)."""
+"""A replica's model without Ray (`ModelReplica`, in the `FleetReplica` that builds it):
+start on the committed version, hold a prepared one beside it, finish (it goes live, the
+old one is unloaded) or abort (it is discarded)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from hotweights.config import Config
 from hotweights.core import Loader, Notice, VersionChanged, VersionState
 from hotweights.errors import LoadError
 from hotweights.fleet.bridge import Forwarded, Head
-from hotweights.fleet.replica import REPLICA_HEADER, FleetReplica, Joined, Prepared, Target
+from hotweights.fleet.model_replica import Joined, ModelReplica, Prepared, Target
+from hotweights.fleet.replica import REPLICA_HEADER, FleetReplica
 from tests.fakes import FakeLoader, FakeTextLoader
 
 TIMEOUT = 10.0
 """What a test gives a blocking call: far more than it needs, so only a hang fails it."""
 
-Make = Callable[[Loader[Any]], FleetReplica]
+Make = Callable[[Loader[Any]], ModelReplica]
 
 
 @pytest.fixture
@@ -32,14 +34,15 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make(repo: Path) -> Iterator[Make]:
-    """Build replicas of model `m` in `repo` (each closed at teardown)."""
+    """Build replicas of model `m` in `repo` (each closed at teardown); their model `m`."""
     made: list[FleetReplica] = []
     config = Config.load({"repo": str(repo)}, environ={})
+    (repo / "m").mkdir(parents=True, exist_ok=True)
 
-    def build(loader: Loader[Any]) -> FleetReplica:
-        replica = FleetReplica(config, "m", replica_id="r1", hold_seconds=600, loader=loader)
+    def build(loader: Loader[Any]) -> ModelReplica:
+        replica = FleetReplica(config, ["m"], replica_id="r1", hold_seconds=600, loader=loader)
         made.append(replica)
-        return replica
+        return replica.model("m")
 
     yield build
     for replica in made:
@@ -53,7 +56,7 @@ def source(repo: Path, number: int) -> str:
 class Retired:
     """Waits for a generation to be retired (drained and unloaded) on a replica."""
 
-    def __init__(self, replica: FleetReplica) -> None:
+    def __init__(self, replica: ModelReplica) -> None:
         self._retired: set[int] = set()
         self._changed = threading.Condition()
         replica.reloader.subscribe(self._observe)
@@ -69,13 +72,13 @@ class Retired:
             return self._changed.wait_for(lambda: generation in self._retired, timeout)
 
 
-def resident(replica: FleetReplica) -> list[tuple[int, str]]:
+def resident(replica: ModelReplica) -> list[tuple[int, str]]:
     described = replica.describe()["resident"]
     assert isinstance(described, list)
     return [(entry["generation"], entry["state"]) for entry in described]
 
 
-def started(make: Make, repo: Path, loader: Loader[Any] | None = None) -> FleetReplica:
+def started(make: Make, repo: Path, loader: Loader[Any] | None = None) -> ModelReplica:
     """A replica with g3 (version 3) live."""
     replica = make(loader if loader is not None else FakeLoader())
     replica.start(Joined(Target(3, source(repo, 3))), TIMEOUT)
@@ -85,7 +88,7 @@ def started(make: Make, repo: Path, loader: Loader[Any] | None = None) -> FleetR
 def test_start_makes_the_committed_generation_live(make: Make, repo: Path) -> None:
     replica = started(make, repo)
     described = replica.describe()
-    assert (described["replica"], described["live"]) == ("r1", 3)
+    assert described["live"] == 3
     assert described["resident"] == [{"generation": 3, "version": "3", "state": "live"}]
     assert described["inflight"] == {"3": 0}
 
@@ -264,10 +267,18 @@ def test_an_abort_while_the_version_is_announced_discards_it(make: Make, repo: P
 
 
 async def test_forward_answers_on_the_stamped_generation_and_names_the_replica(
-    make: Make, repo: Path
+    repo: Path,
 ) -> None:
-    replica = started(make, repo, FakeTextLoader())
-    assert replica.hold(Target(5, source(repo, 5)), TIMEOUT).ok
+    (repo / "m").mkdir(parents=True)
+    config = Config.load({"repo": str(repo)}, environ={})
+    replica = FleetReplica(
+        config, ["m"], replica_id="r1", hold_seconds=600, loader=FakeTextLoader()
+    )
+    replica.start({"m": Joined(Target(3, source(repo, 3)))}, TIMEOUT)
+    assert replica.model("m").hold(Target(5, source(repo, 5)), TIMEOUT).ok
+    described = replica.describe()
+    assert (described["replica"], described["live"]) == ("r1", 3)  # one model: at the top
+    assert described["models"] == {"m": replica.model("m").describe()}
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     request = Forwarded(
         "POST",
@@ -288,6 +299,7 @@ async def test_forward_answers_on_the_stamped_generation_and_names_the_replica(
         assert headers[b"x-hotweights-generation"] == str(generation).encode()
         content = json.loads(head.body)["choices"][0]["message"]["content"]
         assert content.startswith(f"{source(repo, generation)}:0")
+    replica.close(timeout=TIMEOUT)
 
 
 def test_catch_up_moves_a_starting_replica_to_what_the_fleet_has_now(
@@ -388,3 +400,31 @@ def test_catch_up_leaves_alone_a_version_prepared_after_its_answer(make: Make, r
     stale = Joined(Target(3, source(repo, 3)), issued=5)  # ... this answer was given
     assert replica.catch_up(stale, TIMEOUT)
     assert resident(replica) == [(6, "held"), (3, "live")]
+
+
+def test_a_replica_serves_the_fleets_models_and_no_other_of_the_repository(repo: Path) -> None:
+    for name in ("m", "n", "lora"):
+        (repo / name).mkdir(parents=True)
+    config = Config.load({"repo": str(repo)}, environ={})
+    replica = FleetReplica(
+        config, ["m", "n"], replica_id="r1", hold_seconds=600, loader=FakeLoader()
+    )
+    try:
+        assert sorted(replica.state.models) == ["m", "n"]  # lora's reloader was dropped
+        assert replica.state.sync is None  # the coordinator, not the replica, follows the repo
+        joined = {
+            name: Joined(Target(g, source(repo, 1).replace("/m/", f"/{name}/")))
+            for name, g in (("m", 1), ("n", 2))
+        }
+        replica.start(joined, TIMEOUT)
+        described = replica.describe()
+        assert "live" not in described  # several models: only under `models`
+        models = described["models"]
+        assert isinstance(models, dict)
+        assert {name: m["live"] for name, m in models.items()} == {"m": 1, "n": 2}
+        with pytest.raises(KeyError, match="replica r1 serves m, n, not 'lora'"):
+            replica.model("lora")
+    finally:
+        replica.close(timeout=TIMEOUT)
+    with pytest.raises(ValueError, match=r"holds no model 'x' \(models there: "):
+        FleetReplica(config, ["x"], replica_id="r2", hold_seconds=600, loader=FakeLoader())
