@@ -67,9 +67,13 @@ class Replica:
             hold_seconds=settings.hold_seconds,
             loader=settings.loader(settings.config) if settings.loader is not None else None,
         )
-        self.engine.start(joined, settings.prepare_timeout)
+        # With --prepare-parallel a version being prepared is held only through a place
+        # (the cutover's next prepare round asks this replica), never on the side.
+        self.free_prepare = settings.prepare_parallel == 0
+        timeout, free = settings.prepare_timeout, self.free_prepare
+        self.engine.start(joined, timeout, prepare=free)
         for _ in range(CATCH_UP_ROUNDS):  # the fleet may have moved while this one loaded
-            if self.engine.catch_up(ray.get(coordinator.join.remote()), settings.prepare_timeout):
+            if self.engine.catch_up(ray.get(coordinator.join.remote()), timeout, prepare=free):
                 break
 
     async def prepare(self, target: Target) -> Prepared:
@@ -121,7 +125,10 @@ class Replica:
         request waiting for it waits for the same catch-up)."""
         async with self._catching_up:
             joined = await self.coordinator.join.remote()
-            await asyncio.to_thread(self.engine.catch_up, joined, self.settings.prepare_timeout)
+            timeout = self.settings.prepare_timeout
+            await asyncio.to_thread(
+                self.engine.catch_up, joined, timeout, prepare=self.free_prepare
+            )
 
     async def check_health(self) -> None:
         """Serve's health check (every `HEALTH_CHECK_S`), used to notice a held version

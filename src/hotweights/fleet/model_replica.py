@@ -104,12 +104,14 @@ class ModelReplica:
 
     # -- the versions ---------------------------------------------------------------------
 
-    def start(self, joined: Joined, timeout: float) -> None:
-        """Load the committed version and make it live; then, if a cutover is preparing,
-        prepare its version too (a replica that joins mid-cutover must hold it before
-        the commit can route to it). While the fleet drains the generation committed
-        before, that one is made live and the committed one held beside it: requests
-        the ingress stamped with either can come here. Raises `RuntimeError` if a version
+    def start(self, joined: Joined, timeout: float, *, prepare: bool = True) -> None:
+        """Load the committed version and make it live; then, if a cutover is preparing
+        and `prepare`, prepare its version too (a replica that joins mid-cutover must hold
+        it before the commit can route to it; without `prepare`, when the fleet bounds
+        how many replicas prepare at once, the cutover's next round asks it). While the
+        fleet drains the generation committed before, that one is made live and the
+        committed one held beside it: requests the ingress stamped with either can come
+        here. Raises `RuntimeError` if a version
         fails to load: the replica must not take traffic."""
         committed = joined.committed
         if joined.draining is not None:
@@ -119,7 +121,7 @@ class ModelReplica:
                 raise RuntimeError(f"replica {self.id}: {held.error}")
             return
         self._start_on(committed, timeout)
-        if joined.preparing is not None:
+        if joined.preparing is not None and prepare:
             prepared = self.hold(joined.preparing, timeout)
             if not prepared.ok:
                 log.warning("replica %s: preparing on start failed: %s", self.id, prepared.error)
@@ -138,12 +140,13 @@ class ModelReplica:
                 f"({committed.source}) failed to load: {event.error_message}"
             )
 
-    def catch_up(self, joined: Joined, timeout: float) -> bool:
+    def catch_up(self, joined: Joined, timeout: float, *, prepare: bool = True) -> bool:
         """Bring this replica in line with the fleet as it is now (`joined`, asked again
         after `start`, or when a request or a health check found it behind). Discards a
         held version the fleet no longer prepares, moves to a newer committed version
         (held, then finished; while the fleet drains the one live here, only held),
-        holds the version being prepared. True if it was in line already."""
+        holds the version being prepared if `prepare` (see `start`). True if it was in
+        line already."""
         in_line = True
         committed, preparing = joined.committed, joined.preparing
         held = self.held_generation()
@@ -166,7 +169,7 @@ class ModelReplica:
             in_line = False
             if self.hold(committed, timeout).ok and not draining:
                 self.finish(committed.generation, timeout)
-        if preparing is not None and not self.has(preparing.generation):
+        if prepare and preparing is not None and not self.has(preparing.generation):
             self.hold(preparing, timeout)
             in_line = False
         return in_line

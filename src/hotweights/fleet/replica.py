@@ -66,17 +66,22 @@ class FleetReplica:
             raise KeyError(f"replica {self.id} serves {', '.join(self.models)}, not {name!r}")
         return found
 
-    def start(self, joined: Mapping[str, Joined], timeout: float) -> None:
+    def start(self, joined: Mapping[str, Joined], timeout: float, *, prepare: bool = True) -> None:
         """Load every model's committed version (and the one being prepared, or the one
         draining: see `ModelReplica.start`). Raises `RuntimeError` if one fails to load,
         and `KeyError` if the fleet says nothing of a model served here."""
         for name, model in self.models.items():
-            model.start(joined[name], timeout)
+            model.start(joined[name], timeout, prepare=prepare)
 
-    def catch_up(self, joined: Mapping[str, Joined], timeout: float) -> bool:
+    def catch_up(
+        self, joined: Mapping[str, Joined], timeout: float, *, prepare: bool = True
+    ) -> bool:
         """Bring every model in line with the fleet (see `ModelReplica.catch_up`). True
         if all were in line already."""
-        in_line = [model.catch_up(joined[name], timeout) for name, model in self.models.items()]
+        in_line = [
+            model.catch_up(joined[name], timeout, prepare=prepare)
+            for name, model in self.models.items()
+        ]
         return all(in_line)
 
     def undecided(self) -> bool:
