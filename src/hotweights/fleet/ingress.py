@@ -4,10 +4,10 @@ Every `/v1/...` request is admitted here, stamped with the committed generation 
 model its body names (the fleet's one flip point, `Admissions`), and handed to a replica
 Ray picks, which answers it on that generation. `GET /v1/models` asks a replica about each
 model on its committed generation, so it answers with the fleet's generations, not with
-what one replica has finished. The OpenAI shapes, the API key, the limits and the error bodies are
-the replica's own server's, so a fleet answers exactly like `hotweights serve`. `/admin/
-fleet`, `/admin/reload` and `/admin/rollback` go to the coordinator; `/metrics` shows the
-ingress's counts and every replica's own metrics, labelled by replica.
+what one replica has finished. The OpenAI shapes, the API key, the limits and the error
+bodies are the replica's own server's, so a fleet answers exactly like `hotweights serve`.
+`/admin/fleet`, `/admin/reload` and `/admin/rollback` go to the coordinator; `/metrics`
+shows the ingress's counts and every replica's own metrics, labelled by replica.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the routes of a class ingress
