@@ -6,7 +6,8 @@ targeted `nn.Linear` of the base model is wrapped once (`install`) by a module t
 computes the base layer's output and then adds, for each group of tokens that asked for an
 adapter, that adapter's update to those tokens' rows only (`y[i] += (x[i] @ A.T) @ B.T *
 scale`), as punica and S-LoRA do: tokens are grouped by adapter, so a pass costs one pair
-of small matrix products per adapter present in it, whatever the batch.
+of small matrix products per run of an adapter's tokens in it (the engine lays out the
+decode tokens of each adapter side by side), whatever the batch.
 
 Which tokens belong to which adapter is per thread (`selecting`): the batched engine sets
 it around each pass from its sequences; the per-request loop sets one adapter for its
@@ -61,11 +62,11 @@ class LoraWeights:
 
 @dataclass(frozen=True)
 class AdapterGroup:
-    """The tokens of one pass that use one adapter: flat positions (a (n,) long tensor on
-    the model's device), or None for every token of the pass."""
+    """The tokens of one pass that use one adapter: runs of flat positions `[start,
+    stop)`, or None for every token of the pass."""
 
     weights: LoraWeights
-    index: torch.Tensor | None
+    spans: tuple[tuple[int, int], ...] | None
 
 
 @contextmanager
@@ -143,11 +144,11 @@ def _wrapper_class() -> type[Any]:
                 if update is None:
                     continue
                 down, up = update  # (in, rank), (rank, out)
-                if group.index is None:
+                if group.spans is None:
                     flat_out.addmm_(flat @ down, up)
-                else:
-                    picked = flat.index_select(0, group.index) @ down  # (n, rank)
-                    flat_out.index_add_(0, group.index, picked @ up)
+                    continue
+                for start, stop in group.spans:  # slices of the flat run: views, no copy
+                    flat_out[start:stop].addmm_(flat[start:stop] @ down, up)
             return out
 
         def extra_repr(self) -> str:

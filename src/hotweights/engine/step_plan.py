@@ -102,7 +102,9 @@ def plan(
     """The next pass over `running` (in the order they joined) within `budget` tokens,
     prompts read at most `chunk` tokens at a time; `admit` gives the next joining sequence
     (with its row, and its length set past any restored prefix) or None."""
-    decoding = [s for s in running if not s.reading]
+    # Generating sequences of one adapter side by side: each adapter's decode tokens are
+    # one run of the flat pass, updated as a slice (stable: join order within each).
+    decoding = sorted((s for s in running if not s.reading), key=_adapter_order)
     left = budget - len(decoding)
     chunks: list[tuple[EngineSequence, int]] = []
     for sequence in [s for s in running if s.reading]:
@@ -171,34 +173,36 @@ def lay_out(step: Plan, kv: KVRows, device: str) -> PassInputs:
         decode_width=max(lengths, default=0),
         chunks=tuple(chunks),
     )
-    return PassInputs(ids, positions, keep, reads, layout, _adapter_groups(step, device))
+    return PassInputs(ids, positions, keep, reads, layout, _adapter_groups(step))
 
 
-def _adapter_groups(step: Plan, device: str) -> tuple[AdapterGroup, ...]:
-    """The flat positions of each adapter's tokens in `step` (laid out as `lay_out` does);
-    one group with no index when every token uses the same adapter."""
-    import torch
+def _adapter_order(sequence: EngineSequence) -> str:
+    return sequence.adapter.key if sequence.adapter is not None else ""
 
-    spans: list[tuple[LoraWeights | None, int, int]] = [
-        (sequence.adapter, index, 1) for index, sequence in enumerate(step.decoding)
-    ]
-    offset = len(spans)
-    for sequence, count in step.chunks:
-        spans.append((sequence.adapter, offset, count))
+
+def _adapter_groups(step: Plan) -> tuple[AdapterGroup, ...]:
+    """The runs of flat positions of each adapter's tokens in `step` (laid out as
+    `lay_out` does: decode tokens, grouped by adapter, then each prompt chunk); one group
+    with no runs when every token uses the same adapter."""
+    runs: list[tuple[LoraWeights | None, int, int]] = []  # (adapter, start, stop)
+    offset = 0
+    pieces = [(s.adapter, 1) for s in step.decoding] + [(s.adapter, n) for s, n in step.chunks]
+    for adapter, count in pieces:
+        if runs and runs[-1][0] is adapter and runs[-1][2] == offset:
+            runs[-1] = (adapter, runs[-1][1], offset + count)  # one run continues
+        else:
+            runs.append((adapter, offset, offset + count))
         offset += count
-    used = {id(adapter): adapter for adapter, _, _ in spans if adapter is not None}
+    used = {id(a): a for a, _, _ in runs if a is not None}
     if not used:
         return ()
-    if len(used) == 1 and all(adapter is not None for adapter, _, _ in spans):
+    if len(runs) == 1:
         return (AdapterGroup(next(iter(used.values())), None),)
-    positions: dict[int, list[int]] = {key: [] for key in used}
-    for adapter, first, count in spans:
+    spans: dict[int, list[tuple[int, int]]] = {key: [] for key in used}
+    for adapter, start, stop in runs:
         if adapter is not None:
-            positions[id(adapter)].extend(range(first, first + count))
-    return tuple(
-        AdapterGroup(used[key], torch.tensor(flat, dtype=torch.long, device=device))
-        for key, flat in positions.items()
-    )
+            spans[id(adapter)].append((start, stop))
+    return tuple(AdapterGroup(used[key], tuple(found)) for key, found in spans.items())
 
 
 def _pending(sequence: EngineSequence) -> int:
