@@ -137,6 +137,9 @@ class Config:
     starts like an earlier one on the same version skips recomputing them."""
     threads: int = 0
     """torch's intra-op threads for the forward passes; 0: torch's default (one per core)."""
+    lora_base: str | None = None
+    """The served model a LoRA adapter applies to when its `base_model_name_or_path` names
+    none of them; None: the only base model served."""
     shutdown_delay: float = 2.0
     """On SIGTERM, seconds /ready answers 503 before the listener closes (for load balancers)."""
     keep_alive_timeout: float = 120.0

@@ -127,6 +127,11 @@ class EscapesRoot(HotweightsError):
     """A path under a model repository is a symlink that resolves outside the repository."""
 
 
+class FollowFailed(LoadError):
+    """A model that must follow a new version of its base (a LoRA adapter) could not be
+    prepared on it, so the base's new version is refused."""
+
+
 class PhaseTimeout(LoadError):
     """A load, validation or warmup did not finish within the configured phase timeout."""
 

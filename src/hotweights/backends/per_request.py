@@ -19,6 +19,7 @@ from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from hotweights.backends.lora_layers import AdapterGroup, LoraWeights, selecting
 from hotweights.errors import ModelRetired, ShuttingDown
 from hotweights.generation import Deliver, GenerationParams, TextModel, TokenChunk
 
@@ -36,6 +37,8 @@ class LoopTicket:
     chunks: Iterator[TokenChunk]
     deliver: Deliver
     cut: threading.Event | None
+    adapters: tuple[AdapterGroup, ...] = ()
+    """The LoRA adapter its every pass applies, if it asked for one."""
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -74,13 +77,15 @@ class PerRequestEngine:
         params: GenerationParams,
         deliver: Deliver,
         cut: threading.Event | None = None,
+        adapter: LoraWeights | None = None,
     ) -> LoopTicket:
-        """Queue a sequence. Starts the model's stream now, so a prompt or parameters the
-        model refuses raise here (`InvalidRequest`), as does a stopping engine
-        (`ModelRetired`)."""
+        """Queue a sequence (every pass of it with `adapter`'s updates, when given).
+        Starts the model's stream now, so a prompt or parameters the model refuses raise
+        here (`InvalidRequest`), as does a stopping engine (`ModelRetired`)."""
         with self._step():
             chunks = self._model.stream(prompt_ids, params)
-        run = LoopTicket(chunks, deliver, cut)
+        groups = (AdapterGroup(adapter, None),) if adapter is not None else ()
+        run = LoopTicket(chunks, deliver, cut, groups)
         with self._lock:
             if self._stopping:
                 _close(chunks)
@@ -138,7 +143,7 @@ class PerRequestEngine:
         while not run.cancelled.is_set():
             if run.cut is not None and run.cut.is_set():
                 raise ShuttingDown("the server shut down before this response was complete")
-            with self._step():
+            with self._step(), selecting(run.adapters):
                 chunk = next(run.chunks, None)
             if chunk is None:
                 raise RuntimeError("the model's token stream ended without a finish reason")

@@ -14,8 +14,9 @@ from hotweights.core.gate import GateCheck
 
 DEFAULT_MAX_EVENTS = 256
 
-Trigger = Literal["api", "watch", "signal", "rollback", "startup", "push"]
-TRIGGERS: tuple[Trigger, ...] = ("api", "watch", "signal", "rollback", "startup", "push")
+Trigger = Literal["api", "watch", "signal", "rollback", "startup", "push", "follow"]
+"""`follow`: an adapter prepared again on its base model's new version."""
+TRIGGERS: tuple[Trigger, ...] = ("api", "watch", "signal", "rollback", "startup", "push", "follow")
 
 Phase = Literal["load", "validate", "warmup", "gate", "bake", "drain"]
 PHASES: tuple[Phase, ...] = ("load", "validate", "warmup", "gate", "bake", "drain")

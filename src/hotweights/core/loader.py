@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol, TypeVar, runtime_checkable
 
 ModelT = TypeVar("ModelT")
+ModelT_co = TypeVar("ModelT_co", covariant=True)
 
 
 class Loader(Protocol[ModelT]):
@@ -76,4 +77,17 @@ class LibraryImporting(Protocol):
     def import_libraries(self) -> None:
         """Import what `load` needs (and start any helper it uses). Called once, before the
         first load, from the thread that starts serving; safe to skip."""
+        ...
+
+
+@runtime_checkable
+class BaseBound(Protocol[ModelT_co]):
+    """Optional: a loader of adapters, whose versions are bound to a version of a base
+    model (a LoRA adapter): each loaded adapter holds a lease on the base version it was
+    loaded on, so that version stays resident while the adapter version does."""
+
+    def load_on(self, source: str, base_generation: int | None) -> ModelT_co:
+        """`load`, on the base model's `base_generation` (resident: live or prepared), or
+        on its live version when None. Raises `LoadError` when that version is not
+        resident, or the adapter does not fit it."""
         ...

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from hotweights.core.gate import Gate, GateRefused, GateVerdict
-from hotweights.core.loader import Fingerprinting, Loader, SizeEstimating
+from hotweights.core.loader import BaseBound, Fingerprinting, Loader, SizeEstimating
 from hotweights.core.memory import MemoryCheck
 from hotweights.core.swap_policy import RetryPolicy, SwapPolicy
 from hotweights.core.version import ModelVersion
@@ -84,7 +84,7 @@ class PhaseRunner(Generic[ModelT]):
             self.describe(version, attempt)
             if fits is not None and attempt.estimate is not None:
                 fits(attempt.estimate)
-            model = self._load_with_retry(source, attempt)
+            model = self._load_with_retry(version, attempt)
         except Exception as exc:
             attempt.phases["load"] = time.monotonic() - started
             raise PhaseFailed("load", exc, attempt) from exc
@@ -152,12 +152,19 @@ class PhaseRunner(Generic[ModelT]):
         if self.memory is not None:
             self.memory.check(source, estimate, policy, resident)
 
-    def _load_with_retry(self, source: str, attempt: Attempt) -> ModelT:
+    def _load_with_retry(self, version: ModelVersion, attempt: Attempt) -> ModelT:
+        source = version.source
+        loader = self.loader
+
+        def load(path: str) -> ModelT:
+            if isinstance(loader, BaseBound):  # an adapter: on the base version it names
+                bound: ModelT = loader.load_on(path, version.base_generation)
+                return bound
+            return loader.load(path)
+
         while True:
             try:
-                return self._within_deadline(
-                    "load", source, self.loader.load, source, late=self._unload_late
-                )
+                return self._within_deadline("load", source, load, source, late=self._unload_late)
             except TransientLoadError as exc:
                 if attempt.retries >= self.retry.retries:
                     raise

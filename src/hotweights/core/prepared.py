@@ -83,6 +83,9 @@ class PreparedVersion(Generic[ModelT]):
         """While it bakes as a canary: its requests and the stable version's."""
         self.bake_started: float | None = None
         """Monotonic time its bake began, if it baked."""
+        self.followers: tuple[PreparedVersion[Any], ...] = ()
+        """Versions of other models prepared on this one (its adapters, `Followers`):
+        committed and discarded with it."""
         self._applying = False
         self._lock = threading.Lock()
         self._decided = threading.Event()

@@ -46,7 +46,7 @@ class Preparer(Generic[ModelT]):
         `baseline(source)` (which took `earlier` seconds if measured before). With `fit`,
         refuse a version that will not fit beside what is resident under that policy.
         Raises `PhaseFailed` after cleaning up."""
-        version = ModelVersion(job.source, job.description)
+        version = ModelVersion(job.source, job.description, base_generation=job.base_generation)
         resident = self.resident_bytes()
 
         def on_phase(phase: str) -> None:
@@ -100,9 +100,9 @@ class Preparer(Generic[ModelT]):
         )
 
     def gated(self, job: ReloadJob) -> bool:
-        """Whether `job` passes the gate: new versions do, rollbacks and restores (an
-        operator's way back to a version that served) do not."""
-        return self.gate is not None and job.trigger != "rollback"
+        """Whether `job` passes the gate: new versions do; rollbacks (an operator's way
+        back to a version that served) and an adapter following its base do not."""
+        return self.gate is not None and job.trigger not in ("rollback", "follow")
 
     def measure_live(self, source: str) -> object:
         """The gate's baseline for `source` on the live version, leased for the call (or

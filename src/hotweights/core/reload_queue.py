@@ -37,6 +37,8 @@ class ReloadJob:
     """The generation to serve as (a fleet's number); None: the next one."""
     hold_seconds: float | None = None
     """For `prepare`: how long the prepared version waits for a decision."""
+    base_generation: int | None = None
+    """For an adapter: the base model's generation to prepare it on (None: the live one)."""
     accepted_at: float = field(default_factory=time.time)
     future: Future[Any] = field(default_factory=Future)
     phase: str = "queued"
@@ -44,9 +46,11 @@ class ReloadJob:
     decided: bool = False
     """Its version was committed or discarded: a new request for it is a new job."""
 
-    def joins(self, source: str, kind: JobKind, generation: int | None) -> bool:
-        same = (self.source, self.kind, self.generation) == (source, kind, generation)
-        return same and not self.decided
+    def joins(
+        self, source: str, kind: JobKind, generation: int | None, base_generation: int | None
+    ) -> bool:
+        mine = (self.source, self.kind, self.generation, self.base_generation)
+        return mine == (source, kind, generation, base_generation) and not self.decided
 
 
 class ReloadTicket:
@@ -108,6 +112,7 @@ class ReloadQueue:
         generation: int | None = None,
         hold_seconds: float | None = None,
         after: int = 0,
+        base_generation: int | None = None,
     ) -> tuple[ReloadJob, ReloadJob | None]:
         """Queue a request (or join the same one); returns its job and the job it
         superseded, which the caller must end. `generation` must exceed `after`."""
@@ -119,7 +124,7 @@ class ReloadQueue:
                     f"{self.name}: generation {generation} is not after generation {after}"
                 )
             for job in (self._running, self._pending):
-                if job is not None and job.joins(source, kind, generation):
+                if job is not None and job.joins(source, kind, generation, base_generation):
                     return job, None
             superseded = self._pending
             self._pending = ReloadJob(
@@ -130,6 +135,7 @@ class ReloadQueue:
                 kind=kind,
                 generation=generation,
                 hold_seconds=hold_seconds,
+                base_generation=base_generation,
             )
             self._wake.notify()
             return self._pending, superseded

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 from hotweights.core.bake import bake
 from hotweights.core.canary import CanaryPolicy
 from hotweights.core.events import Outcome, ReloadEvent
+from hotweights.core.followers import Followers
 from hotweights.core.observers import ReloadStarted
 from hotweights.core.prepared import Decision, PreparedVersion, claim_all
 from hotweights.core.reload_queue import ReloadJob, ReloadQueue
@@ -26,15 +27,17 @@ from hotweights.core.reload_records import ReloadRecords
 from hotweights.core.slot import ModelSlot
 from hotweights.core.swap_strategies import PrepareFailed, SwapStrategy
 from hotweights.core.version import ModelVersion
-from hotweights.errors import NotPrepared
+from hotweights.errors import FollowFailed, NotPrepared
 
 ModelT = TypeVar("ModelT")
 log = logging.getLogger("hotweights.reload")
 
 
 def commit(handles: tuple[PreparedVersion[Any], ...], reason: str) -> ReloadEvent:
-    """Make every prepared version in `handles` live in one step (see `Reloader.commit`);
-    returns the first one's event. Raises `NotPrepared` if any was already decided."""
+    """Make every prepared version in `handles`, and the versions that follow each, live
+    in one step (see `Reloader.commit`); returns the first one's event. Raises
+    `NotPrepared` if any was already decided."""
+    handles = tuple(version for handle in handles for version in (handle, *handle.followers))
     if len({id(handle.slot) for handle in handles}) != len(handles):
         raise ValueError(f"{handles}: one commit makes one version of each model live")
     if not claim_all(handles, Decision.COMMIT, reason):
@@ -73,6 +76,8 @@ class ReloadWorker(Generic[ModelT]):
         self._lock = threading.Lock()
         self._held: PreparedVersion[ModelT] | None = None
         self._closing = False
+        self.followers: Followers | None = None
+        """Asked for the versions that follow each version this worker prepares."""
         self._thread = threading.Thread(target=self._work, name=f"hotweights-reloader-{name}")
         self._thread.daemon = True
         self._thread.start()
@@ -90,6 +95,7 @@ class ReloadWorker(Generic[ModelT]):
         if not handle.claim(Decision.DISCARD, reason):
             decided = handle.decision.value if handle.decision else "decided"
             raise NotPrepared(f"{handle!r} was already {decided}")
+        _drop_followers(handle, reason)
         if threading.current_thread() is self._thread or not handle.begin_apply():
             return None  # the worker applies it as soon as this call returns
         self._apply_discard(handle)
@@ -135,6 +141,7 @@ class ReloadWorker(Generic[ModelT]):
             self._held = handle
             if self._closing:
                 handle.claim(Decision.DISCARD, "the reloader is closing")
+        self._follow(handle)
         stable = self.slot.live_version
         if job.kind == "prepare":
             job.future.set_result(handle)
@@ -146,10 +153,22 @@ class ReloadWorker(Generic[ModelT]):
         elif not handle.decision:
             self._commit_one(handle, "reloaded")
         if handle.decision is Decision.DISCARD and handle.begin_apply():
+            _drop_followers(handle, handle.reason)
             self._apply_discard(handle)
         handle.settled.wait()
         if not job.future.done() and handle.event is not None:
             job.future.set_result(handle.event)
+
+    def _follow(self, handle: PreparedVersion[ModelT]) -> None:
+        """Prepare the versions that follow `handle` (its adapters) on it; when one
+        cannot be, discard `handle`, naming why."""
+        followers = self.followers
+        if followers is None or handle.decision is not None:
+            return
+        try:
+            handle.followers = followers.prepare_on(handle)
+        except FollowFailed as exc:
+            handle.claim(Decision.DISCARD, str(exc))
 
     def _recover(self, job: ReloadJob, exc: Exception) -> None:
         """After a crash: no prepared version left held, no admission left waiting, and
@@ -217,3 +236,10 @@ class ReloadWorker(Generic[ModelT]):
         prepared.begin_apply()
         (old,) = ModelSlot.commit_together([(self.slot, prepared.generation)])
         return self.records.committed(prepared, old, record=False)
+
+
+def _drop_followers(handle: PreparedVersion[Any], reason: str) -> None:
+    """Discard the versions prepared to follow a discarded `handle` (their reloaders'
+    workers, waiting on them, apply it)."""
+    for follower in handle.followers:
+        follower.claim(Decision.DISCARD, f"{handle!r} was discarded: {reason}")

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from hotweights.core.canary import CanaryPolicy
 from hotweights.core.events import DEFAULT_MAX_EVENTS, Outcome, ReloadEvent, ReloadLog, Trigger
+from hotweights.core.followers import Followers
 from hotweights.core.gate import Gate
 from hotweights.core.history import DEFAULT_MAX_HISTORY, VersionHistory
 from hotweights.core.loader import Loader
@@ -147,12 +148,16 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         description: str = "",
         generation: int | None = None,
         hold_seconds: float = 600.0,
+        base_generation: int | None = None,
     ) -> PrepareTicket[ModelT]:
         """Accept a request to prepare `source` beside the live version; returns at once.
         The ticket's result is the `PreparedVersion` (for `commit` or `discard`; one that
         nobody decides within `hold_seconds` is discarded by itself), or the event of the
-        attempt that failed or was superseded. `generation` as in `submit`."""
-        job = self._put(source, trigger, description, "prepare", generation, hold_seconds)
+        attempt that failed or was superseded. `generation` as in `submit`; an adapter's
+        `base_generation` names the version of its base to prepare it on."""
+        job = self._put(
+            source, trigger, description, "prepare", generation, hold_seconds, base_generation
+        )
         return PrepareTicket(job)
 
     def commit(
@@ -178,6 +183,11 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         return self._worker.discard(handle, reason)
 
     # -- compositions ------------------------------------------------------------------
+
+    def follow_with(self, followers: Followers | None) -> None:
+        """Have every version this reloader prepares from now on carry the versions of
+        the models that follow it (its adapters; see `core/followers.py`)."""
+        self._worker.followers = followers
 
     def rollback(self, *, description: str = "") -> ReloadTicket:
         """Make the most recent earlier version (by source) live again, as a new
@@ -275,10 +285,12 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         kind: JobKind,
         generation: int | None,
         hold_seconds: float | None,
+        base_generation: int | None = None,
     ) -> ReloadJob:
         job, superseded = self.queue.put(
             source, trigger, description, kind=kind, generation=generation,
             hold_seconds=hold_seconds, after=self.history.generation,
+            base_generation=base_generation,
         )  # fmt: skip
         if superseded is not None:
             event = self.records.event(

@@ -70,6 +70,9 @@ class ModelVersion:
     """The loader's estimate of its resident size, when it gives one."""
     generation: int = 0
     """Position in the sequence of versions that became reachable; 0 before that."""
+    base_generation: int | None = None
+    """For an adapter's version: the generation of its base model it is prepared on
+    (None: the base's live one when it loads)."""
     attempt: int = field(default_factory=lambda: next(_attempt_ids))
     """Process-unique id of this load attempt."""
     created_at: float = field(default_factory=time.time)

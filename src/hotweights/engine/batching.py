@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hotweights.backends.grammar import grammar_masks
+from hotweights.backends.lora_layers import LoraWeights, selecting
 from hotweights.backends.sequence import TokenSequence
 from hotweights.engine.batch_sampling import Draw, Picked, RowSampler
 from hotweights.engine.kv import KVRows, kv_shape
@@ -183,9 +184,11 @@ class BatchEngine:
         params: GenerationParams,
         deliver: Deliver,
         cut: threading.Event | None = None,
+        adapter: LoraWeights | None = None,
     ) -> EngineTicket:
-        """Queue a sequence. Its first chunk comes after the pass that reads the end of
-        its prompt.
+        """Queue a sequence (generated with `adapter`'s updates, when given: it shares
+        the passes of every other sequence, with or without an adapter). Its first chunk
+        comes after the pass that reads the end of its prompt.
 
         Raises `ModelRetired` once the engine is stopping, `PayloadTooLarge` for a prompt
         that leaves no room in a row for one generated token, `InvalidRequest` for a
@@ -202,7 +205,7 @@ class BatchEngine:
             limit = min(limit, self._lm.max_positions - len(prompt_ids))
         limit = max(limit, 1) if params.max_tokens else 0
         tokens = TokenSequence(self._lm, prompt_ids, params, limit)
-        sequence = EngineSequence(tokens=tokens, deliver=deliver, cut=cut)
+        sequence = EngineSequence(tokens=tokens, deliver=deliver, cut=cut, adapter=adapter)
         with self._lock:
             if self._stopping:
                 raise self._lm.retired()
@@ -274,7 +277,7 @@ class BatchEngine:
         self._sampler.join(sequence.row, sequence.tokens.params)
         self._running.append(sequence)
         if self._prefix is not None and not sequence.tokens.scores_prompt:
-            slots = self._prefix.lookup(sequence.prompt)
+            slots = self._prefix.lookup(sequence.prompt, sequence.prefix_salt)
             self._prefix.restore(self._kv, sequence.row, slots)
             sequence.length = len(slots) * self._prefix.block
         return sequence
@@ -298,7 +301,7 @@ class BatchEngine:
         inputs = lay_out(step, self._kv, device)
         keep = torch.tensor(inputs.keep, dtype=torch.long, device=device)
         began = time.perf_counter()
-        with running(inputs.layout):
+        with running(inputs.layout), selecting(inputs.adapters):
             output = self._lm.model(
                 input_ids=torch.tensor([inputs.ids], dtype=torch.long, device=device),
                 position_ids=torch.tensor([inputs.positions], dtype=torch.long, device=device),
@@ -326,7 +329,7 @@ class BatchEngine:
             if sequence.reading:
                 continue
             if self._prefix is not None:
-                self._prefix.store(self._kv, sequence.row, sequence.prompt)
+                self._prefix.store(self._kv, sequence.row, sequence.prompt, sequence.prefix_salt)
             last = logits[first : first + 1]
             if sequence.tokens.scores_prompt:
                 whole = torch.cat(sequence.scored)  # (prompt, vocab)

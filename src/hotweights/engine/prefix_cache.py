@@ -64,10 +64,11 @@ class PrefixCache:
     def nbytes(self) -> int:
         return buffer_bytes(self.keys, self.values)
 
-    def names(self, ids: list[int], whole_blocks: int) -> list[bytes]:
-        """The chained names of the first `whole_blocks` blocks of `ids`."""
+    def names(self, ids: list[int], whole_blocks: int, salt: bytes = b"") -> list[bytes]:
+        """The chained names of the first `whole_blocks` blocks of `ids`, computed with
+        `salt` (a LoRA adapter version's key: its rows hold other keys and values)."""
         names: list[bytes] = []
-        previous = self._namespace
+        previous = self._namespace + b"|" + salt
         for index in range(whole_blocks):
             tokens = ids[index * self.block : (index + 1) * self.block]
             digest = hashlib.blake2b(previous, digest_size=16)
@@ -76,17 +77,17 @@ class PrefixCache:
             names.append(previous)
         return names
 
-    def lookup(self, ids: list[int]) -> list[int]:
+    def lookup(self, ids: list[int], salt: bytes = b"") -> list[int]:
         """Pool slots of the longest cached run of `ids`'s leading blocks, leaving at least
         one token of `ids` to compute (its logits start the completion)."""
         self.stats.lookups += 1
         found: list[int] = []
-        for name in self.names(ids, (len(ids) - 1) // self.block):
+        for name in self.names(ids, (len(ids) - 1) // self.block, salt):
             slot = self._slots.get(name)
             if slot is None:
                 break
             found.append(slot)
-        names = self.names(ids, len(found))
+        names = self.names(ids, len(found), salt)
         for name in reversed(names):  # the first block ends most recently used
             self._slots.move_to_end(name)
         self.stats.hit_tokens += len(found) * self.block
@@ -106,13 +107,13 @@ class PrefixCache:
             row_keys[row, :, :width] = keys[index].transpose(0, 1).flatten(1, 2)
             row_values[row, :, :width] = values[index].transpose(0, 1).flatten(1, 2)
 
-    def store(self, kv: KVRows, row: int, ids: list[int]) -> None:
-        """Keep the whole blocks of `ids`, whose keys and values fill the start of `row`,
-        that the pool does not hold yet."""
+    def store(self, kv: KVRows, row: int, ids: list[int], salt: bytes = b"") -> None:
+        """Keep the whole blocks of `ids` (named with `salt`, as `lookup`), whose keys and
+        values fill the start of `row`, that the pool does not hold yet."""
         import torch
 
         whole = len(ids) // self.block
-        names = self.names(ids, min(whole, self.blocks))
+        names = self.names(ids, min(whole, self.blocks), salt)
         new = [(i, name) for i, name in enumerate(names) if name not in self._slots]
         if not new:
             return

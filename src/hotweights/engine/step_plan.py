@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from hotweights.backends.lora_layers import AdapterGroup, LoraWeights
 from hotweights.backends.sequence import TokenSequence
 from hotweights.engine.row_attention import Chunk, StepLayout
 from hotweights.generation import Deliver
@@ -35,6 +36,8 @@ class EngineSequence:
     tokens: TokenSequence
     deliver: Deliver
     cut: threading.Event | None
+    adapter: LoraWeights | None = None
+    """The LoRA adapter version it generates with; None: the base model alone."""
     row: int = -1
     """Its cache row; -1 while it waits, and once it left."""
     length: int = 0
@@ -52,6 +55,11 @@ class EngineSequence:
     @property
     def prompt(self) -> list[int]:
         return self.tokens.prompt_ids
+
+    @property
+    def prefix_salt(self) -> bytes:
+        """What names its prompt's prefix blocks besides the version: its adapter's key."""
+        return self.adapter.key.encode() if self.adapter is not None else b""
 
     @property
     def reading(self) -> bool:
@@ -122,6 +130,8 @@ class PassInputs:
     reads: list[tuple[EngineSequence, int, int]]
     """Prompt chunks with kept logits: the sequence, its first kept row, how many."""
     layout: StepLayout
+    adapters: tuple[AdapterGroup, ...]
+    """The pass's tokens that use an adapter, grouped by adapter."""
 
 
 def lay_out(step: Plan, kv: KVRows, device: str) -> PassInputs:
@@ -161,7 +171,34 @@ def lay_out(step: Plan, kv: KVRows, device: str) -> PassInputs:
         decode_width=max(lengths, default=0),
         chunks=tuple(chunks),
     )
-    return PassInputs(ids, positions, keep, reads, layout)
+    return PassInputs(ids, positions, keep, reads, layout, _adapter_groups(step, device))
+
+
+def _adapter_groups(step: Plan, device: str) -> tuple[AdapterGroup, ...]:
+    """The flat positions of each adapter's tokens in `step` (laid out as `lay_out` does);
+    one group with no index when every token uses the same adapter."""
+    import torch
+
+    spans: list[tuple[LoraWeights | None, int, int]] = [
+        (sequence.adapter, index, 1) for index, sequence in enumerate(step.decoding)
+    ]
+    offset = len(spans)
+    for sequence, count in step.chunks:
+        spans.append((sequence.adapter, offset, count))
+        offset += count
+    used = {id(adapter): adapter for adapter, _, _ in spans if adapter is not None}
+    if not used:
+        return ()
+    if len(used) == 1 and all(adapter is not None for adapter, _, _ in spans):
+        return (AdapterGroup(next(iter(used.values())), None),)
+    positions: dict[int, list[int]] = {key: [] for key in used}
+    for adapter, first, count in spans:
+        if adapter is not None:
+            positions[id(adapter)].extend(range(first, first + count))
+    return tuple(
+        AdapterGroup(used[key], torch.tensor(flat, dtype=torch.long, device=device))
+        for key, flat in positions.items()
+    )
 
 
 def _pending(sequence: EngineSequence) -> int:

@@ -13,7 +13,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotweights import __version__
-from hotweights.server import admin, error_responses, openai_api, push_api, repository_api
+from hotweights.server import (
+    admin,
+    error_responses,
+    lora_api,
+    openai_api,
+    push_api,
+    repository_api,
+)
 from hotweights.server.error_responses import error_body
 from hotweights.server.server_state import ServerState
 
@@ -110,5 +117,6 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(repository_api.router)
     app.include_router(push_api.router)
+    app.include_router(lora_api.router)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     return app

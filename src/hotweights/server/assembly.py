@@ -19,6 +19,7 @@ from hotweights.config import Config
 from hotweights.core import Loader, MemoryCheck, Notice, Reloader
 from hotweights.core.loader import LibraryImporting
 from hotweights.digests import DigestChecking
+from hotweights.server.adapters import follow_bases, serve_adapter
 from hotweights.server.memory_versions import MemoryVersions
 from hotweights.server.server_state import ServedModel, ServerState
 
@@ -54,9 +55,9 @@ def build_state(
 
     spec = GateSpec.from_file(config.gate) if config.gate else None
 
-    def served(name: str) -> ServedModel:
+    def make_reloader(model_loader: Loader[Any], name: str) -> Reloader[Any]:
         reloader: Reloader[Any] = Reloader(
-            make_loader(),
+            model_loader,
             name=name,
             policy=config.policy,
             drain_timeout=config.drain_timeout,
@@ -68,7 +69,18 @@ def build_state(
         )
         for observer in observers:
             reloader.subscribe(observer)
-        return ServedModel(name, reloader, int(time.time()))
+        return reloader
+
+    def served(name: str) -> ServedModel:
+        return ServedModel(name, make_reloader(make_loader(), name), int(time.time()))
+
+    def serving(models: dict[str, ServedModel], adapters: list[str]) -> ServerState:
+        """The state, with the repository's adapters served beside their bases."""
+        state = ServerState(config, models, make_reloader=make_reloader, pushed=pushed)
+        for name in adapters:
+            state.add(serve_adapter(state, name))
+        follow_bases(state)
+        return state
 
     if config.repo is not None:
         from hotweights.sources import ModelRepository, RepositorySync, make_watcher
@@ -86,7 +98,9 @@ def build_state(
         names = repository.models()
         if not names:
             raise ValueError(f"the model repository {config.repo} holds no model directories")
-        server = ServerState(config, {name: served(name) for name in names}, pushed=pushed)
+        adapters = [name for name in names if holds_adapters(repository.root / name)]
+        bases = [name for name in names if name not in adapters]
+        server = serving({name: served(name) for name in bases}, adapters)
         watcher = make_watcher(config.watch, repository.root, interval=config.poll_interval)
         reloaders = {name: m.reloader for name, m in server.models.items()}
         server.sync = RepositorySync(repository, reloaders, watcher)
@@ -94,7 +108,16 @@ def build_state(
     if config.source is None:
         raise ValueError("nothing to serve: give a model directory or --repo")
     name = config.model_name or default_model_name(config.source)
-    return ServerState(config, {name: served(name)}, pushed=pushed)
+    return serving({name: served(name)}, [])
+
+
+def holds_adapters(model_dir: Path) -> bool:
+    """Whether a repository's model directory holds LoRA adapter versions (its newest
+    version directory has an `adapter_config.json`)."""
+    from hotweights.backends.lora_files import is_adapter_dir
+
+    numbers = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+    return bool(numbers) and is_adapter_dir(model_dir / str(max(numbers)))
 
 
 def memory_check(config: Config) -> MemoryCheck | None:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from hotweights.generation import GenerationParams
+from hotweights.server.adapters import adapter_entry
 from hotweights.server.admission import CLIENT_CLOSED, Admission
 from hotweights.server.disconnect import unless_disconnected
 from hotweights.server.pins import pinned_version, requested_pin
@@ -49,16 +50,17 @@ async def list_models(request: Request) -> dict[str, object]:
     _, pin = requested_pin("", request.scope)
     for name, served in sorted(state.models.items()):
         live = pinned_version(served, pin) or served.reloader.live_version
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": served.created,
-                "owned_by": "hotweights",
-                "generation": live.generation if live else None,
-                "fingerprint": live.system_fingerprint if live else None,
-            }
-        )
+        entry: dict[str, object] = {
+            "id": name,
+            "object": "model",
+            "created": served.created,
+            "owned_by": "hotweights",
+            "generation": live.generation if live else None,
+            "fingerprint": live.system_fingerprint if live else None,
+        }
+        if served.adapter:
+            entry.update(adapter_entry(served, live))
+        data.append(entry)
     return {"object": "list", "data": data}
 
 

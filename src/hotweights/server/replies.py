@@ -17,12 +17,11 @@ from starlette.types import Receive, Scope, Send
 
 from hotweights.errors import HotweightsError
 from hotweights.generation import TokenChunk, TokenLogprob, ToolCallFormat
+from hotweights.server.adapters import stamp
 from hotweights.server.admission import CLIENT_CLOSED, Admission
 from hotweights.server.error_responses import classify, error_body
 from hotweights.server.textgen import Began, Choice, Started, Step
 from hotweights.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
-
-GENERATION_HEADER = "x-hotweights-generation"
 
 
 class AdmittedStream(StreamingResponse):
@@ -79,8 +78,7 @@ class Reply:
         prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.fingerprint = lease.version.system_fingerprint
-        self.headers = {GENERATION_HEADER: str(lease.generation)}
+        self.fingerprint, self.headers = stamp(lease)
         self._offsets = [0] * len(choices)
         """Characters of each completion choice's text so far, for `text_offset`."""
         self.tools = tools

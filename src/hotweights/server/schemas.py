@@ -347,3 +347,16 @@ class ReloadRequest(_Request):
 class RollbackRequest(_Request):
     description: str = Field(default="", max_length=1000)
     wait: bool = True
+
+
+class LoadLoraAdapterRequest(_Request):
+    """`POST /v1/load_lora_adapter`, as vLLM's clients send it."""
+
+    lora_name: str = Field(max_length=200)
+    lora_path: str = Field(max_length=4096)
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """`POST /v1/unload_lora_adapter`."""
+
+    lora_name: str = Field(max_length=200)

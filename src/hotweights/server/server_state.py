@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hotweights.config import Config
-from hotweights.core import Reloader
+from hotweights.core import Loader, Reloader
 from hotweights.core.loader import Closing
 from hotweights.engine.batching_loader import BatchingLoader
 from hotweights.errors import Forbidden, InvalidRequest, Overloaded, UnknownModel
@@ -30,6 +31,8 @@ class ServedModel:
     created: int = 0
     pending: int = 0
     """Requests admitted and not yet finished (touched on the event loop only)."""
+    adapter: bool = False
+    """A LoRA adapter: its versions are bound to versions of a base model it follows."""
 
     def admit(self, limit: int) -> None:
         """Count one more request in, or raise `Overloaded` at `limit`."""
@@ -57,6 +60,9 @@ class ServerState:
     """Keeps the models in line with the repository, when serving one."""
     stopping: bool = False
     """Set when shutdown begins: /ready turns false and new requests get 503."""
+    make_reloader: Callable[[Loader[Any], str], Reloader[Any]] | None = None
+    """Builds the reloader of a model added while serving (an adapter), configured as the
+    others are (gate, canary, memory check)."""
     pushed: MemoryVersions = field(default_factory=MemoryVersions)
     """Directories of versions pushed without a repository (removed with their version)."""
     cut: threading.Event = field(default_factory=threading.Event)
@@ -72,13 +78,36 @@ class ServerState:
         if self.config.audit_file:
             self.audit = AuditTrail(Path(self.config.audit_file))
         for served in self.models.values():
-            loader = served.reloader.loader
-            if isinstance(loader, BatchingLoader):
-                loader.on_step = self.metrics.engine_step(served.name)
-            served.reloader.subscribe(self.metrics.observe)
-            served.reloader.subscribe(self.pushed.observe)
-            if self.audit is not None:
-                served.reloader.subscribe(self.audit)
+            self._observe(served)
+
+    def new_reloader(self, loader: Loader[Any], name: str) -> Reloader[Any]:
+        """A reloader for a model added while serving (see `make_reloader`)."""
+        if self.make_reloader is None:
+            return Reloader(loader, name=name, policy=self.config.policy)
+        return self.make_reloader(loader, name)
+
+    def add(self, served: ServedModel) -> None:
+        """Serve one more model (an adapter loaded through the API); its name is new."""
+        if served.name in self.models:
+            raise ValueError(f"model {served.name!r} is already served")
+        self._observe(served)
+        self.models = {**self.models, served.name: served}  # readers see the old or the new
+
+    def remove(self, name: str) -> ServedModel:
+        """Stop answering for `name` (new requests get `UnknownModel`); the caller closes
+        its reloader, which drains what is in flight."""
+        served = self.resolve(name)
+        self.models = {key: value for key, value in self.models.items() if key != name}
+        return served
+
+    def _observe(self, served: ServedModel) -> None:
+        loader = served.reloader.loader
+        if isinstance(loader, BatchingLoader):
+            loader.on_step = self.metrics.engine_step(served.name)
+        served.reloader.subscribe(self.metrics.observe)
+        served.reloader.subscribe(self.pushed.observe)
+        if self.audit is not None:
+            served.reloader.subscribe(self.audit)
 
     def finished(
         self,
@@ -132,7 +161,8 @@ class ServerState:
     def close(self, timeout: float | None = None) -> None:
         if self.sync is not None:
             self.sync.close()
-        for served in self.models.values():
+        # Adapters first: each of their versions holds a lease on a version of its base.
+        for served in sorted(self.models.values(), key=lambda model: not model.adapter):
             served.reloader.close(timeout)
             loader = served.reloader.loader
             if isinstance(loader, Closing):  # a transformers loader's load process, say

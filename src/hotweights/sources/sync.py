@@ -58,6 +58,9 @@ class RepositorySync:
         self._lock = threading.Lock()
         self._tried_lock = threading.Lock()
         self._tried: dict[str, Signature] = {}
+        self._floors: dict[str, int] = {}
+        """Per model: versions at or below this number are no targets (an adapter loaded
+        from a path through the API is superseded only by a newer published version)."""
         self._timer: threading.Timer | None = None
         self._closed = False
         self._unsubscribe: list[Callable[[], None]] = [
@@ -87,11 +90,32 @@ class RepositorySync:
                 target = self.repository.target(name, live=live[1])
                 if target is None or target.source == live[0]:
                     continue
+                if target.number <= self._floors.get(name, 0):
+                    continue
                 try:
                     submitted[name] = self._submit(reloader, target, trigger)
                 except ReloaderClosed:
                     log.warning("%s: reloader closed, not submitting %s", name, target.source)
             return SyncReport(True, submitted)
+
+    def supersede_only_by_newer(self, model: str) -> None:
+        """From now on make `model` live only from a version newer than its newest now
+        (what a path loaded beside the repository asks: nothing older replaces it)."""
+        with self._lock:
+            newest = max((info.number for info in self.repository.versions(model)), default=0)
+            self._floors[model] = max(self._floors.get(model, 0), newest)
+
+    def add(self, model: str, reloader: Reloader[Any]) -> None:
+        """Drive one more model's reloader (an adapter loaded through the API)."""
+        with self._lock:
+            self.reloaders[model] = reloader
+            self._unsubscribe.append(reloader.subscribe(self._observe))
+
+    def forget(self, model: str) -> None:
+        """Stop driving `model` (an adapter unloaded through the API): the watcher does
+        not bring it back."""
+        with self._lock:
+            self.reloaders.pop(model, None)
 
     def rescan(self, *, trigger: Trigger = "api") -> SyncReport:
         """A forced sync on the caller's thread (POST /admin/rescan)."""
