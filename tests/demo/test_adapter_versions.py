@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hotweights.demo import adapters
-from hotweights.demo.adapters import (
+from hotweights.demo import adapter_versions as adapters
+from hotweights.demo.adapter_versions import (
     ADAPTER_NAMES,
     BASE_ANSWER,
     BASE_MODEL_NAME,
