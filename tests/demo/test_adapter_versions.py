@@ -24,12 +24,8 @@ Built = dict[str, list[Path]]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real build (base and adapters) shared by the module; tests that change a cache
-    work on a copy."""
-    root = tmp_path_factory.mktemp("cache")
-    build_demo_adapters(root)
-    return root
+def cache(adapters_cache: Path) -> Path:
+    return adapters_cache
 
 
 @pytest.fixture(scope="module")
