@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hotweights.backends.per_request import UNBOUNDED_COLUMNS, PerRequestEngine
+from hotweights.core import Lease, Reloader
 from hotweights.core.gate import GateCheck, GateVerdict
-from hotweights.errors import InvalidRequest
+from hotweights.errors import InvalidRequest, LoadError
 from hotweights.generation import Engine, GenerationParams, TokenChunk, TokenLogprob
 
 Phase = str
@@ -345,3 +346,60 @@ class StepGate:
 
     def release(self) -> None:
         self._open.set()
+
+
+class FakeAdapter:
+    """An adapter version on one base version: calling it calls its base model too, so it
+    raises `UseAfterUnload` if it or the base version it holds was unloaded."""
+
+    def __init__(self, source: str, base: Lease[FakeModel]) -> None:
+        self.source = source
+        self.base = base
+        self.base_generation = base.generation
+        self.unloaded = False
+
+    def __call__(self) -> str:
+        if self.unloaded:
+            raise UseAfterUnload(f"adapter {self.source} used after unload")
+        return f"{self.source} on {self.base.model()}"
+
+
+class FakeAdapterLoader:
+    """Loads `FakeAdapter`s bound to a version of `base` (`BaseBound`); refuses to load
+    on a base version whose source is in `unfit`."""
+
+    def __init__(self, base: Reloader[FakeModel]) -> None:
+        self.base = base
+        self.unfit: set[str] = set()
+        self.loaded: list[FakeAdapter] = []
+        self._lock = threading.Lock()
+
+    def load(self, source: str) -> FakeAdapter:
+        return self.load_on(source, None)
+
+    def load_on(self, source: str, base_generation: int | None) -> FakeAdapter:
+        live = self.base.live_version
+        lease = self.base.acquire_resident(
+            lambda v: v is live if base_generation is None else v.generation == base_generation
+        )
+        if lease is None:
+            raise LoadError(f"no base version {base_generation} for {source}")
+        if lease.version.source in self.unfit:
+            lease.release()
+            raise LoadError(f"{source} does not fit base {lease.version.source}")
+        adapter = FakeAdapter(source, lease)
+        with self._lock:
+            self.loaded.append(adapter)
+        return adapter
+
+    def validate(self, model: FakeAdapter) -> None:
+        pass
+
+    def warmup(self, model: FakeAdapter) -> None:
+        model()
+
+    def unload(self, model: FakeAdapter) -> None:
+        if model.unloaded:
+            raise DoubleUnload(f"adapter {model.source} unloaded twice")
+        model.unloaded = True
+        model.base.release()

@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-batch-tokens", type=int, help="tokens in one engine pass (256)")
     engine.add_argument("--prefill-chunk", type=int, help="prompt tokens one pass reads (128)")
     engine.add_argument("--threads", type=int, help="torch threads (0, default: one per core)")
+    serve.add_argument("--lora-base", help="base model of adapters whose config names none served")
+    serve.add_argument("--max-resident-adapters", type=int, help="adapters in memory (0: all)")
     engine.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     serve.set_defaults(prefix_cache=None)  # unset: the environment or the default decides
     engine.add_argument(
@@ -219,42 +221,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 SERVE_SETTINGS = (
-    "host",
-    "port",
-    "model_name",
-    "repo",
-    "watch",
-    "poll_interval",
-    "verify",
-    "settle_seconds",
-    "policy",
-    "drain_timeout",
-    "admission_timeout",
-    "admin_token",
-    "phase_timeout",
-    "gate",
-    "canary",
-    "bake",
-    "canary_max_error_rate",
-    "canary_max_latency_ratio",
-    "canary_min_requests",
-    "api_key",
-    "audit_file",
-    "max_pending",
-    "dtype",
-    "device",
-    "allow_pickle",
-    "trust_remote_code",
-    "load_in",
-    "tool_parser",
-    "max_batch_size",
-    "kv_cache_memory",
-    "batching",
-    "max_batch_tokens",
-    "prefill_chunk",
-    "prefix_cache",
-    "threads",
-)
+    "host", "port", "model_name", "repo", "watch", "poll_interval", "verify", "settle_seconds",
+    "policy", "drain_timeout", "admission_timeout", "admin_token", "phase_timeout", "gate",
+    "canary", "bake", "canary_max_error_rate", "canary_max_latency_ratio",
+    "canary_min_requests", "api_key", "audit_file", "max_pending", "dtype", "device",
+    "allow_pickle", "trust_remote_code", "load_in", "tool_parser", "max_batch_size",
+    "kv_cache_memory", "batching", "max_batch_tokens", "prefill_chunk", "prefix_cache",
+    "threads", "lora_base", "max_resident_adapters",
+)  # fmt: skip
 
 
 def _device(value: str) -> str:

@@ -137,6 +137,9 @@ class Config:
     starts like an earlier one on the same version skips recomputing them."""
     threads: int = 0
     """torch's intra-op threads for the forward passes; 0: torch's default (one per core)."""
+    max_resident_adapters: int = 0
+    """LoRA adapters whose weights stay in memory at once (0: every adapter loaded); the
+    least recently used idle one is evicted, and read back when a request asks for it."""
     lora_base: str | None = None
     """The served model a LoRA adapter applies to when its `base_model_name_or_path` names
     none of them; None: the only base model served."""
@@ -189,6 +192,11 @@ class Config:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_size "
                 f"({self.max_batch_size}): every generating sequence takes a token of each pass"
+            )
+        if self.max_resident_adapters < 0:
+            raise ValueError(
+                f"max_resident_adapters must be 0 (no limit) or more, got "
+                f"{self.max_resident_adapters}"
             )
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")

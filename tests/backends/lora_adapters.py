@@ -59,9 +59,13 @@ def peft_greedy(model: Any, ids: list[int], tokens: int) -> tuple[list[int], lis
     return out, logprobs
 
 
-def save_adapter(base_dir: Path, out: Path, seed: int, rank: int = 8) -> Path:
+def save_adapter(
+    base_dir: Path, out: Path, seed: int, rank: int = 8, targets: list[str] | None = None
+) -> Path:
     """A PEFT adapter on `base_dir` saved to `out` (safetensors); returns `out`."""
-    peft_adapter(base_dir, seed, rank, TARGETS).save_pretrained(out)
+    peft_adapter(base_dir, seed, rank, targets or TARGETS).save_pretrained(
+        out, save_embedding_layers=False
+    )
     return out
 
 

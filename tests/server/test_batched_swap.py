@@ -14,6 +14,7 @@ from hotweights.backends import LoadedLM, TransformersLoader
 from hotweights.demo.tinylm import save_tiny_model
 from hotweights.engine.batching import BatchEngine
 from hotweights.engine.batching_loader import BatchingLoader, EngineSettings
+from hotweights.engine.step_plan import StepStats
 from hotweights.generation import Deliver, GenerationParams, TokenChunk
 from tests.fakes import assert_batched
 from tests.server.conftest import Serve
@@ -63,6 +64,17 @@ class FreezingLoader(BatchingLoader):
             return submit(ids, params, gated, cut)
 
         setattr(engine, "submit", gated_submit)  # noqa: B010 - an instance override
+        observe = engine._on_step
+
+        def gated_step(stats: StepStats) -> None:
+            # No pass runs beyond the first sequences' first until all are queued: on a
+            # busy machine the early ones would otherwise finish before the last joins.
+            if submitted:
+                all_in.wait(60)
+            if observe is not None:
+                observe(stats)
+
+        engine._on_step = gated_step
 
 
 def test_32_streams_finish_on_g1_while_g2_goes_live_beside_it(serve: Serve, tmp_path: Path) -> None:

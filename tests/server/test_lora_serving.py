@@ -5,6 +5,7 @@ version) it started with, across loads, unloads and a base reload."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hotweights.core import Notice, VersionChanged, VersionState
 from hotweights.demo.tinylm import TinyShape, save_tiny_model
 from hotweights.sources import publish
 from hotweights.testing import ServerThread
@@ -54,9 +56,9 @@ def server(serve: Serve, built: dict[str, Path], tmp_path: Path) -> ServerThread
 
 
 class Pause:
-    """Stops the base model's live engine after its first pass from now on (its step
-    observer) until released: the one stream the test then starts has its first token
-    out and is certainly still in flight while the test acts."""
+    """Stops the base model's live engine (its step observer) at the pass that would
+    choose the last token of the one stream the test then starts, until released: every
+    earlier token is out, and the stream is certainly still in flight while the test acts."""
 
     def __init__(self, server: ServerThread) -> None:
         base = server.state.models["tiny"].reloader.models()[0][1]
@@ -67,13 +69,13 @@ class Pause:
         self._engine._on_step = self._observe
 
     def _observe(self, _: object) -> None:
-        self._passes += 1
-        if self._passes > 1 and not self._go.is_set():
+        self._passes += 1  # pass k chooses token k of the stream
+        if self._passes == TOKENS:
             self._held.set()
             self._go.wait(60)
 
     def wait_held(self) -> None:
-        assert self._held.wait(30), "the engine ran no second pass"
+        assert self._held.wait(30), "the engine did not reach the stream's last token"
 
     def release(self) -> None:
         self._go.set()
@@ -162,11 +164,18 @@ def test_unload_while_a_stream_runs_lets_it_finish_then_releases_the_adapter(
     assert loaded.status_code == 200, loaded.text
     reloader = server.state.models["beta"].reloader
     (_, beta_model), = reloader.models()  # fmt: skip
+    retired = threading.Event()
+
+    def observe(notice: Notice) -> None:
+        if isinstance(notice, VersionChanged) and notice.new is VersionState.RETIRED:
+            retired.set()
+
+    reloader.subscribe(observe)
     expected = _text(server, adapter_answer(built["base1"], built["beta1"], _ids(server), TOKENS))
     body = {"model": "beta", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0,
             "stream": True}  # fmt: skip
     pieces: list[str] = []
-    paused = Pause(server)  # before the request: its second pass waits
+    paused = Pause(server)  # before the request: its last pass waits
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as stream:
         lines = stream.iter_lines()
         for line in lines:
@@ -185,7 +194,7 @@ def test_unload_while_a_stream_runs_lets_it_finish_then_releases_the_adapter(
             if line.startswith("data: {"):
                 pieces.append(json.loads(line[6:])["choices"][0]["text"])
     assert "".join(pieces) == expected
-    assert reloader.wait_drained(30)
+    assert retired.wait(30)
     assert beta_model.weights is None  # released after its last request
     assert (
         httpx.post(
@@ -254,6 +263,73 @@ def test_bad_adapter_requests_get_clear_errors(
     refused = _load(server, "gamma", unfit)
     assert refused.status_code == 422
     assert "q_proj" in refused.text
+    head = save_adapter(
+        built["base1"], built["base1"].parent.parent / "head" / "1", seed=9, targets=["lm_head"]
+    )
+    refused = _load(server, "gamma", head)
+    assert refused.status_code == 422
+    assert "output head" in refused.text
     unknown = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "zeta"})
     assert unknown.status_code == 404
     assert _ask(server, "alpha").status_code == 200  # the live adapter serves on
+
+
+def test_at_most_n_adapters_stay_resident_and_an_evicted_one_comes_back_as_it_was(
+    serve: Serve, built: dict[str, Path], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    publish(built["base1"], repo, "tiny")
+    publish(built["alpha1"], repo, "alpha")
+    publish(built["beta1"], repo, "beta")
+    server = serve(None, None, repo=str(repo), watch="poll", max_resident_adapters=1,
+                   max_batch_size=8, kv_cache_memory="16MiB")  # fmt: skip
+    ids = _ids(server)
+    answers = {
+        name: _text(server, adapter_answer(built["base1"], built[f"{name}1"], ids, TOKENS))
+        for name in ("alpha", "beta")
+    }
+
+    def resident() -> dict[str, bool]:
+        data = httpx.get(f"{server.url}/v1/models").json()["data"]
+        return {m["id"]: m["resident"] for m in data if "resident" in m}
+
+    assert sorted(resident().values()) == [False, True]
+    for name, other in (("alpha", "beta"), ("beta", "alpha"), ("alpha", "beta")):
+        response = _ask(server, name)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == answers[name]
+        assert response.headers["x-hotweights-adapter-generation"] == "1"  # kept
+        assert resident() == {name: True, other: False}
+    held = server.state.models["alpha"].reloader.slot.acquire()  # a request in flight
+    try:
+        assert _ask(server, "beta").status_code == 200
+        assert resident() == {"alpha": True, "beta": True}  # alpha has a lease: not evicted
+    finally:
+        held.release()
+    assert _ask(server, "beta").status_code == 200
+    assert resident() == {"alpha": False, "beta": True}
+
+
+def test_the_gate_judges_an_adapter_against_its_own_live_version(
+    serve: Serve, built: dict[str, Path], tmp_path: Path
+) -> None:
+    """`same_as_live` compares a new adapter version with the adapter's live version (not
+    with the base): the same weights again pass, v2's different answer is refused (422,
+    the reason from the gate) and v1 serves on."""
+    gate = tmp_path / "gate.json"
+    prompt = {"prompt": PROMPT, "expect": {"same_as_live": True}, "max_tokens": TOKENS}
+    gate.write_text(json.dumps({"prompts": [prompt]}))
+    root = built["base1"].parent.parent
+    copy = root / "alpha-again" / "1"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(built["alpha1"], copy)
+    server = serve(None, built["base1"], model_name="tiny", gate=str(gate),
+                   model_roots=(str(root),), max_batch_size=8, kv_cache_memory="16MiB")  # fmt: skip
+    assert _load(server, "alpha", built["alpha1"]).status_code == 200  # nothing live: passes
+    assert _load(server, "alpha", copy).status_code == 200  # the same answers
+    refused = _load(server, "alpha", built["alpha2"])
+    assert refused.status_code == 422
+    assert "gate" in refused.text
+    answer = _ask(server, "alpha")
+    assert answer.headers["x-hotweights-adapter-generation"] == "2"  # the copy serves on

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from hotweights.backends.loaded_lm import LoadedLM
@@ -97,26 +98,54 @@ class AdapterEngine:
         return self._engine.load()
 
 
+@dataclass(frozen=True)
+class Binding:
+    """An adapter's weights on one base version, and the lease that holds that version."""
+
+    weights: LoraWeights
+    base_name: str
+    lease: Lease[Any]
+
+
 class AdapterModel:
-    """One adapter version on one base version, until unloaded (see the module).
+    """One adapter version, bound to one base version, until unloaded (see the module).
 
     Thread-safe as `LoadedLM` is: it only reads the adapter's weights and delegates to its
-    base. After `release`, `engine` is None and the rest raises `ModelRetired`."""
+    base. `evict` drops the weights and the base lease of an idle version, which stays the
+    live version of its adapter; `restore` (a request for it) reads its files again, on the
+    base's live version. After `release`, `engine` is None and the rest raises
+    `ModelRetired`."""
 
     def __init__(
-        self, name: str, files: AdapterFiles, weights: LoraWeights, base_name: str, base: Lease[Any]
+        self, name: str, files: AdapterFiles, binding: Binding, bind: Callable[[], Binding]
     ) -> None:
         self.name = name
         self.source = str(files.path)
         self.fingerprint = files.fingerprint
-        self.weights: LoraWeights | None = weights
-        self.base_name = base_name
+        self._bind = bind
+        self._lock = threading.Lock()
+        self._binding: Binding | None = None
+        self._released = False
+        self._take(binding)
+
+    def _take(self, binding: Binding) -> None:
+        self._binding = binding
+        self._base: LoadedLM = binding.lease.model
+        self.base_name = binding.base_name
         """The base model's name."""
-        self.base_generation = base.generation
-        """The base version this adapter version is bound to."""
-        self.base_fingerprint = base.version.fingerprint or ""
-        self._base_lease = base
-        self._base: LoadedLM = base.model
+        self.base_generation = binding.lease.generation
+        """The base version this adapter version is bound to (the last, once evicted)."""
+        self.base_fingerprint = binding.lease.version.fingerprint or ""
+
+    @property
+    def weights(self) -> LoraWeights | None:
+        binding = self._binding
+        return binding.weights if binding is not None else None
+
+    @property
+    def evicted(self) -> bool:
+        """Its weights were dropped to make room; `restore` brings them back."""
+        return self._binding is None and not self._released
 
     @property
     def base(self) -> LoadedLM:
@@ -145,12 +174,34 @@ class AdapterModel:
     def tool_format(self) -> ToolCallFormat | None:
         return self._base.tool_format
 
+    def evict(self) -> bool:
+        """Drop the weights and the base lease (the caller knows no request holds this
+        version); False if they were already dropped or the version unloaded."""
+        with self._lock:
+            binding, self._binding = self._binding, None
+        if binding is None:
+            return False
+        binding.lease.release()
+        return True
+
+    def restore(self) -> None:
+        """Bring evicted weights back, on the base's live version: the same files (their
+        fingerprint is checked), no gate (this version served). Blocks while it reads
+        them; raises `LoadError` if they changed or no longer fit, `ModelRetired` once
+        unloaded."""
+        with self._lock:
+            if self._released:
+                raise self._base.retired()
+            if self._binding is None:
+                self._take(self._bind())
+
     def release(self) -> None:
         """Drop the adapter's weights and the lease on its base version. Idempotent."""
-        if self.weights is None:
-            return
-        self.weights = None
-        self._base_lease.release()
+        with self._lock:
+            self._released = True
+            binding, self._binding = self._binding, None
+        if binding is not None:
+            binding.lease.release()
 
     # The base's tokenizer and chat template serve the adapter unchanged.
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> str:
@@ -178,6 +229,7 @@ class AdapterModel:
 
     def stream(self, prompt: str | Sequence[int], params: GenerationParams) -> Iterator[TokenChunk]:
         """The base's own decode loop with this adapter applied (the gate's way to ask)."""
+        self.restore()
         weights = self.weights
         if weights is None:
             raise self._base.retired()
@@ -216,11 +268,28 @@ class AdapterLoader:
     def load_on(self, source: str, base_generation: int | None) -> AdapterModel:
         """Read `source` and bind it to the base's `base_generation` (live when None)."""
         files = read_adapter(source, allow_pickle=self.allow_pickle)
+        binding = self._bind(files, base_generation)
+
+        def again() -> Binding:  # an evicted version brought back: its files, unchanged
+            now = read_adapter(source, allow_pickle=self.allow_pickle)
+            if now.fingerprint != files.fingerprint:
+                raise LoadError(
+                    f"adapter {self.name}: the files in {source} changed since this version "
+                    "was loaded, so it cannot be brought back; load or publish it again"
+                )
+            return self._bind(now, None)
+
+        return AdapterModel(self.name, files, binding, again)
+
+    def _bind(self, files: AdapterFiles, base_generation: int | None) -> Binding:
+        """`files`' updates on the base's `base_generation` (live when None), checked
+        against its layers, which are wrapped to apply them."""
         base_name, base = self.resolve(self.name, files.base_model)
         lease = _lease_base(base, base_name, base_generation)
         try:
             with lease.use() as lm:
                 check_fits(files, linear_shapes(lm.model))
+                _refuse_head(files, lm.model)
                 install(lm.model, list(files.pairs))
                 like = next(lm.model.parameters())
                 pairs = {name: (p.a, p.b, p.scale) for name, p in files.pairs.items()}
@@ -228,7 +297,7 @@ class AdapterLoader:
         except BaseException:
             lease.release()
             raise
-        return AdapterModel(self.name, files, weights, base_name, lease)
+        return Binding(weights, base_name, lease)
 
     def validate(self, model: AdapterModel) -> None:
         """Every update must be finite (a diverged fine-tune saves NaNs)."""
@@ -275,6 +344,18 @@ class AdapterLoader:
 
     def estimate_bytes(self, source: str) -> int:
         return estimate_bytes(source)
+
+
+def _refuse_head(files: AdapterFiles, model: Any) -> None:
+    """The engine computes the output head only at the positions whose logits it keeps,
+    so an update to the head could not be matched to its tokens: refuse one."""
+    head = model.get_output_embeddings()
+    for name in files.pairs:
+        if head is not None and model.get_submodule(name) is head:
+            raise LoadError(
+                f"{files.path}: module {name} is the model's output head; LoRA updates of "
+                "the output head are not supported (the layers inside the model are)"
+            )
 
 
 def _lease_base(base: ServingView[Any], name: str, generation: int | None) -> Lease[Any]:

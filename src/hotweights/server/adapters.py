@@ -17,29 +17,33 @@ versions are bound to versions of a base model it follows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hotweights.backends.lora_loader import AdapterLoader, AdapterModel
 from hotweights.core import (
-    Decision,
     Lease,
     ModelVersion,
+    Notice,
     PreparedVersion,
     Reloader,
     ServingView,
+    VersionChanged,
+    VersionState,
 )
-from hotweights.errors import FollowFailed, InvalidRequest, LoadError
+from hotweights.core.following import prepare_followers
+from hotweights.errors import InvalidRequest, LoadError, NotReady
 from hotweights.server.server_state import ServedModel, ServerState
 
 log = logging.getLogger("hotweights.server")
 
 GENERATION_HEADER = "x-hotweights-generation"
 ADAPTER_GENERATION_HEADER = "x-hotweights-adapter-generation"
-FOLLOW_SECONDS = 600.0
-"""How long a base reload waits for one adapter to be prepared on the new base."""
 
 
 def stamp(lease: Lease[Any]) -> tuple[str, dict[str, str]]:
@@ -66,6 +70,7 @@ def adapter_entry(served: ServedModel, version: ModelVersion | None) -> dict[str
             return {
                 "parent": model.base_name,
                 "base_generation": model.base_generation,
+                "resident": not model.evicted,
                 "fingerprint": f"hw-g{model.base_generation}-a{resident.generation}-{digest}",
             }
     return {"parent": None, "base_generation": None}
@@ -119,7 +124,10 @@ def serve_adapter(state: ServerState, name: str) -> ServedModel:
         return find_base(state, adapter, named)
 
     loader = AdapterLoader(name, resolve, allow_pickle=config.allow_pickle)
-    return ServedModel(name, state.new_reloader(loader, name), int(time.time()), adapter=True)
+    reloader = state.new_reloader(loader, name)
+    if state.residency is not None:
+        reloader.subscribe(state.residency.observe(name))
+    return ServedModel(name, reloader, int(time.time()), adapter=True)
 
 
 def follow_bases(state: ServerState) -> None:
@@ -137,45 +145,21 @@ class AdapterFollowers:
         self.base = base
 
     def prepare_on(self, base: PreparedVersion[Any]) -> tuple[PreparedVersion[Any], ...]:
-        prepared: list[PreparedVersion[Any]] = []
-        try:
-            for name, reloader in self._adapters():
-                live = reloader.live_version
-                if live is None:
-                    continue
-                ticket = reloader.prepare(
-                    live.source,
-                    trigger="follow",
-                    description=f"{name} on {self.base} g{base.generation}",
-                    base_generation=base.generation,
-                    hold_seconds=FOLLOW_SECONDS,
-                )
-                result = ticket.wait(FOLLOW_SECONDS)
-                if not isinstance(result, PreparedVersion):
-                    reason = result.error_message or result.outcome.value
-                    raise FollowFailed(
-                        f"adapter {name} (from {live.source}) does not follow {self.base} "
-                        f"g{base.generation}: {reason}"
-                    )
-                prepared.append(result)
-        except BaseException:
-            for handle in prepared:
-                handle.claim(Decision.DISCARD, f"{self.base} g{base.generation} was refused")
-            raise
-        return tuple(prepared)
+        return prepare_followers(base, self._adapters())
 
-    def _adapters(self) -> list[tuple[str, Reloader[Any]]]:
-        """The adapters whose live version is bound to this base."""
+    def _adapters(self) -> list[Reloader[Any]]:
+        """The reloaders of the adapters whose live version is bound to this base."""
         found = []
-        for name, served in self.state.models.items():
+        for served in self.state.models.values():
             if not served.adapter:
                 continue
             models = served.reloader.models()
             live = served.reloader.live_version
             for version, model in models:
-                bound = isinstance(model, AdapterModel) and model.base_name == self.base
-                if version is live and bound:
-                    found.append((name, served.reloader))
+                if version is not live or not isinstance(model, AdapterModel):
+                    continue
+                if model.base_name == self.base and not model.evicted:  # evicted: no base held
+                    found.append(served.reloader)
         return found
 
 
@@ -187,3 +171,97 @@ def _model_name(named: str) -> str:
 
 def _listed(bases: dict[str, ServedModel]) -> str:
     return "served: " + (", ".join(sorted(bases)) or "none")
+
+
+class AdapterResidency:
+    """Keeps the weights of at most `limit` adapters resident (0: no limit), evicting the
+    least recently used idle ones: an adapter with a lease on any of its versions is never
+    evicted. An evicted adapter's live version stays its live version (its generation, its
+    source); a request for it waits in admission while its weights are read again
+    (`admit_adapter`). Thread-safe."""
+
+    def __init__(self, state: ServerState, limit: int) -> None:
+        self.state = state
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._used: dict[str, float] = {}
+
+    def touch(self, name: str) -> None:
+        self._used[name] = time.monotonic()
+
+    def observe(self, name: str) -> Callable[[Notice], None]:
+        """An observer for adapter `name`'s reloader: a version of it going live may
+        leave one adapter too many resident."""
+
+        def observer(notice: Notice) -> None:
+            if isinstance(notice, VersionChanged) and notice.new is VersionState.LIVE:
+                self.touch(name)
+                self.make_room(keep=name)
+
+        return observer
+
+    def make_room(self, keep: str) -> list[str]:
+        """Evict idle adapters, least recently used first (never `keep`), until at most
+        `limit` are resident; returns those evicted. Leaves more resident when the others
+        all have requests in flight."""
+        if not self.limit:
+            return []
+        evicted: list[str] = []
+        with self._lock:
+            resident = [
+                (name, served, model)
+                for name, served, model in self._live_models()
+                if not model.evicted
+            ]
+            excess = len(resident) - self.limit
+            for name, served, model in sorted(resident, key=lambda r: self._used.get(r[0], 0.0)):
+                if excess <= 0:
+                    break
+                if name == keep or any(served.reloader.inflight().values()):
+                    continue
+                if model.evict():
+                    excess -= 1
+                    evicted.append(name)
+                    log.info("adapter %s evicted (--max-resident-adapters %d)", name, self.limit)
+        return evicted
+
+    def resident(self) -> dict[str, bool]:
+        """Each adapter with a live version: whether its weights are resident."""
+        return {name: not model.evicted for name, _, model in self._live_models()}
+
+    def _live_models(self) -> list[tuple[str, ServedModel, AdapterModel]]:
+        found = []
+        for name, served in self.state.models.items():
+            live = served.reloader.live_version
+            for version, model in served.reloader.models() if served.adapter else ():
+                if version is live and isinstance(model, AdapterModel):
+                    found.append((name, served, model))
+        return found
+
+
+async def admit_adapter(state: ServerState, served: ServedModel, lease: Lease[Any]) -> None:
+    """After a request for an adapter took its lease: note the use, bring its weights back
+    if they were evicted (waiting up to the admission timeout), and evict idle others
+    beyond the limit.
+    Raises `NotReady` when they did not come back in time, `LoadError` when they cannot."""
+    model = lease.model
+    if not isinstance(model, AdapterModel):
+        return
+    residency = state.residency
+    if residency is not None:
+        residency.touch(served.name)
+    if not model.evicted:
+        if residency is not None:  # one kept over the limit by its requests may go now
+            residency.make_room(keep=served.name)
+        return
+    loop = asyncio.get_running_loop()
+    limit = state.config.admission_timeout
+    try:
+        await asyncio.wait_for(loop.run_in_executor(state.executor, model.restore), limit)
+    except TimeoutError:
+        raise NotReady(
+            f"adapter {served.name} was evicted and not read back within the admission "
+            f"timeout ({limit:g} s)"
+        ) from None
+    if residency is not None:
+        residency.make_room(keep=served.name)

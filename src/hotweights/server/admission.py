@@ -20,6 +20,7 @@ from typing import Any
 
 from hotweights.core import Lease
 from hotweights.errors import HotweightsError, NotReady
+from hotweights.server.adapters import admit_adapter
 from hotweights.server.error_responses import classify
 from hotweights.server.pins import admit
 from hotweights.server.server_state import ServedModel, ServerState
@@ -74,6 +75,8 @@ class Admission:
         self._pending = True
         self.pin = pin
         self._lease = await admit(self.served, pin)
+        if self.served.adapter:
+            await admit_adapter(self.state, self.served, self._lease)
         return self._lease
 
     async def retry_on_stable(self, error: Exception) -> bool:

@@ -19,7 +19,7 @@ from hotweights.config import Config
 from hotweights.core import Loader, MemoryCheck, Notice, Reloader
 from hotweights.core.loader import LibraryImporting
 from hotweights.digests import DigestChecking
-from hotweights.server.adapters import follow_bases, serve_adapter
+from hotweights.server.adapters import AdapterResidency, follow_bases, serve_adapter
 from hotweights.server.memory_versions import MemoryVersions
 from hotweights.server.server_state import ServedModel, ServerState
 
@@ -77,6 +77,8 @@ def build_state(
     def serving(models: dict[str, ServedModel], adapters: list[str]) -> ServerState:
         """The state, with the repository's adapters served beside their bases."""
         state = ServerState(config, models, make_reloader=make_reloader, pushed=pushed)
+        if config.max_resident_adapters:
+            state.residency = AdapterResidency(state, config.max_resident_adapters)
         for name in adapters:
             state.add(serve_adapter(state, name))
         follow_bases(state)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hotweights.config import Config
 from hotweights.core import Loader, Reloader
@@ -20,6 +20,9 @@ from hotweights.server.bearer import check_bearer
 from hotweights.server.memory_versions import MemoryVersions
 from hotweights.server.metrics import Metrics
 from hotweights.sources import RepositorySync
+
+if TYPE_CHECKING:
+    from hotweights.server.adapters import AdapterResidency
 
 
 @dataclass
@@ -63,6 +66,8 @@ class ServerState:
     make_reloader: Callable[[Loader[Any], str], Reloader[Any]] | None = None
     """Builds the reloader of a model added while serving (an adapter), configured as the
     others are (gate, canary, memory check)."""
+    residency: AdapterResidency | None = None
+    """Caps the adapters whose weights are resident (`--max-resident-adapters`)."""
     pushed: MemoryVersions = field(default_factory=MemoryVersions)
     """Directories of versions pushed without a repository (removed with their version)."""
     cut: threading.Event = field(default_factory=threading.Event)

@@ -1,0 +1,103 @@
+"""Adapters as versions bound to versions of a base: an adapter version holds its base
+version, a base's new version carries its adapters prepared on it and commits them with
+it, and one adapter that cannot follow refuses the base's new version.
+
+The fakes raise `UseAfterUnload` when an adapter, or the base version it holds, is used
+after its unload; the race moves in lockstep rounds (a barrier, no sleeps): each round
+every client leases the live adapter and holds the lease across the next adapter reload
+(and, every fifth round, a base reload that brings the adapter along), then uses it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from hotweights.core import Outcome, PreparedVersion, Reloader
+from hotweights.core.following import prepare_followers
+from tests.fakes import FakeAdapter, FakeAdapterLoader, FakeLoader, FakeModel
+
+RELOADS = 50
+CLIENTS = 4
+MEET = 60.0
+
+
+class Following:
+    """The base's `Followers`: every adapter reloader given."""
+
+    def __init__(self, adapters: list[Reloader[Any]]) -> None:
+        self.adapters = adapters
+
+    def prepare_on(self, base: PreparedVersion[Any]) -> tuple[PreparedVersion[Any], ...]:
+        return prepare_followers(base, self.adapters, timeout=MEET)
+
+
+def _pair() -> tuple[Reloader[FakeModel], Reloader[FakeAdapter], FakeLoader, FakeAdapterLoader]:
+    models = FakeLoader()
+    base: Reloader[FakeModel] = Reloader(models, name="base", drain_timeout=MEET)
+    assert base.reload("b0", timeout=MEET).succeeded
+    adapters = FakeAdapterLoader(base)
+    adapter: Reloader[FakeAdapter] = Reloader(adapters, name="alpha", drain_timeout=MEET)
+    assert adapter.reload("a0", timeout=MEET).succeeded
+    base.follow_with(Following([adapter]))
+    return base, adapter, models, adapters
+
+
+def test_fifty_adapter_reloads_racing_requests_never_use_an_unloaded_adapter_or_base() -> None:
+    base, adapter, models, adapters = _pair()
+    meet = threading.Barrier(CLIENTS + 1, timeout=MEET)
+    errors: list[BaseException] = []
+    answers: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        try:
+            for _ in range(RELOADS):
+                lease = adapter.slot.acquire()  # on the live adapter, before the reload
+                meet.wait()  # the reload (and maybe a base reload) runs now
+                meet.wait()
+                with lease, lease.use() as model:
+                    answer = model()  # raises if the adapter or its base was unloaded
+                with lock:
+                    answers.append(answer)
+        except BaseException as exc:
+            errors.append(exc)
+            meet.abort()
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for round_ in range(1, RELOADS + 1):
+        meet.wait()
+        assert adapter.reload(f"a{round_}", timeout=MEET).succeeded
+        if round_ % 5 == 0:
+            event = base.reload(f"b{round_}", timeout=MEET)
+            assert event.succeeded, event.error_message
+            (live,) = [m for v, m in adapter.models() if v is adapter.live_version]
+            assert live.base_generation == base.live_version.generation  # type: ignore[union-attr]
+        meet.wait()
+    for thread in threads:
+        thread.join(MEET)
+    assert errors == []
+    assert len(answers) == RELOADS * CLIENTS
+    adapter.close(MEET)
+    base.close(MEET)
+    assert all(a.unloaded for a in adapters.loaded)  # every version unloaded, each once
+    assert models.live_models() == []  # and every base version, adapters' holds released
+
+
+def test_a_base_version_an_adapter_does_not_fit_is_refused_naming_the_adapter() -> None:
+    base, adapter, models, adapters = _pair()
+    adapters.unfit.add("b-wide")
+    event = base.reload("b-wide", timeout=MEET)
+    assert event.outcome is Outcome.DISCARDED
+    assert "adapter alpha" in (event.error_message or "")
+    assert base.live_version is not None
+    assert base.live_version.source == "b0"
+    lease = adapter.slot.acquire()
+    with lease, lease.use() as model:
+        assert model() == "a0 on b0"  # the adapter serves on, on the old base
+    assert base.wait_drained(MEET)
+    adapter.close(MEET)
+    base.close(MEET)
+    assert models.live_models() == []
