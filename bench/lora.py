@@ -279,7 +279,7 @@ def reloads_under_traffic(url: str, reloads: int, tokens: int) -> dict[str, Any]
             continue
         pair = r["pairs"][0]  # hw-g1 or hw-g1-a3
         adapter = int(pair.split("-a")[1]) if "-a" in pair else None
-        key = (r["model"], weights_of.get(adapter) if r["model"] == "hot" else None)
+        key = (r["model"], weights_of.get(adapter, -1) if r["model"] == "hot" else None)
         groups.setdefault(key, Counter())[r["text"]] += 1
         keyed.append((key, r["text"]))
     wrong = sum(text != groups[key].most_common(1)[0][0] for key, text in keyed)
@@ -291,6 +291,8 @@ def reloads_under_traffic(url: str, reloads: int, tokens: int) -> dict[str, Any]
         "failed": sum(not r["ok"] for r in done),
         "two_versions": sum(len(r["pairs"]) > 1 for r in done if r["ok"]),
         "wrong_answers": wrong,
+        "answers_checked": len(keyed),
+        "hot_by_weights": {str(k[1]): sum(c.values()) for k, c in groups.items() if k[0] == "hot"},
         "mixed": sum(len(r["pairs"]) > 1 for r in done if r["ok"]) + wrong,
         "errors": sorted({r.get("error", "") for r in done if not r["ok"]})[:3],
     }
@@ -356,7 +358,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Reloads answered 200: {reloads['reloads_ok']} of {reloads['reloads']}, median "
         f"{reloads['reload_s_median']} s each. Requests: {reloads['requests']}; failed: "
         f"{reloads['failed']}; saw two versions: {reloads['two_versions']}; answer differing "
-        f"from its model and weight set's: {reloads['wrong_answers']}.",
+        f"from its model and weight set's: {reloads['wrong_answers']} of "
+        f"{reloads['answers_checked']} checked (`hot`'s requests per weight set, -1 for a "
+        f"generation no load answered with: {reloads['hot_by_weights']}).",
         "",
         "## Targets (issue #23)",
         "",
