@@ -132,20 +132,22 @@ def _wrapper_class() -> type[Any]:
             self.base = base
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-            out: torch.Tensor = self.base(x)  # (..., out)
+            out: torch.Tensor = self.base(x)  # (..., out), a fresh tensor: updated in place
             groups: tuple[AdapterGroup, ...] = getattr(_local, "groups", ())
+            if not groups:
+                return out
+            flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            flat_out = out.view(-1, out.shape[-1])  # (tokens, out)
             for group in groups:
                 update = group.weights.updates.get(self.name)
                 if update is None:
                     continue
                 down, up = update  # (in, rank), (rank, out)
                 if group.index is None:
-                    out = out + (x @ down) @ up
-                    continue
-                flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-                delta = (flat.index_select(0, group.index) @ down) @ up  # (n, out)
-                out = out.reshape(-1, out.shape[-1]).index_add(0, group.index, delta)
-                out = out.reshape(*x.shape[:-1], -1)
+                    flat_out.addmm_(flat @ down, up)
+                else:
+                    picked = flat.index_select(0, group.index) @ down  # (n, rank)
+                    flat_out.index_add_(0, group.index, picked @ up)
             return out
 
         def extra_repr(self) -> str:

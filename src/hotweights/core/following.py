@@ -12,6 +12,9 @@ from hotweights.errors import FollowFailed
 
 FOLLOW_SECONDS = 600.0
 """How long a base's new version waits for one follower to be prepared on it."""
+FOLLOW_HOLD = 86_400.0
+"""How long a prepared follower waits for its base's decision: as long as the base may
+(a canary's bake), since the base's discard discards it too."""
 
 
 def prepare_followers(
@@ -35,7 +38,7 @@ def prepare_followers(
                 trigger="follow",
                 description=f"{reloader.name} on {base.model} g{base.generation}",
                 base_generation=base.generation,
-                hold_seconds=timeout,
+                hold_seconds=FOLLOW_HOLD,
             )
             try:
                 result = ticket.wait(timeout)
