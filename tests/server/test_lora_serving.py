@@ -333,3 +333,21 @@ def test_the_gate_judges_an_adapter_against_its_own_live_version(
     assert "gate" in refused.text
     answer = _ask(server, "alpha")
     assert answer.headers["x-hotweights-adapter-generation"] == "2"  # the copy serves on
+
+
+def test_a_base_version_its_adapter_does_not_fit_is_refused_naming_the_adapter(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    server.wait_live()
+    wide = save_tiny_model(
+        tmp_path / "wide" / "2", seed=1, shape=TinyShape(hidden_size=96, tie_word_embeddings=False)
+    )
+    finished = Finished(server, "tiny")
+    publish(wide, Path(server.state.config.repo or ""), "tiny")  # watched
+    event = finished.wait(120)
+    assert not event.succeeded
+    assert "adapter alpha" in (event.error_message or "")
+    assert "q_proj" in (event.error_message or "")  # which module, with both shapes
+    response = _ask(server, "alpha")
+    assert response.status_code == 200
+    assert response.headers["x-hotweights-generation"] == "1"  # the old pair serves on

@@ -354,6 +354,11 @@ class LoadLoraAdapterRequest(_Request):
 
     lora_name: str = Field(max_length=200)
     lora_path: str = Field(max_length=4096)
+    load_inplace: bool = Field(
+        default=False,
+        description="vLLM's flag to replace a loaded adapter's weights in place; accepted "
+        "either way: a name already served always gets a new version beside the old one",
+    )
 
 
 class UnloadLoraAdapterRequest(_Request):
