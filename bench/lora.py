@@ -162,6 +162,9 @@ def throughput(url: str, args: argparse.Namespace) -> dict[str, Any]:
             "rounds_vs_base": [round(r, 3) for r in ratios],
             "failed": sum(m["failed"] for m in measured),
             "requests": sum(m["requests"] for m in measured),
+            "tokens_per_request": round(
+                statistics.median(m["tokens_per_request"] or 0.0 for m in measured), 1
+            ),
             "ttft_p50_s": statistics.median(m["ttft_p50_s"] or 0.0 for m in measured),
             "gap_p99_s": statistics.median(m["gap_p99_s"] or 0.0 for m in measured),
             "busy_cores_before": [m["busy_cores_before"] for m in measured],
@@ -347,13 +350,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['rounds']} rounds of the levels in turn",
         "",
         "| adapters | tok/s (median) | vs base alone (median of the rounds' ratios) | "
-        "tok/s per round | ratio per round | TTFT p50 s | gap p99 ms | failed | busy before |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "tok/s per round | ratio per round | tokens/request | TTFT p50 s | gap p99 ms | failed "
+        "| busy before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for count, row in rows.items():
         lines.append(
             f"| {count if count != '0' else 'none (base)'} | {row['tokens_per_s']} | "
             f"{row['vs_base']} | {row['rounds_tokens_per_s']} | {row['rounds_vs_base']} | "
+            f"{row['tokens_per_request']} | "
             f"{row['ttft_p50_s']:.2f} | {round(row['gap_p99_s'] * 1000)} | "
             f"{row['failed']} / {row['requests']} | {row['busy_cores_before']} |"
         )
@@ -396,7 +401,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens a request")
     parser.add_argument("--requests", type=int, default=48, help="per throughput level")
-    parser.add_argument("--rounds", type=int, default=2, help="of the throughput levels")
+    parser.add_argument("--rounds", type=int, default=3, help="of the throughput levels")
     parser.add_argument("--live-runs", type=int, default=5)
     parser.add_argument("--reloads", type=int, default=20)
     parser.add_argument("--reload-tokens", type=int, default=16)
