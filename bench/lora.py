@@ -8,9 +8,10 @@ attention and MLP projection, A and B both random (seeded normal, std 0.05: B is
 zero PEFT starts from, so every adapter changes every answer), saved by PEFT's
 `save_pretrained`. Built on the spot and cached in ~/.cache/hotweights/lora-bench.
 
-1. **Throughput**: 16 closed-loop streamed clients, `--tokens` greedy tokens a request;
-   client i asks the base alone, or adapter `a{i mod k}` for k = 1, 4, 16. Tokens/s, and
-   each against the base alone. Targets: at least 0.8x with 4 adapters, 0.6x with 16.
+1. **Throughput**: 16 closed-loop streamed clients, exactly `--tokens` greedy tokens a
+   request (the end tokens banned through `logit_bias`); client i asks the base alone, or
+   adapter `a{i mod k}` for k = 1, 4, 16; the levels in turn, `--rounds` times. Tokens/s,
+   and against the base alone. Targets: at least 0.8x with 4 adapters, 0.6x with 16.
 2. **Going live**: `POST /v1/load_lora_adapter` (no gate) of a new name, from the call to
    its answer (the adapter live), median of `--live-runs`, each unloaded after; against
    PEFT in this process on a warm model (the base loaded and one adapter applied first):
@@ -48,7 +49,7 @@ import httpx
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from peers.chat_load import PROMPTS, one, prompt_for, summarize  # noqa: E402
+from peers.chat_load import PROMPTS, _streamed, body, prompt_for, summarize  # noqa: E402
 from peers.procs import free_port, spawn, stop_group, wait_http, wait_quiet  # noqa: E402
 from peers.report import commit  # noqa: E402
 from throughput import MODEL, SHAPES  # noqa: E402
@@ -129,7 +130,9 @@ def throughput(url: str, args: argparse.Namespace) -> dict[str, Any]:
             async def loop(i: int) -> list[Any]:
                 model = models[i % len(models)]
                 return [
-                    await one(client, chat, model, prompt_for(i, k), args.tokens, True)
+                    await _streamed(
+                        client, chat, request(model, prompt_for(i, k)), time.perf_counter()
+                    )
                     for k in range(per_client)
                 ]
 
@@ -138,6 +141,12 @@ def throughput(url: str, args: argparse.Namespace) -> dict[str, Any]:
             return [r for g in groups for r in g], time.perf_counter() - began
 
     chat = f"{url}/v1/chat/completions"
+    no_end = {str(token): -100 for token in end_tokens(CACHE / "repo" / BASE / "1")}
+
+    def request(model: str, prompt: str) -> dict[str, Any]:
+        """Streamed, greedy, every request exactly `--tokens` long: the end tokens banned."""
+        return body(model, prompt, args.tokens, True) | {"logit_bias": no_end}
+
     asyncio.run(level([BASE, *ADAPTERS]))  # warm every adapter's path once
     rounds: dict[str, list[dict[str, Any]]] = {str(count): [] for count in LEVELS}
     for round_ in range(args.rounds):  # interleaved: other work on the machine hits all alike
@@ -171,6 +180,16 @@ def throughput(url: str, args: argparse.Namespace) -> dict[str, Any]:
             "rounds": measured,
         }
     return rows
+
+
+def end_tokens(model_dir: Path) -> list[int]:
+    """The ids that end an answer (`<|im_end|>`, `<|endoftext|>`) in `model_dir`'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hotweights.demo.tinylm import END_OF_TEXT, IM_END, token_id
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return sorted({token_id(tokenizer, IM_END), token_id(tokenizer, END_OF_TEXT)})
 
 
 def going_live_hotweights(url: str, runs: int) -> dict[str, Any]:
