@@ -28,8 +28,15 @@ load, 3 versions go live with nothing else running (`idle`): the cutover target 
 the fleet's cutover (prepare + commit, the coordinator's own times) with one replica's
 reload (the server's own time) both idle and under the load.
 
+`--prepare-parallel 0,1` runs the fleet row once per value (all replicas preparing at
+once, then one at a time), so the two compare on latency under load and cutover time in
+one run; the targets are checked on each fleet row. `--fleet-state ray-kv` keeps the
+coordinator's record in Ray's internal key-value store instead of the repository (the
+coordinator-kill rows then measure a restart that reads it from there).
+
     python bench/fleet.py [--duration 150] [--rate 3] [--reloads 5] [--idle-reloads 3]
-        [--replicas 2] [--prepare-parallel 0] [--systems fleet,ray-rolling,single]
+        [--replicas 2] [--prepare-parallel 0[,N...]] [--fleet-state repo|ray-kv]
+        [--systems fleet,ray-rolling,single]
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from hotweights.fleet.settings import FLEET_STATES
 from peers.hotweights_fleet import FleetSystem
 from peers.hotweights_server import AdminTrigger, HotweightsSystem
 from peers.lineup import make_peer
@@ -91,9 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--replicas", type=int, default=2, help="replicas of both fleets")
     parser.add_argument(
         "--prepare-parallel",
-        type=int,
-        default=0,
-        help="the fleet's replicas that prepare at once (0: all)",
+        type=_counts,
+        default=[0],
+        help="the fleet's replicas that prepare at once (0: all); several, comma-separated: "
+        "a fleet row for each",
+    )
+    parser.add_argument(
+        "--fleet-state",
+        choices=FLEET_STATES,
+        default="repo",
+        help="where the fleet's coordinator keeps its record",
     )
     parser.add_argument(
         "--crash-duration",
@@ -124,6 +139,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _counts(text: str) -> list[int]:
+    """`0,1` → [0, 1]: each a count of replicas, 0 or more."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 0,1; got {text!r}") from None
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected counts of 0 or more like 0,1; got {text!r}")
+    return counts
+
+
 def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
     size = SIZES["97MB"]
     model = _build_models(workdir / "models", size) | {"size": "97MB"}
@@ -134,22 +160,30 @@ def _run(args: argparse.Namespace, workdir: Path, started: float) -> int:
     chosen = [name.strip() for name in args.systems.split(",") if name.strip()]
     results = []
     for name in chosen:
-        system = _system(name, args, workdir, logs)
-        _say(f"{system.name}: starting, {args.duration:g} s of load, {args.reloads} versions")
-        entry = _run_system(system, versions, args)
-        _say(f"{system.name}: {json.dumps(entry.get('fleet') or entry.get('reason'))}")
-        results.append(entry)
+        for system in _systems(name, args, workdir, logs):
+            _say(f"{system.name}: starting, {args.duration:g} s of load, {args.reloads} versions")
+            entry = _run_system(system, versions, args)
+            _say(f"{system.name}: {json.dumps(entry.get('fleet') or entry.get('reason'))}")
+            results.append(entry)
     return _write(args, results, model, started)
 
 
-def _system(name: str, args: argparse.Namespace, workdir: Path, logs: Path) -> System:
+def _systems(name: str, args: argparse.Namespace, workdir: Path, logs: Path) -> list[System]:
     if name == "fleet":
-        return FleetSystem(
-            workdir / "repo-fleet",
-            logs,
-            replicas=args.replicas,
-            prepare_parallel=args.prepare_parallel,
-        )
+        return [
+            FleetSystem(
+                workdir / "repo-fleet",
+                logs,
+                replicas=args.replicas,
+                prepare_parallel=parallel,
+                fleet_state=args.fleet_state,
+            )
+            for parallel in args.prepare_parallel
+        ]
+    return [_system(name, args, workdir, logs)]
+
+
+def _system(name: str, args: argparse.Namespace, workdir: Path, logs: Path) -> System:
     if name == "single":
         return HotweightsSystem("availability", AdminTrigger(workdir / "models"), logs)
     if name == "ray-rolling":
@@ -440,16 +474,25 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each met or missed with the figures behind it."""
-    by_name = {e["name"].split(" ")[0]: e for e in results if e["status"] == "ok"}
-    fleet, ray, single = (
-        by_name.get("hotweights-fleet"),
-        by_name.get("ray-serve/rolling"),
-        by_name.get("hotweights/availability"),
-    )
+    """The issue's targets, each met or missed with the figures behind it, for each fleet
+    row (named in the target when there are several)."""
+    ok = [e for e in results if e["status"] == "ok"]
+    fleets = [e for e in ok if e["name"].startswith("hotweights-fleet")]
     rows: list[dict[str, Any]] = []
-    if fleet is None:
-        return rows
+    for fleet in fleets:
+        checked = fleet_targets(fleet, ok)
+        if len(fleets) > 1:
+            for row in checked:
+                row["target"] = f"{fleet['name']}: {row['target']}"
+        rows += checked
+    return rows
+
+
+def fleet_targets(fleet: dict[str, Any], ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The targets of one fleet row, against the other systems' rows in `ok`."""
+    by_name = {e["name"].split(" ")[0]: e for e in ok}
+    ray, single = by_name.get("ray-serve/rolling"), by_name.get("hotweights/availability")
+    rows: list[dict[str, Any]] = []
     f = fleet["fleet"]
     rows.append(_row("fleet: 0 failed", f["failed"] == 0, f"{f['failed']} of {f['requests']}"))
     rows.append(

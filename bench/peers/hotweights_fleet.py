@@ -46,11 +46,14 @@ class FleetSystem:
         replicas: int = 2,
         start_timeout: float = 300.0,
         prepare_parallel: int = 0,
+        fleet_state: str = "repo",
     ) -> None:
         at_once = f", {prepare_parallel} preparing at once" if prepare_parallel else ""
-        self.name = f"hotweights-fleet ({replicas} replicas{at_once})"
+        state = f", record in {fleet_state}" if fleet_state != "repo" else ""
+        self.name = f"hotweights-fleet ({replicas} replicas{at_once}{state})"
         self.replicas = replicas
         self.prepare_parallel = prepare_parallel
+        self.fleet_state = fleet_state
         self.repo = repo
         self.log = logs / "hotweights-fleet.log"
         self.publisher = PublishTrigger(repo, logs / "publish-fleet.log")
@@ -85,6 +88,8 @@ class FleetSystem:
             "events",
             "--prepare-parallel",
             str(self.prepare_parallel),
+            "--fleet-state",
+            self.fleet_state,
         ]
         self._process = spawn(command, self.log, env={"RAY_USAGE_STATS_ENABLED": "0"})
         wait_http(
@@ -170,8 +175,9 @@ class FleetSystem:
 
     def kill_coordinator(self, *, preparing: bool = False) -> tuple[int, str]:
         """SIGKILL the coordinator's process (with `preparing`, once a cutover prepares,
-        polled); how often Ray had restarted it, and the phase its record on disk was in
-        when it died (`idle`, `preparing` or `committed`)."""
+        polled); how often Ray had restarted it, and the phase its record was in when it
+        died (`idle`, `preparing` or `committed`; with the record in Ray's KV, which this
+        driver does not read, the phase `/admin/fleet` showed just before the kill)."""
         deadline = time.monotonic() + CUTOVER_TIMEOUT_S
         status = self.status()
         while preparing and status["preparing"] is None:
@@ -180,6 +186,11 @@ class FleetSystem:
             time.sleep(0.02)
             status = self.status()
         os.kill(int(status["coordinator"]["pid"]), signal.SIGKILL)
+        if self.fleet_state != "repo":
+            shown = (
+                "preparing" if status["preparing"] else "draining" if status["draining"] else "idle"
+            )
+            return int(status["coordinator"]["restarts"]), f"{shown} (shown)"
         record = json.loads((self.repo / ".hotweights-fleet.json").read_text())
         pending = record["models"][MODEL_NAME]["pending"]
         return int(status["coordinator"]["restarts"]), pending["phase"] if pending else "idle"

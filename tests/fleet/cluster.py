@@ -31,6 +31,7 @@ class Answer:
     replica: str | None = None
     error: str | None = None
     ended_at: float = 0.0
+    model: str = MODEL
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Traffic:
 
     url: str
     clients: int = 3
+    models: tuple[str, ...] = (MODEL,)
+    """The models asked, in turn by client."""
     answers: list[Answer] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -87,19 +90,21 @@ class Traffic:
 
     def _client(self, index: int) -> None:
         stream = index % 2 == 1
+        model = self.models[index % len(self.models)]
         with httpx.Client(base_url=self.url, timeout=60) as client:
             while not self._stop.is_set():
                 if not self._going.is_set():
                     self._idle.release()
                     self._going.wait()
                     continue
-                self._record(self._ask(client, stream))
+                self._record(self._ask(client, stream, model))
                 stream = not stream
 
-    def _ask(self, client: httpx.Client, stream: bool) -> Answer:
+    def _ask(self, client: httpx.Client, stream: bool, model: str = MODEL) -> Answer:
         sent_at = time.time()
+        body = {**CHAT, "model": model, "stream": stream}
         try:
-            response = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            response = client.post("/v1/chat/completions", json=body)
         except httpx.HTTPError as exc:
             return Answer(sent_at, 0, None, error=repr(exc))
         generation = response.headers.get("x-hotweights-generation")
@@ -108,6 +113,7 @@ class Traffic:
             response.status_code,
             int(generation) if generation else None,
             response.headers.get("x-hotweights-replica"),
+            model=model,
         )
         if stream and not response.text.rstrip().endswith("data: [DONE]"):
             answer.error = f"stream ended without [DONE]: {response.text[-200:]!r}"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from hotweights.config import Config
 from hotweights.fleet.coordinator import Coordinator
-from hotweights.fleet.replica import Prepared, Target
+from hotweights.fleet.model_replica import Prepared, Target
+from hotweights.fleet.record_store import RecordStore
 from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import publish
 from tests.sources.layouts import WEIGHTS, write_files
@@ -33,9 +34,12 @@ class FakeLink:
         self.finishes: list[Sequence[bool | BaseException]] = []
         """Scripted answers of `finish`, one per call; then every replica finishes."""
         self._held: set[tuple[str, int]] = set()
+        self.models: list[tuple[str, str, int]] = []
+        """(call, model, generation) of every call that names a model."""
 
     def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
         self.calls.append(("prepare", target.generation, Path(target.source).name))
+        self.models.append(("prepare", target.model, target.generation))
         if self.rounds:
             scripted = self.rounds.pop(0)
             if isinstance(scripted, BaseException):
@@ -48,11 +52,13 @@ class FakeLink:
             answers.append(Prepared(replica, target.generation, ok=True, seconds=0.5, fresh=fresh))
         return answers
 
-    def abort(self, generation: int, reason: str) -> None:
+    def abort(self, model: str, generation: int, reason: str) -> None:
         self.calls.append(("abort", generation, reason))
+        self.models.append(("abort", model, generation))
 
-    def flip(self, generation: int) -> None:
+    def flip(self, model: str, generation: int) -> None:
         self.calls.append(("flip", generation))
+        self.models.append(("flip", model, generation))
         self._maybe_fail("flip")
 
     def drained(self, generation: int, timeout: float) -> int:
@@ -60,8 +66,9 @@ class FakeLink:
         self._maybe_fail("drained")
         return self.stuck
 
-    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]:
+    def finish(self, model: str, generation: int, timeout: float) -> Sequence[bool | BaseException]:
         self.calls.append(("finish", generation))
+        self.models.append(("finish", model, generation))
         self._maybe_fail("finish")
         if self.finishes:
             return self.finishes.pop(0)
@@ -92,15 +99,18 @@ class Fleet:
         self.link = FakeLink()
         self._builds = 0
 
-    def publish(self, description: str = "") -> Path:
-        """Publish a new version of `m`; its directory."""
+    def publish(self, description: str = "", model: str = "m") -> Path:
+        """Publish a new version of `model`; its directory."""
         self._builds += 1
         files = write_files(self.tmp_path / "build" / str(self._builds), WEIGHTS)
-        return publish(files, self.repo, "m", description=description).path
+        return publish(files, self.repo, model, description=description).path
 
-    def coordinator(self, fleet_id: str = "") -> Coordinator:
-        """A coordinator of this fleet; built again with the same `fleet_id`, it is the
-        first one restarted (it reads the record the first one left)."""
+    def coordinator(
+        self, fleet_id: str = "", model: str | None = "m", store: RecordStore | None = None
+    ) -> Coordinator:
+        """A coordinator of this fleet (of `model`; None: every model of the repository);
+        built again with the same `fleet_id`, it is the first one restarted (it reads the
+        record the first one left)."""
         config = Config.load({"repo": str(self.repo)}, environ={})
-        settings = FleetSettings(config, "m", prepare_timeout=5.0)
-        return Coordinator(settings, self.link, fleet_id=fleet_id)
+        settings = FleetSettings(config, model, prepare_timeout=5.0)
+        return Coordinator(settings, self.link, fleet_id=fleet_id, store=store)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
-from hotweights.fleet.admissions import Admissions
+import pytest
+
+from hotweights.errors import InvalidRequest, UnknownModel
+from hotweights.fleet.admissions import Admissions, requested_model
 
 
 def test_admit_stamps_the_committed_generation_and_counts_it() -> None:
-    admissions = Admissions(4)
-    assert [admissions.admit(), admissions.admit()] == [4, 4]
+    admissions = Admissions({"m": 4})
+    assert [admissions.admit("m"), admissions.admit("m")] == [4, 4]
     assert admissions.inflight() == {4: 2}
     assert admissions.admitted == {4: 2}
     admissions.done(4)
@@ -20,12 +24,12 @@ def test_admit_stamps_the_committed_generation_and_counts_it() -> None:
 
 
 def test_after_a_flip_new_requests_carry_the_new_generation_and_old_ones_stay_on_theirs() -> None:
-    admissions = Admissions(1)
-    before = [admissions.admit(), admissions.admit()]
-    admissions.flip(2)
-    after = admissions.admit()
+    admissions = Admissions({"m": 1})
+    before = [admissions.admit("m"), admissions.admit("m")]
+    admissions.flip("m", 2)
+    after = admissions.admit("m")
     assert (before, after) == ([1, 1], 2)
-    assert admissions.generation == 2
+    assert admissions.generations["m"] == 2
     assert admissions.inflight() == {1: 2, 2: 1}
     admissions.done(1)
     assert admissions.inflight() == {1: 1, 2: 1}
@@ -33,19 +37,19 @@ def test_after_a_flip_new_requests_carry_the_new_generation_and_old_ones_stay_on
 
 
 async def test_drained_answers_at_once_when_nothing_is_in_flight() -> None:
-    admissions = Admissions(1)
-    admissions.done(admissions.admit())
-    admissions.flip(2)
+    admissions = Admissions({"m": 1})
+    admissions.done(admissions.admit("m"))
+    admissions.flip("m", 2)
     # A timeout this long would fail the test by its own timeout if `drained` waited.
     assert await admissions.drained(1, timeout=3600) == 0
     assert await admissions.drained(7, timeout=3600) == 0  # a generation never admitted
 
 
 async def test_drained_waits_for_the_last_request_on_the_generation() -> None:
-    admissions = Admissions(1)
-    first, second = admissions.admit(), admissions.admit()
-    admissions.flip(2)
-    newer = admissions.admit()
+    admissions = Admissions({"m": 1})
+    first, second = admissions.admit("m"), admissions.admit("m")
+    admissions.flip("m", 2)
+    newer = admissions.admit("m")
     waiting = asyncio.create_task(admissions.drained(1, timeout=30))
     await asyncio.sleep(0)  # one turn of the loop: `drained` is now parked on its event
     assert not waiting.done()
@@ -59,8 +63,8 @@ async def test_drained_waits_for_the_last_request_on_the_generation() -> None:
 
 
 async def test_two_waiters_on_one_generation_are_both_released() -> None:
-    admissions = Admissions(1)
-    stamped = admissions.admit()
+    admissions = Admissions({"m": 1})
+    stamped = admissions.admit("m")
     waiters = [asyncio.create_task(admissions.drained(1, timeout=30)) for _ in range(2)]
     await asyncio.sleep(0)
     admissions.done(stamped)
@@ -68,13 +72,46 @@ async def test_two_waiters_on_one_generation_are_both_released() -> None:
 
 
 async def test_drained_returns_the_count_left_at_its_timeout() -> None:
-    admissions = Admissions(1)
+    admissions = Admissions({"m": 1})
     for _ in range(3):
-        admissions.admit()
-    admissions.flip(2)
+        admissions.admit("m")
+    admissions.flip("m", 2)
     assert await admissions.drained(1, timeout=0.01) == 3
     admissions.done(1)
     assert await admissions.drained(1, timeout=0.01) == 2
     admissions.done(1)
     admissions.done(1)
     assert await admissions.drained(1, timeout=0.01) == 0
+
+
+def test_each_model_is_stamped_and_flipped_on_its_own() -> None:
+    admissions = Admissions({"a": 1, "b": 2})
+    assert (admissions.admit("a"), admissions.admit("b")) == (1, 2)
+    assert admissions.flip("b", 3) == 3
+    assert (admissions.admit("a"), admissions.admit("b")) == (1, 3)  # a did not move
+    assert admissions.flip("a", 0) == 1  # a late, older flip changes nothing
+    assert admissions.inflight() == {1: 2, 2: 1, 3: 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "served", "expected"),
+    [
+        (b'{"model": "b", "messages": []}', ["a", "b"], "b"),
+        (b'{"messages": []}', ["a"], "a"),  # one model: its server says what is missing
+        (b"not json", ["a"], "a"),
+        (b"", ["a"], "a"),
+        (b'{"model": "c"}', ["a", "b"], UnknownModel("model 'c' is not served here")),
+        (b'{"model": "a@2"}', ["a"], InvalidRequest("model 'a@2': a fleet serves the")),
+        (b'{"messages": []}', ["a", "b"], InvalidRequest("this fleet serves a, b")),
+        (b"[1]", ["a", "b"], InvalidRequest('name the model in "model"')),
+    ],
+    ids=["named", "only", "not-json", "empty", "unknown", "pinned", "unnamed", "not-an-object"],
+)
+def test_the_model_a_request_is_stamped_for(
+    body: bytes, served: list[str], expected: str | Exception
+) -> None:
+    if isinstance(expected, str):
+        assert requested_model(body, served) == expected
+    else:
+        with pytest.raises(type(expected), match=re.escape(str(expected))):
+            requested_model(body, served)

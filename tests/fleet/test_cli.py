@@ -11,14 +11,35 @@ from hotweights.sources import publish
 from tests.sources.layouts import WEIGHTS, write_files
 
 
-def test_a_repository_with_two_models_needs_model(
+def test_a_model_that_is_not_in_the_repository_is_refused_naming_those_there(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = write_files(tmp_path / "build", WEIGHTS)
     for model in ("a", "b"):
         publish(source, tmp_path / "repo", model)
-    assert main(["fleet", "--repo", str(tmp_path / "repo")]) == 2
-    assert "holds 2 models (a, b): give --model" in capsys.readouterr().err
+    assert main(["fleet", "--repo", str(tmp_path / "repo"), "--model", "c"]) == 2
+    assert "model 'c' is not in the repository" in (err := capsys.readouterr().err)
+    assert "(models there: a, b)" in err
+
+
+def test_a_lora_adapter_is_not_served_by_a_fleet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(write_files(tmp_path / "build", WEIGHTS), tmp_path / "repo", "a")
+    adapter = write_files(tmp_path / "lora", {"adapter_config.json": b"{}", "x.bin": b"1"})
+    publish(adapter, tmp_path / "repo", "lora")
+    assert main(["fleet", "--repo", str(tmp_path / "repo"), "--model", "lora"]) == 2
+    assert "'lora' in " in (err := capsys.readouterr().err)
+    assert "is a LoRA adapter: a fleet serves base models" in err
+
+
+def test_an_unknown_fleet_state_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(write_files(tmp_path / "build", WEIGHTS), tmp_path / "repo", "a")
+    with pytest.raises(SystemExit):
+        main(["fleet", "--repo", str(tmp_path / "repo"), "--fleet-state", "etcd"])
+    assert "--fleet-state: invalid choice: 'etcd'" in capsys.readouterr().err
 
 
 def test_an_unreadable_repository_is_named(

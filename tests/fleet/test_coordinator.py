@@ -12,7 +12,7 @@ from hotweights.config import Config
 from hotweights.errors import UnknownModel
 from hotweights.fleet.coordinator import Coordinator
 from hotweights.fleet.fleet_link import FINISH_ATTEMPTS
-from hotweights.fleet.replica import Prepared, Target
+from hotweights.fleet.model_replica import Prepared, Target
 from hotweights.fleet.settings import PREPARE_ROUNDS, FleetSettings
 from hotweights.sources import publish
 from tests.fleet.fake_link import Call, FakeLink, Fleet
@@ -26,7 +26,7 @@ def fleet(tmp_path: Path) -> Fleet:
 
 def committed(coordinator: Coordinator) -> tuple[int, str]:
     """The committed generation and version directory, as a joining replica sees them."""
-    joined = coordinator.join()
+    joined = coordinator.join()["m"]
     return joined.committed.generation, Path(joined.committed.source).name
 
 
@@ -43,18 +43,21 @@ def test_the_first_committed_version_is_the_latest_eligible_as_generation_1(
     fleet.publish()
     latest = fleet.publish(description="nightly")
     coordinator = fleet.coordinator()
-    joined = coordinator.join()
+    joined = coordinator.join()["m"]
     assert joined.committed == Target(1, str(latest), "m v2: nightly")
     assert joined.preparing is None
-    assert coordinator.committed() == 1
+    assert coordinator.committed() == {"m": 1}
     assert fleet.link.calls == []  # nothing is asked of the replicas to start
 
 
 def test_a_repository_without_the_model_refuses_to_start(fleet: Fleet) -> None:
     fleet.publish()
     config = Config.load({"repo": str(fleet.repo)}, environ={})
-    with pytest.raises(ValueError, match="'other' has no eligible version"):
+    with pytest.raises(ValueError, match=r"model 'other' is not in .* \(models there: m\)"):
         Coordinator(FleetSettings(config, "other"), fleet.link)
+    (fleet.repo / "other" / "1").mkdir(parents=True)  # nothing eligible in it
+    with pytest.raises(ValueError, match="'other' has no eligible version"):
+        Coordinator(FleetSettings(config, None), fleet.link)
 
 
 def test_sync_with_nothing_new_does_nothing(fleet: Fleet) -> None:
@@ -80,10 +83,10 @@ def test_a_new_version_is_prepared_flipped_drained_and_finished_in_that_order(
     phases = record["phases"]
     assert isinstance(phases, dict)
     assert set(phases) == {"prepare", "commit", "drain", "finish"}
-    joined = coordinator.join()
+    joined = coordinator.join()["m"]
     assert (joined.committed.generation, joined.committed.source) == (2, str(v2))
     assert joined.preparing is None
-    assert coordinator.committed() == 2
+    assert coordinator.committed() == {"m": 2}
     assert coordinator.sync() is None  # committed now: nothing more to do
     status = coordinator.status()
     assert status["committed"] == {"generation": 2, "version": 2, "source": str(v2)}
@@ -118,9 +121,9 @@ def test_a_replica_failing_prepare_aborts_and_marks_the_version_bad(
     assert bad is not None
     assert "fleet cutover g2 aborted" in bad
     assert reason in bad
-    assert coordinator.join().committed.source == str(v1)
-    assert coordinator.join().preparing is None
-    assert coordinator.committed() == 1
+    assert coordinator.join()["m"].committed.source == str(v1)
+    assert coordinator.join()["m"].preparing is None
+    assert coordinator.committed() == {"m": 1}
     assert coordinator.sync() is None  # the bad version is not tried again
     assert fleet.link.names() == ["prepare", "abort"]
 
@@ -139,7 +142,7 @@ def test_a_prepare_past_its_timeout_aborts(fleet: Fleet) -> None:
         ("abort", 2, "not every replica was ready within 5 s"),
     ]
     assert coordinator.repository.bad_reason("m", 2) is not None
-    assert coordinator.committed() == 1
+    assert coordinator.committed() == {"m": 1}
 
 
 def test_with_no_replica_running_the_cutover_is_skipped_and_the_version_stays_good(
@@ -154,8 +157,8 @@ def test_with_no_replica_running_the_cutover_is_skipped_and_the_version_stays_go
     assert (record["generation"], record["outcome"]) == (2, "skipped")
     assert fleet.link.calls == [("prepare", 2, "2")]  # no abort: nothing to discard
     assert coordinator.repository.bad_reason("m", 2) is None
-    assert coordinator.committed() == 1
-    assert coordinator.join().preparing is None
+    assert coordinator.committed() == {"m": 1}
+    assert coordinator.join()["m"].preparing is None
     retried = coordinator.sync()  # replicas are up now: the version is tried again
     assert retried is not None
     assert retried["outcome"] == "committed"
@@ -174,7 +177,7 @@ def test_rollback_pins_the_previous_version_and_cuts_over_to_it(fleet: Fleet) ->
     assert record["outcome"] == "committed"
     assert fleet.link.calls == cut_over_calls(3, version=1, old=2)
     assert committed(coordinator) == (3, "1")
-    assert coordinator.join().committed.source == str(v1)
+    assert coordinator.join()["m"].committed.source == str(v1)
     fleet.publish()
     assert coordinator.sync() is None  # pinned by the rollback: v3 waits
     assert committed(coordinator) == (3, "1")
@@ -238,7 +241,7 @@ def test_a_replica_failing_in_a_later_round_still_aborts(fleet: Fleet) -> None:
     assert record is not None
     assert (record["outcome"], record["error"]) == ("aborted", "r2: OOM")
     assert fleet.link.names() == ["prepare", "prepare", "abort"]
-    assert coordinator.committed() == 1
+    assert coordinator.committed() == {"m": 1}
 
 
 def test_generations_are_never_reused_after_an_abort(fleet: Fleet) -> None:
@@ -277,7 +280,7 @@ def test_an_ingress_that_cannot_flip_at_first_is_flipped_again_after_the_commit(
     assert record is not None
     assert (record["outcome"], record["error"]) == ("committed", None)
     assert fleet.link.names() == ["prepare", "prepare", "flip", "flip", "drained", "finish"]
-    assert coordinator.committed() == 2
+    assert coordinator.committed() == {"m": 2}
 
 
 def test_an_ingress_that_cannot_report_its_drain_still_finishes_the_cutover(
@@ -291,7 +294,7 @@ def test_an_ingress_that_cannot_report_its_drain_still_finishes_the_cutover(
     assert record is not None
     assert (record["outcome"], record["stuck"]) == ("committed", 0)
     assert fleet.link.calls == cut_over_calls(2, version=2, old=1)
-    assert coordinator.committed() == 2
+    assert coordinator.committed() == {"m": 2}
 
 
 def test_finish_is_retried_until_every_replica_finished(fleet: Fleet) -> None:
@@ -318,7 +321,7 @@ def test_finish_gives_up_after_its_attempts_and_the_cutover_stays_committed(
     assert record is not None
     assert record["outcome"] == "committed"
     assert fleet.link.names().count("finish") == FINISH_ATTEMPTS
-    assert coordinator.committed() == 2
+    assert coordinator.committed() == {"m": 2}
     assert record["error"] == (
         "committed, but 1 replica(s) did not finish: ['RuntimeError: r2 died']"
     )
@@ -332,7 +335,7 @@ def test_a_prepare_call_that_fails_outright_aborts_and_clears_preparing(fleet: F
     try:
         coordinator.sync()
     finally:
-        assert coordinator.join().preparing is None
+        assert coordinator.join()["m"].preparing is None
     assert fleet.link.names() == ["prepare", "abort"]
 
 
@@ -344,8 +347,8 @@ class Flipped(FakeLink):
         super().__init__()
         self.flipped = threading.Event()
 
-    def flip(self, generation: int) -> None:
-        super().flip(generation)
+    def flip(self, model: str, generation: int) -> None:
+        super().flip(model, generation)
         self.flipped.set()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from hotweights.fleet.coordinator import INTERRUPTED_LIMIT, Coordinator
 from hotweights.fleet.ledger import LEDGER_NAME, FleetLedger, Phase
-from hotweights.fleet.replica import Prepared
+from hotweights.fleet.model_replica import Prepared
 from hotweights.sources.repository_scan import RepositoryState
 from tests.fleet.fake_link import Fleet
 
@@ -41,8 +41,8 @@ def test_a_coordinator_restarted_while_idle_carries_on_from_the_record(fleet: Fl
     assert first.status()["coordinator"] == {"pid": _pid(), "restarts": 0}
     second = restarted(fleet)
     assert second.status()["coordinator"] == {"pid": _pid(), "restarts": 1}
-    assert second.committed() == 2
-    assert second.join().draining is None
+    assert second.committed() == {"m": 2}
+    assert second.join()["m"].draining is None
     assert second.resume() is None  # nothing was left half done
     assert fleet.link.calls == []  # and nothing asked of the replicas to know it
     fleet.publish()
@@ -59,9 +59,9 @@ def test_a_cutover_left_in_prepare_is_aborted_and_its_version_tried_again(fleet:
     with pytest.raises(Killed):
         first.sync()
     second = restarted(fleet)
-    assert second.committed() == 1
-    assert second.join().preparing is None
-    record = second.resume()
+    assert second.committed() == {"m": 1}
+    assert second.join()["m"].preparing is None
+    record = (second.resume() or {}).get("m")
     assert record is not None
     assert (record["generation"], record["outcome"], record["trigger"]) == (2, "aborted", "restart")
     assert fleet.link.names() == ["abort"]
@@ -83,14 +83,14 @@ def test_a_version_whose_prepare_the_coordinator_died_in_twice_is_marked_bad(
         with pytest.raises(Killed):
             coordinator.sync()
         coordinator = restarted(fleet)
-        record = coordinator.resume()
+        record = (coordinator.resume() or {}).get("m")
         assert record is not None
         assert record["outcome"] == "aborted"
     bad = coordinator.repository.bad_reason("m", 2)
     assert bad is not None
     assert "died while g3 prepared (2 time(s))" in bad
     assert coordinator.sync() is None
-    assert coordinator.committed() == 1
+    assert coordinator.committed() == {"m": 1}
 
 
 @pytest.mark.parametrize("dies_in", ["flip", "drained", "finish"])
@@ -102,16 +102,16 @@ def test_a_cutover_left_after_its_commit_is_finished(fleet: Fleet, dies_in: str)
         first.sync()
     assert FleetLedger(fleet.repo / LEDGER_NAME).load().models["m"].pending is not None
     second = restarted(fleet)
-    assert second.committed() == 2  # committed is committed: the record says so
-    joined = second.join()
+    assert second.committed() == {"m": 2}  # committed is committed: the record says so
+    joined = second.join()["m"]
     assert joined.committed.source == str(v2)
     assert joined.draining is not None
     assert joined.draining.generation == 1  # a replica starting now loads g1 as well
-    record = second.resume()
+    record = (second.resume() or {}).get("m")
     assert record is not None
     assert (record["generation"], record["outcome"], record["error"]) == (2, "committed", None)
     assert fleet.link.calls == [("flip", 2), ("drained", 1), ("finish", 2)]
-    assert second.join().draining is None
+    assert second.join()["m"].draining is None
     pending = FleetLedger(fleet.repo / LEDGER_NAME).load().models["m"].pending
     assert pending is None
 
@@ -123,13 +123,13 @@ def test_the_record_says_committed_before_the_ingress_is_flipped(fleet: Fleet) -
     seen: list[object] = []
     flip = fleet.link.flip
 
-    def flip_and_look(generation: int) -> None:
+    def flip_and_look(model: str, generation: int) -> None:
         entry = ledger.load().models["m"]
         pending = entry.pending
         seen.append(
             (entry.committed.generation if entry.committed else None, pending and pending.phase)
         )
-        flip(generation)
+        flip(model, generation)
 
     fleet.link.flip = flip_and_look  # type: ignore[method-assign]
     assert coordinator.sync() is not None
@@ -171,13 +171,13 @@ def test_bad_marks_and_pins_outlive_the_fleet_on_the_same_repository(fleet: Flee
     assert status["coordinator"] == {"pid": _pid(), "restarts": 0}
     assert "replica r1: broken" in status["bad"]["2"]  # type: ignore[index]
     assert status["policy"] == {"policy": "pinned", "pin": 1, "reason": "pin"}
-    assert second.committed() == 3  # generations go on: none is ever reused
+    assert second.committed() == {"m": 3}  # generations go on: none is ever reused
     fleet.publish()
     assert second.sync() is None  # pinned
     assert second.reload(None) is not None  # unpinned: v3, the newest good one
     third = fleet.coordinator("fleet-c")
     assert third.status()["policy"] == {"policy": "latest", "pin": None, "reason": None}
-    assert third.join().committed.number == "3"
+    assert third.join()["m"].committed.number == "3"
     assert "2" in third.status()["bad"]  # type: ignore[operator]
 
 

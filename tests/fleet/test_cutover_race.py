@@ -23,7 +23,8 @@ from hotweights.config import Config
 from hotweights.fleet.admissions import Admissions
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
-from hotweights.fleet.replica import FleetReplica, Prepared, Target
+from hotweights.fleet.model_replica import Prepared, Target
+from hotweights.fleet.replica import FleetReplica
 from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import publish
 from tests.fakes import FakeTextLoader
@@ -61,17 +62,17 @@ class DirectLink:
         self.calls.append("prepare")
         self.loop.call_soon_threadsafe(self.flipped.clear)
         self.preparing.set()
-        return [replica.hold(target, timeout) for replica in self.members]
+        return [replica.model(target.model).hold(target, timeout) for replica in self.members]
 
-    def abort(self, generation: int, reason: str) -> None:
+    def abort(self, model: str, generation: int, reason: str) -> None:
         for replica in self.members:
-            replica.abort(generation, reason)
+            replica.model(model).abort(generation, reason)
 
-    def flip(self, generation: int) -> None:
+    def flip(self, model: str, generation: int) -> None:
         self.calls.append("flip")
 
         async def flip() -> None:
-            self.admissions.flip(generation)
+            self.admissions.flip(model, generation)
             self.preparing.clear()
             self.flipped.set()
 
@@ -82,9 +83,9 @@ class DirectLink:
         waiting = self.admissions.drained(generation, timeout)
         return asyncio.run_coroutine_threadsafe(waiting, self.loop).result(timeout + TIMEOUT)
 
-    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]:
+    def finish(self, model: str, generation: int, timeout: float) -> Sequence[bool | BaseException]:
         self.calls.append("finish")
-        return [replica.finish(generation, timeout) for replica in self.members]
+        return [replica.model(model).finish(generation, timeout) for replica in self.members]
 
     def replicas(self) -> Sequence[dict[str, object] | BaseException]:
         return [replica.describe() for replica in self.members]
@@ -107,10 +108,10 @@ async def test_requests_racing_cutovers_answer_on_their_stamp_and_none_fails(
     settings = FleetSettings(config, "m", replicas=2, prepare_timeout=TIMEOUT)
     loaders = [FakeTextLoader(), FakeTextLoader()]
     replicas = [
-        FleetReplica(config, "m", replica_id=f"r{i}", hold_seconds=600, loader=loader)
+        FleetReplica(config, ["m"], replica_id=f"r{i}", hold_seconds=600, loader=loader)
         for i, loader in enumerate(loaders)
     ]
-    admissions = Admissions(1)
+    admissions = Admissions({"m": 1})
     link = DirectLink(replicas, admissions, asyncio.get_running_loop())
     coordinator = Coordinator(settings, link)
     joined = coordinator.join()
@@ -124,7 +125,7 @@ async def test_requests_racing_cutovers_answer_on_their_stamp_and_none_fails(
     async def client() -> None:
         nonlocal held_back
         while not stop.is_set():
-            stamped = admissions.admit()
+            stamped = admissions.admit("m")
             try:
                 if link.preparing.is_set():  # admitted before the commit ...
                     held_back += 1
@@ -153,7 +154,7 @@ async def test_requests_racing_cutovers_answer_on_their_stamp_and_none_fails(
         await asyncio.gather(*clients, return_exceptions=True)
         for replica in replicas:
             await asyncio.to_thread(replica.close, TIMEOUT)
-    assert coordinator.committed() == 1 + CUTOVERS
+    assert coordinator.committed() == {"m": 1 + CUTOVERS}
     assert held_back > 0, "no request was admitted during a prepare: the race never ran"
     failed = [a for a in answers if a[2] != 200]
     assert failed == []

@@ -15,7 +15,7 @@ from hotweights.fleet.ledger import (
     Phase,
     Record,
 )
-from hotweights.fleet.replica import Target
+from hotweights.fleet.model_replica import Target
 from hotweights.sources.version_policy import Pinned
 
 

@@ -7,7 +7,8 @@ import pytest
 from hotweights.fleet.prepare_slots import PrepareSlots
 
 Step = tuple[str, int, str, bool | None]
-"""(take or give, generation, replica, what `take` answers; None for a give)."""
+"""(take, give, open or close; generation; replica; what `take` answers, None for the
+others). Generations 2 and 3 are open from the start."""
 
 
 @pytest.mark.parametrize(
@@ -38,22 +39,43 @@ Step = tuple[str, int, str, bool | None]
             1,
             [
                 ("take", 2, "a", True),  # a dies holding it ...
-                ("take", 3, "b", True),  # ... the next cutover starts with every place free
-                ("take", 2, "c", False),  # an older generation gets none
+                ("take", 3, "b", False),  # ... and another model's cutover waits
+                ("close", 2, "", None),  # until the cutover of g2 ended
+                ("take", 3, "b", True),
+                ("take", 2, "c", False),  # a closed generation gets none
                 ("give", 2, "a", None),  # and giving one back for it changes nothing
                 ("take", 3, "c", False),
             ],
         ),
+        (
+            2,
+            [
+                ("take", 2, "a", True),  # two models cut over at once ...
+                ("take", 3, "a", True),  # ... and share the places
+                ("take", 3, "b", False),
+                ("give", 2, "a", None),
+                ("take", 3, "b", True),
+                ("take", 4, "c", False),  # never opened (a restarted coordinator's)
+                ("open", 4, "", None),
+                ("take", 4, "c", False),  # open, but both places are taken
+            ],
+        ),
     ],
-    ids=["unlimited", "one-at-a-time", "two-at-a-time", "a-new-generation-frees-all"],
+    ids=["unlimited", "one-at-a-time", "two-at-a-time", "closing-frees-all", "across-models"],
 )
 def test_places(limit: int, steps: list[Step]) -> None:
     slots = PrepareSlots(limit)
+    slots.open(2)
+    slots.open(3)
     for action, generation, replica, expected in steps:
         if action == "take":
             assert slots.take(generation, replica) is expected, (action, generation, replica)
-        else:
+        elif action == "give":
             slots.give_back(generation, replica)
+        elif action == "open":
+            slots.open(generation)
+        else:
+            slots.close(generation)
 
 
 def test_a_negative_limit_is_refused() -> None:

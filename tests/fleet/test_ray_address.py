@@ -6,32 +6,26 @@ operator runs it (this process may be attached to the other tests' cluster)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 pytest.importorskip("ray")
 
-import hotweights
 from hotweights.demo.tinylm import save_tiny_model
 from hotweights.sources import publish
 from hotweights.testing import free_port
 from tests.fleet.cluster import CHAT, MODEL
+from tests.fleet.head_node import DEADLINE_S, Cluster, until
 
 pytestmark = [pytest.mark.server, pytest.mark.llm, pytest.mark.timeout(600)]
-DEADLINE_S = 180.0
 OTHER_APP = """
 import sys
 import ray
@@ -48,61 +42,6 @@ def other(request):
 
 serve.run(other.bind(), name="other", route_prefix="/other")
 """
-
-
-class Cluster:
-    """A head node on loopback, and the Serve port its applications share."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.address = f"127.0.0.1:{free_port()}"
-        self.http = f"http://127.0.0.1:{free_port()}"
-        self.env = os.environ | {
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token",  # the cluster's own token, for it and its clients only
-            "RAY_AUTH_TOKEN": secrets.token_hex(32),
-            "PYTHONPATH": os.pathsep.join(
-                [str(Path(hotweights.__file__).parents[1]), str(Path.cwd())]
-            ),
-        }
-        self.head: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        ray = Path(sys.executable).parent / "ray"
-        port = self.address.rsplit(":", 1)[1]
-        command = [
-            str(ray), "start", "--head", "--block", f"--port={port}",
-            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--num-cpus=4",
-            f"--temp-dir={self.root}", "--disable-usage-stats",
-        ]  # fmt: skip
-        with (self.root / "head.log").open("wb") as log:
-            self.head = subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=log, start_new_session=True
-            )
-        _until(lambda: _listening(self.address), "the head node listens")
-
-    def stop(self) -> None:
-        """End the head's process group, then anything still running from its directory."""
-        if self.head is not None:
-            with contextlib.suppress(ProcessLookupError, psutil.Error):
-                os.killpg(self.head.pid, signal.SIGTERM)
-            try:
-                self.head.wait(60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, psutil.Error):
-                    os.killpg(self.head.pid, signal.SIGKILL)
-        for process in psutil.process_iter(["cmdline"]):
-            if str(self.root) in " ".join(process.info["cmdline"] or ()):
-                with contextlib.suppress(ProcessLookupError, psutil.Error):
-                    process.kill()
-
-    def fleet(self, repo: Path, *extra: str) -> list[str]:
-        port = self.http.rsplit(":", 1)[1]
-        return [
-            sys.executable, "-m", "hotweights.cli", "fleet", "--repo", str(repo),
-            "--model", MODEL, "--replicas", "1", "--ray-address", self.address,
-            "--port", port, "--watch", "poll", *extra,
-        ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +126,7 @@ def _start(cluster: Cluster, repo: Path, log: Path) -> subprocess.Popen[bytes]:
         except httpx.HTTPError:
             return False
 
-    _until(ready, "the fleet is serving")
+    until(ready, "the fleet is serving")
     return process
 
 
@@ -214,17 +153,3 @@ def _chat(client: httpx.Client) -> int:
 def _other(client: httpx.Client) -> bool:
     response = client.get("/other")
     return response.status_code == 200 and response.text == "the other application"
-
-
-def _listening(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex((host, int(port))) == 0
-
-
-def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.2)

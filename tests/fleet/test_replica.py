@@ -1,9 +1,9 @@
-"""`FleetReplica` without Ray: start on the committed version, hold a prepared one beside
-it, finish (it goes live, the old one is unloaded) or abort (it is discarded)."""
+"""A replica's model without Ray (`ModelReplica`, in the `FleetReplica` that builds it):
+start on the committed version, hold a prepared one beside it, finish (it goes live, the
+old one is unloaded) or abort (it is discarded)."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,14 +15,14 @@ import pytest
 from hotweights.config import Config
 from hotweights.core import Loader, Notice, VersionChanged, VersionState
 from hotweights.errors import LoadError
-from hotweights.fleet.bridge import Forwarded, Head
-from hotweights.fleet.replica import REPLICA_HEADER, FleetReplica, Joined, Prepared, Target
-from tests.fakes import FakeLoader, FakeTextLoader
+from hotweights.fleet.model_replica import Joined, ModelReplica, Prepared, Target
+from hotweights.fleet.replica import FleetReplica
+from tests.fakes import FakeLoader
 
 TIMEOUT = 10.0
 """What a test gives a blocking call: far more than it needs, so only a hang fails it."""
 
-Make = Callable[[Loader[Any]], FleetReplica]
+Make = Callable[[Loader[Any]], ModelReplica]
 
 
 @pytest.fixture
@@ -32,14 +32,15 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make(repo: Path) -> Iterator[Make]:
-    """Build replicas of model `m` in `repo` (each closed at teardown)."""
+    """Build replicas of model `m` in `repo` (each closed at teardown); their model `m`."""
     made: list[FleetReplica] = []
     config = Config.load({"repo": str(repo)}, environ={})
+    (repo / "m").mkdir(parents=True, exist_ok=True)
 
-    def build(loader: Loader[Any]) -> FleetReplica:
-        replica = FleetReplica(config, "m", replica_id="r1", hold_seconds=600, loader=loader)
+    def build(loader: Loader[Any]) -> ModelReplica:
+        replica = FleetReplica(config, ["m"], replica_id="r1", hold_seconds=600, loader=loader)
         made.append(replica)
-        return replica
+        return replica.model("m")
 
     yield build
     for replica in made:
@@ -53,7 +54,7 @@ def source(repo: Path, number: int) -> str:
 class Retired:
     """Waits for a generation to be retired (drained and unloaded) on a replica."""
 
-    def __init__(self, replica: FleetReplica) -> None:
+    def __init__(self, replica: ModelReplica) -> None:
         self._retired: set[int] = set()
         self._changed = threading.Condition()
         replica.reloader.subscribe(self._observe)
@@ -69,13 +70,13 @@ class Retired:
             return self._changed.wait_for(lambda: generation in self._retired, timeout)
 
 
-def resident(replica: FleetReplica) -> list[tuple[int, str]]:
+def resident(replica: ModelReplica) -> list[tuple[int, str]]:
     described = replica.describe()["resident"]
     assert isinstance(described, list)
     return [(entry["generation"], entry["state"]) for entry in described]
 
 
-def started(make: Make, repo: Path, loader: Loader[Any] | None = None) -> FleetReplica:
+def started(make: Make, repo: Path, loader: Loader[Any] | None = None) -> ModelReplica:
     """A replica with g3 (version 3) live."""
     replica = make(loader if loader is not None else FakeLoader())
     replica.start(Joined(Target(3, source(repo, 3))), TIMEOUT)
@@ -85,7 +86,7 @@ def started(make: Make, repo: Path, loader: Loader[Any] | None = None) -> FleetR
 def test_start_makes_the_committed_generation_live(make: Make, repo: Path) -> None:
     replica = started(make, repo)
     described = replica.describe()
-    assert (described["replica"], described["live"]) == ("r1", 3)
+    assert described["live"] == 3
     assert described["resident"] == [{"generation": 3, "version": "3", "state": "live"}]
     assert described["inflight"] == {"3": 0}
 
@@ -261,33 +262,6 @@ def test_an_abort_while_the_version_is_announced_discards_it(make: Make, repo: P
         prepared = holding.result(TIMEOUT)
     assert (prepared.ok, prepared.error) == (False, "aborted")
     assert retired.wait(5, timeout=2), "g5 stayed held after the fleet aborted it"
-
-
-async def test_forward_answers_on_the_stamped_generation_and_names_the_replica(
-    make: Make, repo: Path
-) -> None:
-    replica = started(make, repo, FakeTextLoader())
-    assert replica.hold(Target(5, source(repo, 5)), TIMEOUT).ok
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    request = Forwarded(
-        "POST",
-        "/v1/chat/completions",
-        b"",
-        ((b"content-type", b"application/json"),),
-        json.dumps(body).encode(),
-    )
-
-    for generation in (3, 5):
-        items = [item async for item in replica.forward(generation, request)]
-        assert len(items) == 1
-        head = items[0]
-        assert isinstance(head, Head)
-        headers = dict(head.headers)
-        assert head.status == 200
-        assert headers[REPLICA_HEADER.encode()] == b"r1"
-        assert headers[b"x-hotweights-generation"] == str(generation).encode()
-        content = json.loads(head.body)["choices"][0]["message"]["content"]
-        assert content.startswith(f"{source(repo, generation)}:0")
 
 
 def test_catch_up_moves_a_starting_replica_to_what_the_fleet_has_now(

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from hotweights.cli import main
 from hotweights.core import Notice, ReloadFinished
 from hotweights.errors import ValidationError
 from hotweights.sources import publish
@@ -132,6 +133,9 @@ def test_two_models_are_served_and_routed(serve: Serve, tmp_path: Path) -> None:
     status = httpx.get(f"{server.url}/admin/models/beta/versions").json()
     assert [v["generation"] for v in status["versions"]] == [2, 1]
     assert httpx.post(f"{server.url}/admin/reload").status_code == 400  # which model?
+    assert main(["rollback", "--url", server.url, "--model", "beta"]) == 0  # the CLI names it
+    assert _generation(_ask(server, "beta")) == 3  # version 1 again, as a new generation
+    assert _generation(_ask(server, "alpha")) == 1
 
 
 def test_incomplete_versions_are_never_loaded(serve: Serve, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from hotweights.backends.transformers_lm import DTYPES
 from hotweights.config import Config
 from hotweights.console import say
 from hotweights.errors import HotweightsError
+from hotweights.fleet.settings import FLEET_STATES
 from hotweights.sources import VERIFY_MODES, WATCHER_KINDS
 
 DemoRepository = Callable[[], tuple[Path, str]]
@@ -47,13 +48,15 @@ def add_fleet_command(
     `demo_repository` gives the repository to serve when none is named)."""
     fleet = commands.add_parser(
         "fleet",
-        help="serve a repository's model from N replicas on Ray Serve; new versions go "
+        help="serve a repository's models from N replicas on Ray Serve; new versions go "
         "live on all of them at once (needs the ray extra)",
     )
     fleet.add_argument(
         "--repo", help="repository root, watched (default: a demo repository with version 1)"
     )
-    fleet.add_argument("--model", help="the repository's model to serve (default: its only one)")
+    fleet.add_argument(
+        "--model", help="serve this model of the repository only (default: every base model)"
+    )
     fleet.add_argument("--replicas", type=int, default=2, help="replicas, each with its own copy")
     fleet.add_argument("--ray-address", help="join this Ray cluster (default: start one locally)")
     fleet.add_argument(
@@ -74,6 +77,13 @@ def add_fleet_command(
         type=int,
         default=0,
         help="replicas that prepare a new version at once; the others wait (0: all)",
+    )
+    fleet.add_argument(
+        "--fleet-state",
+        choices=FLEET_STATES,
+        default="repo",
+        help="where the coordinator keeps its record: beside the versions (repo) or in "
+        "Ray's internal key-value store (ray-kv: the repository need not be writable)",
     )
     fleet.add_argument("--drain-timeout", type=float, help="seconds old requests may finish in")
     fleet.add_argument("--admin-token", help="bearer token for /admin (required beyond loopback)")
@@ -96,12 +106,12 @@ def _fleet(args: argparse.Namespace) -> int:
     try:
         from hotweights.fleet.settings import FleetSettings
 
+        model = args.model
         if args.repo is None:
             repo, model = args.demo_repository()
             overrides["repo"] = str(repo)
-        else:
-            model = args.model or _only_model(args.repo)
         config = Config.load(overrides)
+        _check_models(config, model)
         settings = FleetSettings(
             config,
             model,
@@ -110,6 +120,7 @@ def _fleet(args: argparse.Namespace) -> int:
             prepare_parallel=args.prepare_parallel,
             ray_address=args.ray_address,
             replace=args.replace,
+            fleet_state=args.fleet_state,
         )
         from hotweights.fleet import deployment
     except ImportError as exc:
@@ -118,14 +129,15 @@ def _fleet(args: argparse.Namespace) -> int:
     except (ValueError, HotweightsError) as exc:
         print(f"hotweights fleet: {exc}", file=sys.stderr)
         return 2
-    say(f"starting {settings.replicas} replicas of {model} from {config.repo} on Ray Serve")
+    served = model or "every base model"
+    say(f"starting {settings.replicas} replicas of {served} from {config.repo} on Ray Serve")
     try:
         fleet = deployment.start(settings)
     except (ValueError, RuntimeError) as exc:  # FleetRunning is a RuntimeError
         print(f"hotweights fleet: {exc}", file=sys.stderr)
         return 1
     stop = _stop_on_signals()  # after the start: ray.init put in a SIGTERM handler that exits
-    say(f"fleet serving {model} on {fleet.url} (GET /admin/fleet; Ctrl-C stops it)")
+    say(f"fleet serving {served} on {fleet.url} (GET /admin/fleet; Ctrl-C stops it)")
     try:
         stop.wait()
     finally:
@@ -134,16 +146,19 @@ def _fleet(args: argparse.Namespace) -> int:
     return 0
 
 
-def _only_model(repo: str) -> str:
+def _check_models(config: Config, model: str | None) -> None:
+    """Refuse, before Ray starts, a repository that cannot be read or has nothing to
+    serve, and a `--model` that is not a base model there (`fleet_models`)."""
+    from hotweights.fleet.fleet_models import fleet_models
     from hotweights.sources import ModelRepository
 
-    repository = ModelRepository(repo)
-    if not repository.scan().readable:
-        raise ValueError(f"cannot read the model repository {repo}")
-    models = repository.models()
-    if len(models) != 1:
-        raise ValueError(f"{repo} holds {len(models)} models ({', '.join(models)}): give --model")
-    return models[0]
+    if config.repo is None:  # pragma: no cover - set above
+        return
+    repository = ModelRepository(config.repo, verify="none")
+    state = repository.scan()
+    if not state.readable:
+        raise ValueError(f"cannot read the model repository {config.repo}: {state.error}")
+    fleet_models(repository, model)
 
 
 def _stop_on_signals() -> threading.Event:

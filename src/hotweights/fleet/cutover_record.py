@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from hotweights.fleet.replica import Target
+from hotweights.fleet.model_replica import Target
 from hotweights.sources.repository_scan import VersionInfo
 
 
@@ -27,6 +27,9 @@ class Cutover:
     """Seconds of prepare, commit, drain and finish."""
     replicas: dict[str, float] = field(default_factory=dict)
     """Each replica's prepare time."""
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """When each replica's prepare began and ended (wall clock, seconds since the epoch;
+    a wait for a place under `--prepare-parallel` not included)."""
     stuck: int = 0
     """Requests still running on the old generation at the drain deadline."""
 
@@ -42,6 +45,7 @@ class Cutover:
             # list(): one copy under the GIL while the cutover's thread may add a phase
             "phases": {name: round(seconds, 4) for name, seconds in list(self.phases.items())},
             "replicas": {name: round(s, 4) for name, s in list(self.replicas.items())},
+            "windows": {name: [round(t, 4) for t in w] for name, w in list(self.windows.items())},
             "stuck": self.stuck,
         }
 

@@ -28,9 +28,9 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
 from hotweights.fleet.ingress import Ingress
+from hotweights.fleet.model_replica import Prepared, Target
 from hotweights.fleet.names import APP, COORDINATOR, INGRESS, NAMESPACE, REPLICA
-from hotweights.fleet.prepare_slots import PrepareSlots
-from hotweights.fleet.replica import FleetReplica, Prepared, Target
+from hotweights.fleet.replica import FleetReplica
 from hotweights.fleet.settings import FleetSettings
 
 log = logging.getLogger("hotweights.fleet")
@@ -48,8 +48,9 @@ this many times (Ray's `max_task_retries`)."""
 
 
 class Replica:
-    """The replica deployment's body: joins the fleet (loads the committed version, and
-    the one being prepared) in its constructor, so Serve routes nothing to it before."""
+    """The replica deployment's body: joins the fleet (loads each model's committed
+    version, and the one being prepared) in its constructor, so Serve routes nothing to
+    it before."""
 
     def __init__(self, settings: FleetSettings) -> None:
         coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
@@ -61,49 +62,60 @@ class Replica:
         self._reconciling: asyncio.Task[None] | None = None
         self.engine = FleetReplica(
             settings.config,
-            settings.model,
+            sorted(joined),
             replica_id=context.replica_id.unique_id,
             hold_seconds=settings.hold_seconds,
             loader=settings.loader(settings.config) if settings.loader is not None else None,
         )
-        self.engine.start(joined, settings.prepare_timeout)
+        # With --prepare-parallel a version being prepared is held only through a place
+        # (the cutover's next prepare round asks this replica), never on the side.
+        self.free_prepare = settings.prepare_parallel == 0
+        timeout, free = settings.prepare_timeout, self.free_prepare
+        self.engine.start(joined, timeout, prepare=free)
         for _ in range(CATCH_UP_ROUNDS):  # the fleet may have moved while this one loaded
-            if self.engine.catch_up(ray.get(coordinator.join.remote()), settings.prepare_timeout):
+            if self.engine.catch_up(ray.get(coordinator.join.remote()), timeout, prepare=free):
                 break
 
     async def prepare(self, target: Target) -> Prepared:
         """Hold `target` (with `prepare_parallel`, once the coordinator gives this replica
-        a place: it waits for one within the prepare timeout)."""
+        a place: it waits for one within the prepare timeout, or until the fleet aborts
+        the generation)."""
         timeout = self.settings.prepare_timeout
-        limited = self.settings.prepare_parallel > 0 and not self.engine.has(target.generation)
+        model, generation, me = self.engine.model(target.model), target.generation, self.engine.id
+        limited = self.settings.prepare_parallel > 0 and not model.has(generation)
         if limited:
             started = time.monotonic()
-            while not await self.coordinator.prepare_slot.remote(target.generation, self.engine.id):
+            while not await self.coordinator.prepare_slot.remote(generation, me):
                 waited = time.monotonic() - started
-                if waited > timeout:
-                    error = f"replica {self.engine.id}: no place to prepare in {timeout:g} s"
-                    return Prepared(self.engine.id, target.generation, False, error, waited)
+                if waited > timeout or model.aborted(generation):
+                    error = f"replica {me}: no place to prepare g{generation} in {waited:.1f} s"
+                    return Prepared(me, generation, False, error, waited)
                 await asyncio.sleep(SLOT_POLL_S)
             timeout -= time.monotonic() - started
         try:
-            return await asyncio.to_thread(self.engine.hold, target, timeout)
+            return await asyncio.to_thread(model.hold, target, timeout)
         finally:
             if limited:
-                self.coordinator.prepared.remote(target.generation, self.engine.id)
+                self.coordinator.prepared.remote(generation, me)
 
-    async def finish(self, generation: int, timeout: float) -> bool:
-        """Make `generation` live here; a replica that never held it (it became
-        routable just as the cutover prepared) catches up with the fleet first."""
-        if not self.engine.has(generation):
+    async def finish(self, name: str, generation: int, timeout: float) -> bool:
+        """Make `generation` of model `name` live here; a replica that never held it (it
+        became routable just as the cutover prepared) catches up with the fleet first."""
+        model = self.engine.model(name)
+        if not model.has(generation):
             await self._catch_up()
-        return await asyncio.to_thread(self.engine.finish, generation, timeout)
+        return await asyncio.to_thread(model.finish, generation, timeout)
 
-    async def abort(self, generation: int, reason: str) -> None:
-        await asyncio.to_thread(self.engine.abort, generation, reason)
+    async def abort(self, name: str, generation: int, reason: str) -> None:
+        await asyncio.to_thread(self.engine.model(name).abort, generation, reason)
 
-    async def forward(self, generation: int, request: Forwarded) -> AsyncIterator[Head | bytes]:
-        live = self.engine.reloader.live_version
-        if not self.engine.has(generation) and live is not None and generation > live.generation:
+    async def forward(
+        self, name: str, generation: int, request: Forwarded
+    ) -> AsyncIterator[Head | bytes]:
+        """Answer `request`, for model `name`, on `generation` (see `bridge.answer`)."""
+        model = self.engine.model(name)
+        live = model.reloader.live_version
+        if not model.has(generation) and live is not None and generation > live.generation:
             await self._catch_up()  # the fleet committed a version this replica missed
         async for item in self.engine.forward(generation, request):
             yield item
@@ -113,7 +125,10 @@ class Replica:
         request waiting for it waits for the same catch-up)."""
         async with self._catching_up:
             joined = await self.coordinator.join.remote()
-            await asyncio.to_thread(self.engine.catch_up, joined, self.settings.prepare_timeout)
+            timeout = self.settings.prepare_timeout
+            await asyncio.to_thread(
+                self.engine.catch_up, joined, timeout, prepare=self.free_prepare
+            )
 
     async def check_health(self) -> None:
         """Serve's health check (every `HEALTH_CHECK_S`), used to notice a held version
@@ -121,7 +136,7 @@ class Replica:
         routable just after the broadcast, or the coordinator died before sending it).
         The catch-up runs in the background; the check itself never fails for it."""
         busy = self._reconciling is not None and not self._reconciling.done()
-        if busy or self.engine.held_generation() is None or self._catching_up.locked():
+        if busy or not self.engine.undecided() or self._catching_up.locked():
             return
         self._reconciling = asyncio.create_task(self._reconcile())
 
@@ -167,15 +182,15 @@ class RayLink:
             return []
         return answers
 
-    def abort(self, generation: int, reason: str) -> None:
+    def abort(self, model: str, generation: int, reason: str) -> None:
         replicas, _ = self._handles()
-        replicas.broadcast("abort", generation, reason).results(
+        replicas.broadcast("abort", model, generation, reason).results(
             timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True
         )
 
-    def flip(self, generation: int) -> None:
+    def flip(self, model: str, generation: int) -> None:
         _, ingress = self._handles()
-        ingress.flip.remote(generation).result(timeout_s=CONTROL_TIMEOUT_S)
+        ingress.flip.remote(model, generation).result(timeout_s=CONTROL_TIMEOUT_S)
 
     def drained(self, generation: int, timeout: float) -> int:
         _, ingress = self._handles()
@@ -184,10 +199,10 @@ class RayLink:
         )
         return left
 
-    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]:
+    def finish(self, model: str, generation: int, timeout: float) -> Sequence[bool | BaseException]:
         replicas, _ = self._handles()
         answers: list[bool | BaseException] = replicas.broadcast(
-            "finish", generation, timeout
+            "finish", model, generation, timeout
         ).results(timeout_s=timeout + CONTROL_TIMEOUT_S, return_exceptions=True)
         return answers
 
@@ -218,16 +233,8 @@ class CoordinatorActor(Coordinator):
 
     def __init__(self, settings: FleetSettings, fleet_id: str) -> None:
         super().__init__(settings, RayLink(), fleet_id=fleet_id)
-        self.slots = PrepareSlots(settings.prepare_parallel)
         if self.restarts:
             threading.Thread(target=self._carry_on, name="hotweights-resume", daemon=True).start()
-
-    def prepare_slot(self, generation: int, replica: str) -> bool:
-        """Whether `replica` may prepare `generation` now (see `PrepareSlots`)."""
-        return self.slots.take(generation, replica)
-
-    def prepared(self, generation: int, replica: str) -> None:
-        self.slots.give_back(generation, replica)
 
     def _carry_on(self) -> None:
         try:

@@ -1,7 +1,7 @@
 """How the coordinator reaches the replicas and the ingress (`FleetLink`), and the three
-conversations it has over it: prepare on every replica, flip the ingress, finish on every
-replica. Each says what went wrong in words for the cutover's record; none decides what
-to do about it (the coordinator does)."""
+conversations it has over it for one model: prepare on every replica, flip the ingress,
+finish on every replica. Each says what went wrong in words for the cutover's record;
+none decides what to do about it (the coordinator does)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from hotweights.fleet.cutover_record import reason
-from hotweights.fleet.replica import Prepared, Target
+from hotweights.fleet.model_replica import Prepared, Target
 from hotweights.fleet.settings import PREPARE_ROUNDS
 
 log = logging.getLogger("hotweights.fleet")
@@ -22,22 +22,26 @@ FLIP_RETRY_S = 0.5
 
 
 class FleetLink(Protocol):
-    """How the coordinator reaches the replicas and the ingress. Blocking calls."""
+    """How the coordinator reaches the replicas and the ingress. Blocking calls, which
+    the cutovers of different models may make at the same time."""
 
     def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
-        """Every running replica's answer; raises `TimeoutError` past `timeout`."""
+        """Every running replica's answer (`target.model` names the model); raises
+        `TimeoutError` past `timeout`."""
 
-    def abort(self, generation: int, reason: str) -> None: ...
+    def abort(self, model: str, generation: int, reason: str) -> None: ...
 
-    def flip(self, generation: int) -> None:
-        """The ingress stamps `generation` on every request admitted from now on (never
-        an older one: a flip that arrives late changes nothing)."""
+    def flip(self, model: str, generation: int) -> None:
+        """The ingress stamps `generation` on every request for `model` admitted from now
+        on (never an older one: a flip that arrives late changes nothing)."""
 
     def drained(self, generation: int, timeout: float) -> int:
         """Wait until the ingress has no request on `generation` in flight, or `timeout`;
         the number still in flight."""
 
-    def finish(self, generation: int, timeout: float) -> Sequence[bool | BaseException]: ...
+    def finish(
+        self, model: str, generation: int, timeout: float
+    ) -> Sequence[bool | BaseException]: ...
 
     def replicas(self) -> Sequence[dict[str, object] | BaseException]: ...
 
@@ -76,14 +80,14 @@ def prepare_everywhere(
     return list(answers.values()), errors
 
 
-def flip_until(link: FleetLink, generation: int, timeout: float) -> bool:
-    """Make the ingress stamp `generation`, again until it answers or `timeout` passed
-    (an ingress that Serve restarts asks for the committed generation by itself). True
-    if it answered."""
+def flip_until(link: FleetLink, model: str, generation: int, timeout: float) -> bool:
+    """Make the ingress stamp `generation` on `model`'s requests, again until it answers
+    or `timeout` passed (an ingress that Serve restarts asks for the committed generations
+    by itself). True if it answered."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            link.flip(generation)
+            link.flip(model, generation)
             return True
         except Exception as exc:
             if time.monotonic() >= deadline:
@@ -93,13 +97,13 @@ def flip_until(link: FleetLink, generation: int, timeout: float) -> bool:
             time.sleep(FLIP_RETRY_S)
 
 
-def finish_everywhere(link: FleetLink, generation: int, timeout: float) -> str | None:
-    """Every replica makes `generation` live (a replica that lacks it catches up first).
-    Retried; what still failed, for the record (None: all finished)."""
+def finish_everywhere(link: FleetLink, model: str, generation: int, timeout: float) -> str | None:
+    """Every replica makes `generation` live for `model` (a replica that lacks it catches
+    up first). Retried; what still failed, for the record (None: all finished)."""
     finished: Sequence[bool | BaseException] = []
     for _ in range(FINISH_ATTEMPTS):
         try:
-            finished = link.finish(generation, timeout)
+            finished = link.finish(model, generation, timeout)
         except Exception as exc:
             finished = [exc]
         if all(answer is True for answer in finished):

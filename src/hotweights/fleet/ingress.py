@@ -1,11 +1,13 @@
 """The fleet's HTTP face: one Ray Serve ingress in front of the replicas.
 
-Every `/v1/...` request is admitted here, stamped with the committed generation (the
-fleet's one flip point, `Admissions`), and handed to a replica Ray picks, which answers it
-on that generation. The OpenAI shapes, the API key, the limits and the error bodies are
-the replica's own server's, so a fleet answers exactly like `hotweights serve`. `/admin/
-fleet`, `/admin/reload` and `/admin/rollback` go to the coordinator; `/metrics` shows the
-ingress's counts and every replica's own metrics, labelled by replica.
+Every `/v1/...` request is admitted here, stamped with the committed generation of the
+model its body names (the fleet's one flip point, `Admissions`), and handed to a replica
+Ray picks, which answers it on that generation. `GET /v1/models` asks a replica about each
+model on its committed generation, so it answers with the fleet's generations, not with
+what one replica has finished. The OpenAI shapes, the API key, the limits and the error
+bodies are the replica's own server's, so a fleet answers exactly like `hotweights serve`.
+`/admin/fleet`, `/admin/reload` and `/admin/rollback` go to the coordinator; `/metrics`
+shows the ingress's counts and every replica's own metrics, labelled by replica.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the routes of a class ingress
@@ -30,14 +32,13 @@ from starlette.types import Receive, Scope, Send
 
 from hotweights.errors import (
     HotweightsError,
-    InvalidRequest,
     NotReady,
     PayloadTooLarge,
     ReloadFailed,
     ReplicaFailed,
 )
 from hotweights.fleet.admin_body import parse_reload, parse_rollback
-from hotweights.fleet.admissions import Admissions
+from hotweights.fleet.admissions import Admissions, requested_model
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.names import COORDINATOR, NAMESPACE
 from hotweights.fleet.settings import FleetSettings
@@ -89,9 +90,12 @@ class _Stamps(Collector):
 
     def collect(self) -> Iterable[Metric]:
         committed = GaugeMetricFamily(
-            "hotweights_fleet_committed_generation", "Generation stamped on new requests"
+            "hotweights_fleet_committed_generation",
+            "Generation stamped on new requests, by model",
+            labels=["model"],
         )
-        committed.add_metric([], self._admissions.generation)
+        for model, generation in self._admissions.generations.items():
+            committed.add_metric([model], generation)
         inflight = GaugeMetricFamily(
             "hotweights_fleet_inflight_requests",
             "Requests in flight through the ingress, by stamped generation",
@@ -133,21 +137,23 @@ async def _read(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _refuse_pins(body: bytes) -> None:
-    """`model@N` pins a version on one server; in a fleet the ingress stamps the version
-    (and counts the request under it for the drain), so a pin is refused."""
-    if b"@" not in body:
-        return
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return  # the replica's own server says what is wrong with it
-    model = parsed.get("model") if isinstance(parsed, dict) else None
-    if isinstance(model, str) and "@" in model:
-        raise InvalidRequest(
-            f"model {model!r}: a fleet serves the committed version; pins (model@N) are "
-            "for one server"
-        )
+def _forwarded(request: Request, body: bytes) -> Forwarded:
+    return Forwarded(
+        request.method,
+        request.url.path,
+        request.url.query.encode(),
+        tuple(request.headers.raw),
+        body,
+    )
+
+
+def _holds(described: dict[str, Any], generations: dict[str, int]) -> bool:
+    """Whether a replica (as it `describe`s itself) holds each model's `generations`."""
+    models = described.get("models", {})
+    return all(
+        any(v["generation"] == generation for v in models.get(model, {}).get("resident", []))
+        for model, generation in generations.items()
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -164,6 +170,7 @@ class Ingress:
         self.replicas = replicas
         self.coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
         self.admissions = Admissions(ray.get(self.coordinator.committed.remote()))
+        self.served = sorted(self.admissions.generations)
         self.registry = CollectorRegistry()
         self.answered = Counter(
             "hotweights_fleet_requests_total",
@@ -175,43 +182,50 @@ class Ingress:
 
     # -- called by the coordinator ---------------------------------------------------------
 
-    async def flip(self, generation: int) -> int:
-        """Stamp `generation` from now on; an older one (a flip sent by a coordinator
-        that died, arriving after its successor's) changes nothing."""
-        if generation > self.admissions.generation:
-            self.admissions.flip(generation)
-        return self.admissions.generation
+    async def flip(self, model: str, generation: int) -> int:
+        """Stamp `generation` on `model`'s requests from now on (see `Admissions.flip`)."""
+        return self.admissions.flip(model, generation)
 
     async def drained(self, generation: int, timeout: float) -> int:
         return await self.admissions.drained(generation, timeout)
 
     async def status(self) -> dict[str, object]:
-        return {
+        generations = self.admissions.generations
+        only = {"generation": next(iter(generations.values()))} if len(generations) == 1 else {}
+        return only | {
             "pid": os.getpid(),
-            "generation": self.admissions.generation,
+            "generations": dict(generations),
             "inflight": {str(g): n for g, n in self.admissions.inflight().items()},
             "admitted": {str(g): n for g, n in self.admissions.admitted.items()},
         }
 
     # -- HTTP --------------------------------------------------------------------------------
 
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        """Each model as a replica describes it on the model's committed generation."""
+        data: list[Any] = []
+        for model in self.served:
+            answer = await self._forward(model, _forwarded(request, b""))
+            if answer.status_code != 200:  # the API key, say: as the replica answered
+                return answer
+            listed = json.loads(bytes(answer.body))["data"]
+            data += [entry for entry in listed if entry.get("id") == model]
+        return JSONResponse({"object": "list", "data": data})
+
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def v1(self, request: Request, path: str) -> Response:
         body = await _read(request, self.settings.config.max_body_bytes)
-        _refuse_pins(body)
-        forwarded = Forwarded(
-            request.method,
-            request.url.path,
-            request.url.query.encode(),
-            tuple(request.headers.raw),
-            body,
-        )
-        generation = self.admissions.admit()
+        return await self._forward(requested_model(body, self.served), _forwarded(request, body))
+
+    async def _forward(self, model: str, forwarded: Forwarded) -> Response:
+        generation = self.admissions.admit(model)
         stamp = str(generation)
         stream = None
         relayed = False
         try:  # whatever happens, even a cancellation, the request is counted out once
-            stream = self.replicas.options(stream=True).forward.remote(generation, forwarded)
+            forward = self.replicas.options(stream=True).forward
+            stream = forward.remote(model, generation, forwarded)
             try:
                 head: Head = await stream.__anext__()
             except Exception as exc:
@@ -239,21 +253,18 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self) -> JSONResponse:
-        """Ready when a replica holds the committed generation (Serve's proxy routes to
-        the ingress before the replicas have started)."""
-        generation = self.admissions.generation
+        """Ready when a replica holds every model's committed generation (Serve's proxy
+        routes to the ingress before the replicas have started)."""
+        generations = dict(self.admissions.generations)
         try:
             described = await self.replicas.broadcast("describe").results_async(
                 timeout_s=10, return_exceptions=True
             )
         except Exception:  # no replica running at all (starting, or all restarting)
             described = []
-        serving = sum(
-            1
-            for d in described
-            if isinstance(d, dict) and any(v["generation"] == generation for v in d["resident"])
-        )
-        body = {"status": "ready" if serving else "starting", "generation": generation}
+        serving = sum(1 for d in described if isinstance(d, dict) and _holds(d, generations))
+        only = {"generation": next(iter(generations.values()))} if len(generations) == 1 else {}
+        body = {"status": "ready" if serving else "starting"} | only | {"generations": generations}
         return JSONResponse(
             body | {"replicas_serving": serving}, status_code=200 if serving else 503
         )
@@ -273,11 +284,11 @@ class Ingress:
     ) -> JSONResponse:
         """Cut over to the repository's latest eligible version, or with `{"version": N}`
         pin version N (the watcher then keeps it until the next reload without one);
-        `model` names the model (the fleet's only one, for now)."""
+        `model` names the model (required when the fleet serves several)."""
         self._admin(authorization)
         ask = parse_reload(await _read(request, 4096))
         pending = self.coordinator.reload.remote(ask.version, ask.description, ask.model)
-        return await self._cutover(pending)
+        return await self._cutover(pending, ask.model)
 
     @app.post("/admin/rollback")
     async def rollback(
@@ -286,7 +297,8 @@ class Ingress:
         """Cut over to the newest eligible version older than the committed one (pinned)."""
         self._admin(authorization)
         ask = parse_rollback(await _read(request, 4096))
-        return await self._cutover(self.coordinator.rollback.remote(ask.description, ask.model))
+        pending = self.coordinator.rollback.remote(ask.description, ask.model)
+        return await self._cutover(pending, ask.model)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -315,11 +327,12 @@ class Ingress:
                 raise cause from None
             raise
 
-    async def _cutover(self, pending: Any) -> JSONResponse:
+    async def _cutover(self, pending: Any, model: str | None) -> JSONResponse:
         record: dict[str, Any] | None = await self._ask(pending)
         if record is None:
-            generation = self.admissions.generation
-            return JSONResponse({"outcome": "unchanged", "generation": generation})
+            model = model if model is not None else self.served[0]  # the coordinator checked
+            generation = self.admissions.generations.get(model)
+            return JSONResponse({"outcome": "unchanged", "model": model, "generation": generation})
         if record["outcome"] != "committed":
             raise ReloadFailed(f"cutover {record['outcome']}: {record['error']}", record)
         return JSONResponse(record)

@@ -1,12 +1,15 @@
-"""The coordinator's durable record: a JSON file beside the versions it is about.
+"""The coordinator's durable record, and its first home: a JSON file beside the versions
+it is about (`record_store.py` has the other, Ray's key-value store).
 
 A coordinator that dies (its process killed, its node lost) is restarted by Ray and reads
-this record to carry on: the generation the fleet committed, the cutover in progress and
-how far it got, the versions marked bad with their reasons, the pins, and the next
-generation number (a generation is never reused, invariant 5). The file is
-`ROOT/.hotweights-fleet.json`: hidden, so the repository's scan never takes it for a model,
-and it lasts as long as the repository, so bad marks and pins survive a stop and start of
-the fleet as well.
+this record to carry on: for each model it serves, the generation the fleet committed, the
+cutover in progress and how far it got, the versions marked bad with their reasons and the
+pin; for the fleet, the next generation number (one count for every model: a generation is
+never reused, invariant 5). The file is `ROOT/.hotweights-fleet.json`: hidden, so the
+repository's scan never takes it for a model, and it lasts as long as the repository, so
+bad marks and pins survive a stop and start of the fleet as well. A record written by a
+fleet of one model (before it served several) has the same shape with one entry under
+`models`, and reads as it is.
 
 ```
  cutover:  none ──► PREPARING ──► COMMITTED ──► none      (finished)
@@ -33,7 +36,7 @@ from enum import Enum
 from pathlib import Path
 
 from hotweights.errors import UnknownVersion
-from hotweights.fleet.replica import Target
+from hotweights.fleet.model_replica import Target
 from hotweights.sources import ModelRepository
 from hotweights.sources.layout import Signature
 from hotweights.sources.version_policy import Pinned
@@ -103,10 +106,14 @@ class Record:
 
 
 class FleetLedger:
-    """Reads and writes the record at `path`."""
+    """Reads and writes the record at `path` (the `repo` store of `record_store.py`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def load(self) -> Record:
         """The record on disk; an empty one if there is none. Raises `ValueError` naming
@@ -117,14 +124,11 @@ class FleetLedger:
             return Record()
         except OSError as exc:
             raise ValueError(f"cannot read the fleet's record {self.path}: {exc}") from exc
-        try:
-            return _record(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"the fleet's record {self.path} is unreadable: {exc!r}") from exc
+        return read_record(raw, self.where)
 
     def save(self, record: Record) -> None:
         """Replace the record on disk in one rename. Raises `OSError` if it cannot."""
-        text = json.dumps(_json(record), indent=1, sort_keys=True)
+        text = record_text(record)
         directory = self.path.parent
         handle, temporary = tempfile.mkstemp(prefix=".hotweights-fleet.", dir=directory)
         try:
@@ -156,6 +160,20 @@ def restore(entry: ModelRecord, repository: ModelRepository, model: str) -> None
     for number, mark in entry.bad.items():
         repository.mark_bad(model, number, mark.reason, signature=mark.signature)
     repository.scan()
+
+
+def record_text(record: Record) -> str:
+    """The record as JSON text (what every store keeps)."""
+    return json.dumps(_json(record), indent=1, sort_keys=True)
+
+
+def read_record(text: str | bytes, where: str) -> Record:
+    """The record in `text`. Raises `ValueError` naming `where` (the file or key it came
+    from) if it is not one."""
+    try:
+        return _record(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"the fleet's record {where} is unreadable: {exc!r}") from exc
 
 
 def _json(record: Record) -> dict[str, object]:

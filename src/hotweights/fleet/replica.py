@@ -1,13 +1,12 @@
-"""One fleet replica: the hotweights engine of `hotweights serve` on its own copy of the
-model, answering requests pinned to the generation the ingress stamped on them.
+"""One fleet replica: the hotweights engine of `hotweights serve` on its own copy of every
+model the fleet serves, answering requests pinned to the generation the ingress stamped
+on them.
 
-A replica holds at most two versions: the committed one and, during a cutover, the one
-being prepared. `hold` is the reloader's prepare: it loads, validates and warms a version
-beside the live one under the fleet's generation number, reachable only by requests
-pinned to it; `finish` is the reloader's commit, once the fleet committed (the old
-version drains and is unloaded); `abort` is its discard. A prepared version that nobody
-finishes or aborts within `hold_seconds` is discarded by the reloader itself, so a lost
-coordinator cannot pin a second copy of the model in memory forever.
+The replica's server is built by `server/assembly.py`'s `build_state` from the
+repository, as `hotweights serve --repo` builds it (one reloader per model), then narrowed
+to the fleet's models (`--model`, and never a LoRA adapter for now), without the
+repository's own sync: the coordinator, not the replica, decides which version of each
+model is live. Each model's versions are a `ModelReplica`.
 
 Ray-free: `fleet/deployment.py` wraps it in a Ray Serve deployment; tests drive it
 directly with a fake loader.
@@ -15,297 +14,94 @@ directly with a fake loader.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from hotweights.config import Config
-from hotweights.core import (
-    Loader,
-    Outcome,
-    PreparedVersion,
-    Reloader,
-    ReloadEvent,
-    VersionState,
-)
-from hotweights.errors import NotPrepared
+from hotweights.core import Loader
+from hotweights.core.loader import Closing
 from hotweights.fleet.bridge import Forwarded, Head, answer
+from hotweights.fleet.model_replica import Joined, ModelReplica
 from hotweights.server.app import create_app
 from hotweights.server.assembly import build_state
+from hotweights.server.server_state import ServerState
 
 log = logging.getLogger("hotweights.fleet")
 
 REPLICA_HEADER = "x-hotweights-replica"
-RECENT_RELOADS = 3
-"""A replica's last reloads `describe` shows, with their phases (a held version's load,
-validate and warmup are in its event once it is finished or aborted)."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A version the fleet asks its replicas to hold, under a fleet generation."""
-
-    generation: int
-    source: str
-    description: str = ""
-
-    @property
-    def number(self) -> str:
-        """The repository version number (the directory's name)."""
-        return Path(self.source).name
-
-
-@dataclass(frozen=True)
-class Joined:
-    """Where the fleet is, for a replica that starts or catches up: the committed version,
-    the one being prepared if a cutover is under way, and the one committed before if the
-    ingress may still route requests to it (a cutover between its commit and its finish)."""
-
-    committed: Target
-    preparing: Target | None = None
-    draining: Target | None = None
-    issued: int | None = None
-    """The newest generation the coordinator had given out when it answered (None: not
-    said): a version held here under a newer one was asked for after this answer, which
-    says nothing about it."""
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One replica's answer to `prepare`."""
-
-    replica: str
-    generation: int
-    ok: bool
-    error: str | None = None
-    seconds: float = 0.0
-    fresh: bool = True
-    """False when the version was already held here (a repeated prepare)."""
 
 
 class FleetReplica:
-    """The engine of one replica. `start` (blocking) loads the committed version; the
-    other methods are called by the coordinator (through Ray) and are safe to call
-    concurrently from the replica's event loop."""
+    """The engine of one replica: `models` by name. `start` (blocking) loads each
+    model's committed version; the rest is safe to call from the replica's event loop."""
 
     def __init__(
         self,
         config: Config,
-        name: str,
+        models: Sequence[str],
         *,
         replica_id: str,
         hold_seconds: float,
         loader: Loader[Any] | None = None,
     ) -> None:
         self.id = replica_id
-        self.name = name
-        self.hold_seconds = hold_seconds
-        self.state = build_state(replica_config(config, name), loader=loader)
-        self.reloader: Reloader[Any] = self.state.resolve(name).reloader
+        self.state = replica_state(config, models, loader)
+        self.models = {
+            name: ModelReplica(
+                self.state.resolve(name).reloader,
+                replica_id=replica_id,
+                hold_seconds=hold_seconds,
+            )
+            for name in models
+        }
         self.app = create_app(self.state)
-        self._held: dict[int, PreparedVersion[Any]] = {}
-        self._aborted: set[int] = set()
-        self._lock = threading.Lock()
 
-    # -- the versions ---------------------------------------------------------------------
+    def model(self, name: str) -> ModelReplica:
+        """The model `name`; raises `KeyError` naming the ones served here."""
+        found = self.models.get(name)
+        if found is None:
+            raise KeyError(f"replica {self.id} serves {', '.join(self.models)}, not {name!r}")
+        return found
 
-    def start(self, joined: Joined, timeout: float) -> None:
-        """Load the committed version and make it live; then, if a cutover is preparing,
-        prepare its version too (a replica that joins mid-cutover must hold it before
-        the commit can route to it). While the fleet drains the generation committed
-        before, that one is made live and the committed one held beside it: requests
-        the ingress stamped with either can come here. Raises `RuntimeError` if a version
-        fails to load: the replica must not take traffic."""
-        committed = joined.committed
-        if joined.draining is not None:
-            self._start_on(joined.draining, timeout)
-            held = self.hold(committed, timeout)
-            if not held.ok:
-                raise RuntimeError(f"replica {self.id}: {held.error}")
-            return
-        self._start_on(committed, timeout)
-        if joined.preparing is not None:
-            prepared = self.hold(joined.preparing, timeout)
-            if not prepared.ok:
-                log.warning("replica %s: preparing on start failed: %s", self.id, prepared.error)
+    def start(self, joined: Mapping[str, Joined], timeout: float, *, prepare: bool = True) -> None:
+        """Load every model's committed version (and the one being prepared, or the one
+        draining: see `ModelReplica.start`). Raises `RuntimeError` if one fails to load,
+        and `KeyError` if the fleet says nothing of a model served here."""
+        for name, model in self.models.items():
+            model.start(joined[name], timeout, prepare=prepare)
 
-    def _start_on(self, committed: Target, timeout: float) -> None:
-        event = self.reloader.reload(
-            committed.source,
-            trigger="startup",
-            description=committed.description or f"fleet g{committed.generation}",
-            generation=committed.generation,
-            timeout=timeout,
-        )
-        if event.outcome is not Outcome.LIVE:
-            raise RuntimeError(
-                f"replica {self.id}: the committed version g{committed.generation} "
-                f"({committed.source}) failed to load: {event.error_message}"
-            )
+    def catch_up(
+        self, joined: Mapping[str, Joined], timeout: float, *, prepare: bool = True
+    ) -> bool:
+        """Bring every model in line with the fleet (see `ModelReplica.catch_up`). True
+        if all were in line already."""
+        in_line = [
+            model.catch_up(joined[name], timeout, prepare=prepare)
+            for name, model in self.models.items()
+        ]
+        return all(in_line)
 
-    def catch_up(self, joined: Joined, timeout: float) -> bool:
-        """Bring this replica in line with the fleet as it is now (`joined`, asked again
-        after `start`, or when a request or a health check found it behind). Discards a
-        held version the fleet no longer prepares, moves to a newer committed version
-        (held, then finished; while the fleet drains the one live here, only held),
-        holds the version being prepared. True if it was in line already."""
-        in_line = True
-        committed, preparing = joined.committed, joined.preparing
-        held = self.held_generation()
-        if held is not None and joined.issued is not None and held > joined.issued:
-            held = None  # asked for after `joined` was answered: not this answer's business
-        live = self.reloader.live_version
-        draining = joined.draining is not None and (
-            live is not None and live.generation == joined.draining.generation
-        )
-        if held is not None and held == committed.generation:
-            if not draining:  # committed while this replica held it, and drained since
-                self.finish(held, timeout)
-                in_line = False
-        elif held is not None and (preparing is None or held != preparing.generation):
-            self.abort(held, "the fleet no longer prepares it")
-            in_line = False
-        live = self.reloader.live_version
-        behind = live is None or live.generation != committed.generation
-        if behind and not self.has(committed.generation):
-            in_line = False
-            if self.hold(committed, timeout).ok and not draining:
-                self.finish(committed.generation, timeout)
-        if preparing is not None and not self.has(preparing.generation):
-            self.hold(preparing, timeout)
-            in_line = False
-        return in_line
-
-    def hold(self, target: Target, timeout: float) -> Prepared:
-        """Prepare `target` beside the live version (blocking; idempotent: a version
-        already held answers at once with `fresh` False)."""
-        started = time.monotonic()
-        generation = target.generation
-        if self.has(generation):
-            return Prepared(self.id, generation, ok=True, fresh=False)
-        try:
-            ticket = self.reloader.prepare(
-                target.source,
-                description=target.description or f"fleet g{generation}",
-                generation=generation,
-                hold_seconds=self.hold_seconds,
-            )
-        except ValueError as exc:
-            return Prepared(self.id, generation, ok=False, error=str(exc))
-        ticket.then(lambda result: self._arrived(generation, result))
-        try:
-            result = ticket.wait(timeout)
-        except TimeoutError:
-            self.abort(generation, f"not ready within {timeout:g} s")
-            error = f"replica {self.id}: not ready within {timeout:g} s"
-            return Prepared(self.id, generation, ok=False, error=error, seconds=timeout)
-        seconds = time.monotonic() - started
-        if isinstance(result, ReloadEvent):
-            error = f"replica {self.id}: {result.error_message or result.outcome.value}"
-            return Prepared(self.id, generation, ok=False, error=error, seconds=seconds)
-        self._arrived(generation, result)  # the callback may not have run yet: see `then`
-        if result.decision is not None:  # the fleet gave up on it while it loaded
-            return Prepared(self.id, generation, ok=False, error="aborted", seconds=seconds)
-        return Prepared(self.id, generation, ok=True, seconds=seconds)
-
-    def finish(self, generation: int, timeout: float) -> bool:
-        """Commit the held `generation` here (the fleet committed it, and every request
-        admitted before the commit has finished); the old version drains and is
-        unloaded. True if it is live now. `timeout` is kept for the coordinator's call:
-        the commit is one swap and does not wait."""
-        live = self.reloader.live_version
-        if live is not None and live.generation == generation:
-            return True
-        with self._lock:
-            handle = self._held.pop(generation, None)
-        if handle is None:
-            log.warning("replica %s: g%d is not held here, nothing to finish", self.id, generation)
-            return False
-        try:
-            event = self.reloader.commit(handle, reason=f"the fleet committed g{generation}")
-        except NotPrepared:
-            return False
-        return event.outcome is Outcome.LIVE
-
-    def abort(self, generation: int, reason: str) -> None:
-        """Discard `generation` (held, or still loading: then as soon as it is ready)."""
-        with self._lock:
-            self._aborted.add(generation)
-            handle = self._held.pop(generation, None)
-        if handle is not None:
-            with contextlib.suppress(NotPrepared):
-                self.reloader.discard(handle, f"fleet abort: {reason}")
-
-    def held_generation(self) -> int | None:
-        """The generation prepared here and not yet decided, if any."""
-        with self._lock:
-            for generation, handle in list(self._held.items()):
-                if handle.decision is None:
-                    return generation
-                del self._held[generation]  # discarded by its hold time
-        return None
-
-    def has(self, generation: int) -> bool:
-        """Whether requests stamped `generation` can be answered here: it is live or
-        held (not draining: a draining version is on its way out)."""
-        return any(
-            v.generation == generation and v.state in (VersionState.LIVE, VersionState.PREPARED)
-            for v in self.reloader.resident()
-        )
-
-    def _arrived(self, generation: int, result: PreparedVersion[Any] | ReloadEvent) -> None:
-        """A prepare's result (on the reloader's worker): kept for `finish`, or discarded
-        at once if the fleet aborted it while it loaded."""
-        if not isinstance(result, PreparedVersion):
-            return
-        with self._lock:
-            aborted = generation in self._aborted
-            if not aborted:
-                self._held[generation] = result
-        if aborted:
-            with contextlib.suppress(NotPrepared):
-                self.reloader.discard(result, "fleet abort: aborted while it loaded")
+    def undecided(self) -> bool:
+        """Whether some model holds a version nobody finished or aborted yet."""
+        return any(model.held_generation() is not None for model in self.models.values())
 
     # -- requests and reports ---------------------------------------------------------------
 
     async def forward(self, generation: int, request: Forwarded) -> AsyncIterator[Head | bytes]:
-        """Answer `request` on `generation` (see `bridge.answer`)."""
+        """Answer `request` on `generation` of the model it names (see `bridge.answer`)."""
         headers = ((REPLICA_HEADER.encode(), self.id.encode()),)
         async for item in answer(self.app, request, f"g{generation}", headers):
             yield item
 
     def describe(self) -> dict[str, object]:
-        """This replica's versions and requests in flight, JSON-ready."""
-        live = self.reloader.live_version
-        resident = [
-            {
-                "generation": v.generation,
-                "version": Path(v.source).name,
-                "state": "held" if v.state is VersionState.PREPARED else v.state.value,
-            }
-            for v in self.reloader.resident()
-        ]
-        return {
-            "replica": self.id,
-            "pid": os.getpid(),
-            "live": live.generation if live is not None else None,
-            "resident": resident,
-            "inflight": {str(g): n for g, n in self.reloader.inflight().items()},
-            "reloads": [
-                {
-                    "generation": event.new_generation,
-                    "outcome": event.outcome.value,
-                    "phases": {name: round(s, 4) for name, s in event.phases.items()},
-                }
-                for event in self.reloader.log.recent(RECENT_RELOADS)
-            ],
-        }
+        """This replica's versions and requests in flight by model, JSON-ready (for a
+        replica of one model, that model's also at the top level)."""
+        models = {name: model.describe() for name, model in self.models.items()}
+        only = next(iter(models.values())) if len(models) == 1 else {}
+        return {"replica": self.id, "pid": os.getpid()} | only | {"models": models}
 
     def metrics(self) -> bytes:
         return self.state.metrics.render()
@@ -314,14 +110,31 @@ class FleetReplica:
         self.state.close(timeout=timeout)
 
 
-def replica_config(config: Config, name: str) -> Config:
-    """The config a replica's own server runs with: the fleet's, serving `name` from
-    whichever version directory the coordinator names (no watcher, no canary of its own)."""
-    return replace(
-        config,
-        source=config.repo or ".",
-        repo=None,
-        model_name=name,
-        canary=None,
-        policy="availability",  # prepare beside the live version: it serves until the commit
-    )
+def replica_config(config: Config) -> Config:
+    """The config a replica's own server runs with: the fleet's, with no canary of its
+    own, preparing beside the live version (it serves until the commit)."""
+    return replace(config, canary=None, policy="availability")
+
+
+def replica_state(config: Config, models: Sequence[str], loader: Loader[Any] | None) -> ServerState:
+    """The server of every model of the repository (`build_state`), narrowed to `models`:
+    the others' reloaders are closed unused, and the repository's sync is dropped (the
+    coordinator decides what is live). Raises `ValueError` naming a model that is not in
+    the repository."""
+    state = build_state(replica_config(config), loader=loader)
+    if state.sync is not None:
+        state.sync.close()
+        state.sync = None
+    missing = [name for name in models if name not in state.models]
+    if missing:
+        state.close(timeout=0)
+        raise ValueError(
+            f"the repository {config.repo} holds no model {', '.join(map(repr, missing))} "
+            f"(models there: {', '.join(state.models) or 'none'})"
+        )
+    for name in [name for name in state.models if name not in models]:
+        served = state.models.pop(name)
+        served.reloader.close(0)
+        if loader is None and isinstance(served.reloader.loader, Closing):  # its own
+            served.reloader.loader.close()
+    return state

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from hotweights.config import Config
 from hotweights.core import Loader
 
+FleetState = Literal["repo", "ray-kv"]
+"""Where the fleet's record lives (`record_store.py`): beside the versions, or in Ray's
+internal key-value store."""
+FLEET_STATES: tuple[FleetState, ...] = get_args(FleetState)
 PREPARE_ROUNDS = 3
 """Prepare is repeated until a round finds every replica already holding the version (a
 replica that started during the round holds it too), at most this many times."""
@@ -23,8 +27,9 @@ class FleetSettings:
 
     config: Config
     """The repository (`config.repo`), host, port, tokens and engine settings."""
-    model: str
-    """The repository model the fleet serves."""
+    model: str | None = None
+    """The one repository model the fleet serves; None: every base model of the
+    repository (LoRA adapter directories are not served by a fleet yet)."""
     replicas: int = 2
     """How many replicas serve the model, each with its own copy of it."""
     prepare_timeout: float = 300.0
@@ -40,6 +45,8 @@ class FleetSettings:
     coordinator); False: refuse to start beside it."""
     replica_cpus: float = 0.0
     """CPUs each replica asks Ray for (0: placement by memory only, as on one machine)."""
+    fleet_state: FleetState = "repo"
+    """Where the coordinator keeps its record (see `record_store.py`)."""
     loader: Callable[[Config], Loader[Any]] | None = None
     """Builds each replica's loader from the config (None: the transformers loader of
     `hotweights serve`). Shipped to the replicas by Ray, so it must pickle."""
@@ -51,6 +58,10 @@ class FleetSettings:
             raise ValueError(f"prepare_parallel must be 0 or more, got {self.prepare_parallel}")
         if self.prepare_timeout <= 0:
             raise ValueError(f"prepare_timeout must be positive, got {self.prepare_timeout}")
+        if self.fleet_state not in FLEET_STATES:
+            raise ValueError(
+                f"fleet_state must be one of {', '.join(FLEET_STATES)}, got {self.fleet_state!r}"
+            )
         if self.config.repo is None:
             raise ValueError("a fleet serves a model repository: give --repo ROOT")
 

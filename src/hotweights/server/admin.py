@@ -65,7 +65,7 @@ async def reload(
     path pins the model to that version. Otherwise: the path's directory, or the live
     version's directory again."""
     body = body or ReloadRequest()
-    served = _model(state, name)
+    served = _model(state, name or body.model)
     if state.sync is not None:
         ticket = await repository_reload(state.sync, served, body.path)
         return await answer(ticket, body.wait, served)
@@ -88,7 +88,7 @@ async def rollback(
     """The previous version, live again. With a repository this pins the model to its
     newest eligible version older than the live one (unpin to follow the latest again)."""
     body = body or RollbackRequest()
-    served = _model(state, name)
+    served = _model(state, name or body.model)
     if served.reloader.canary_version is not None:  # end the bake: the canary goes
         with contextlib.suppress(NoCanary):  # unless the bake ended meanwhile
             reason = body.description or "rolled back by an operator"

@@ -25,6 +25,8 @@ def add_client_commands(commands: Any) -> None:
         client = commands.add_parser(name, help=helptext)
         client.add_argument("--url", default=os.environ.get("HOTWEIGHTS_URL", DEFAULT_URL))
         client.add_argument("--admin-token", default=os.environ.get("HOTWEIGHTS_ADMIN_TOKEN"))
+        if name in ("reload", "rollback", "promote"):
+            client.add_argument("--model", help="the model (default: the only one served)")
         if name == "reload":
             client.add_argument(
                 "path", nargs="?", help="model directory (default: reload the live one)"
@@ -70,17 +72,23 @@ def _call(
 
 def _reload(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"description": args.description, "wait": not args.no_wait}
+    if args.model:
+        body["model"] = args.model
     if args.path:
         body["path"] = os.path.abspath(args.path)
     return _call(args, "POST", "/admin/reload", body)
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    return _call(args, "POST", "/admin/rollback", {"description": args.description})
+    body: dict[str, Any] = {"description": args.description}
+    if args.model:
+        body["model"] = args.model
+    return _call(args, "POST", "/admin/rollback", body)
 
 
 def _promote(args: argparse.Namespace) -> int:
-    return _call(args, "POST", "/admin/promote")
+    path = f"/admin/models/{args.model}/promote" if args.model else "/admin/promote"
+    return _call(args, "POST", path)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -339,12 +339,14 @@ class CompletionRequest(_Sampling):
 
 
 class ReloadRequest(_Request):
+    model: str | None = Field(default=None, description="the model; default: the only one")
     path: str | None = Field(default=None, description="model directory; default: the live one")
     description: str = Field(default="", max_length=1000)
     wait: bool = Field(default=True, description="false: answer 202 with the event id at once")
 
 
 class RollbackRequest(_Request):
+    model: str | None = Field(default=None, description="the model; default: the only one")
     description: str = Field(default="", max_length=1000)
     wait: bool = True
 

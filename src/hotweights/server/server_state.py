@@ -139,10 +139,13 @@ class ServerState:
         return served
 
     def only_model(self) -> ServedModel:
-        """The model admin calls address when they name none."""
-        if len(self.models) != 1:
-            raise InvalidRequest("this server serves several models: name one")
-        return next(iter(self.models.values()))
+        """The model admin calls address when they name none: the only base model (its
+        adapters aside)."""
+        bases = [served for served in self.models.values() if not served.adapter]
+        if len(bases) != 1:
+            names = ", ".join(sorted(self.models))
+            raise InvalidRequest(f"this server serves several models ({names}): name one")
+        return bases[0]
 
     def check_admin(self, authorization: str | None) -> None:
         """Raise `Unauthorized`/`Forbidden` unless the admin token (if any) was presented."""
