@@ -215,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first publish a version that answers wrongly, and watch the gate refuse it",
     )
+    demo.add_argument("--lora", action="store_true", help="two LoRA adapters changing version")
     demo.set_defaults(run=_demo)
     return parser
 
@@ -360,14 +361,9 @@ def _judge_offline(spec: GateSpec | None, args: argparse.Namespace) -> GateVerdi
 def _demo(args: argparse.Namespace) -> int:
     from hotweights.demo.run import run_demo
 
-    code: int = run_demo(
-        duration=args.duration,
-        concurrency=args.concurrency,
-        policy=args.policy,
-        rebuild=args.rebuild,
-        bad_version=args.bad_version,
+    return run_demo(
+        args.duration, args.concurrency, args.policy, args.rebuild, args.bad_version, args.lora
     )
-    return code
 
 
 if __name__ == "__main__":

@@ -119,9 +119,15 @@ def run_demo(
     policy: SwapPolicy = "availability",
     rebuild: bool = False,
     bad_version: bool = False,
+    lora: bool = False,
 ) -> int:
     """Run the demo; returns 0 when no request failed and each answer matched the version
-    that served it (and, with `bad_version`, the gate refused the bad one)."""
+    that served it (and, with `bad_version`, the gate refused the bad one). With `lora`,
+    run the LoRA demo instead (`hotweights.demo.lora_run`)."""
+    if lora:
+        from hotweights.demo.lora_run import run_lora_demo
+
+        return run_lora_demo(duration, concurrency, policy, rebuild)
     import httpx
     import openai
 
