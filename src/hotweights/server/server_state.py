@@ -8,10 +8,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from hotweights.config import Config
-from hotweights.core import Loader, Reloader
+from hotweights.core import Loader, Notice, Reloader
 from hotweights.core.loader import Closing
 from hotweights.engine.batching_loader import BatchingLoader
 from hotweights.errors import Forbidden, InvalidRequest, Overloaded, UnknownModel
@@ -21,8 +21,21 @@ from hotweights.server.memory_versions import MemoryVersions
 from hotweights.server.metrics import Metrics
 from hotweights.sources import RepositorySync
 
-if TYPE_CHECKING:
-    from hotweights.server.adapters import AdapterResidency
+
+class Residency(Protocol):
+    """Which adapters keep their weights in memory (`server.adapters.AdapterResidency`)."""
+
+    def touch(self, name: str) -> None:
+        """Adapter `name` was just asked for."""
+        ...
+
+    def make_room(self, keep: str) -> list[str]:
+        """Evict idle adapters beyond the limit (never `keep`); those evicted."""
+        ...
+
+    def observe(self, name: str) -> Callable[[Notice], None]:
+        """An observer for adapter `name`'s reloader."""
+        ...
 
 
 @dataclass
@@ -66,7 +79,7 @@ class ServerState:
     make_reloader: Callable[[Loader[Any], str], Reloader[Any]] | None = None
     """Builds the reloader of a model added while serving (an adapter), configured as the
     others are (gate, canary, memory check)."""
-    residency: AdapterResidency | None = None
+    residency: Residency | None = None
     """Caps the adapters whose weights are resident (`--max-resident-adapters`)."""
     pushed: MemoryVersions = field(default_factory=MemoryVersions)
     """Directories of versions pushed without a repository (removed with their version)."""
