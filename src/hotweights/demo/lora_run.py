@@ -33,6 +33,7 @@ from hotweights.demo.adapter_versions import (
     adapter_answers,
     build_demo_adapters,
 )
+from hotweights.demo.chat_client import chat
 from hotweights.demo.versions import VERSION_QUESTION, build_demo_versions, default_cache_dir
 
 MODELS: Final = (BASE_MODEL_NAME, *ADAPTER_NAMES)
@@ -73,24 +74,11 @@ def served_by(fingerprint: str | None) -> Served:
 def ask(client: Any, model: str, stream: bool) -> Asked:
     """Ask `model` the version question greedily through the `openai` client `client`."""
     outcome = Asked(model, stream, time.monotonic())
-    messages = [{"role": "user", "content": VERSION_QUESTION}]
     try:
-        if stream:
-            parts: list[str] = []
-            chunks = client.chat.completions.create(
-                model=model, messages=messages, stream=True, temperature=0, max_tokens=32
-            )
-            for chunk in chunks:
-                outcome.served.add(served_by(chunk.system_fingerprint))
-                if chunk.choices and chunk.choices[0].delta.content:
-                    parts.append(chunk.choices[0].delta.content)
-            outcome.answer = "".join(parts)
-        else:
-            reply = client.chat.completions.create(
-                model=model, messages=messages, temperature=0, max_tokens=32
-            )
-            outcome.served.add(served_by(reply.system_fingerprint))
-            outcome.answer = reply.choices[0].message.content or ""
+        outcome.answer, fingerprints = chat(
+            client, model, VERSION_QUESTION, stream=stream, max_tokens=32
+        )
+        outcome.served.update(served_by(f) for f in fingerprints)
     except Exception as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
     outcome.ended = time.monotonic()

@@ -26,6 +26,7 @@ from hotweights.config import Config
 from hotweights.console import LoadProgress, say
 from hotweights.core import SwapPolicy
 from hotweights.core.gate import GateCheck, GateVerdict
+from hotweights.demo.chat_client import chat
 from hotweights.demo.versions import (
     DEMO_GATE,
     DEMO_QUESTIONS,
@@ -69,24 +70,11 @@ def _generation(fingerprint: str | None) -> int:
 def _ask(client: Any, question: str, stream: bool) -> Answered:
     started = time.monotonic()
     outcome = Answered(started, started, stream, question)
-    messages = [{"role": "user", "content": question}]
     try:
-        if stream:
-            parts: list[str] = []
-            chunks = client.chat.completions.create(
-                model=MODEL_NAME, messages=messages, stream=True, temperature=0, max_tokens=96
-            )
-            for chunk in chunks:
-                outcome.generations.add(_generation(chunk.system_fingerprint))
-                if chunk.choices and chunk.choices[0].delta.content:
-                    parts.append(chunk.choices[0].delta.content)
-            outcome.answer = "".join(parts)
-        else:
-            reply = client.chat.completions.create(
-                model=MODEL_NAME, messages=messages, temperature=0, max_tokens=96
-            )
-            outcome.generations.add(_generation(reply.system_fingerprint))
-            outcome.answer = reply.choices[0].message.content or ""
+        outcome.answer, fingerprints = chat(
+            client, MODEL_NAME, question, stream=stream, max_tokens=96
+        )
+        outcome.generations.update(_generation(f) for f in fingerprints)
     except Exception as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
     outcome.ended = time.monotonic()
