@@ -351,3 +351,32 @@ def test_a_base_version_its_adapter_does_not_fit_is_refused_naming_the_adapter(
     response = _ask(server, "alpha")
     assert response.status_code == 200
     assert response.headers["x-hotweights-generation"] == "1"  # the old pair serves on
+
+
+def test_the_watcher_serves_new_adapters_and_brings_an_unloaded_one_back_only_when_newer(
+    serve: Serve, built: dict[str, Path], tmp_path: Path
+) -> None:
+    """Syncs are explicit (the poll interval is an hour): an adapter published while
+    serving is served; an unloaded one stays unloaded across syncs until a newer version
+    is published, and then numbers its generations after the ones it had."""
+    repo = tmp_path / "repo"
+    publish(built["base1"], repo, "tiny")
+    publish(built["alpha1"], repo, "alpha")
+    server = serve(None, None, repo=str(repo), watch="poll", poll_interval=3600,
+                   max_batch_size=8, kv_cache_memory="16MiB")  # fmt: skip
+    sync = server.state.sync
+    assert sync is not None
+    assert _ask(server, "beta").status_code == 404
+    publish(built["beta1"], repo, "beta")
+    assert sync.sync(trigger="api").submitted["beta"].wait(120).succeeded
+    assert _ask(server, "beta").headers["x-hotweights-adapter-generation"] == "1"
+
+    unloaded = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "alpha"})
+    assert unloaded.status_code == 200
+    assert "alpha" not in sync.sync(trigger="api").submitted
+    assert _ask(server, "alpha").status_code == 404  # not brought back
+    publish(built["alpha2"], repo, "alpha")
+    assert sync.sync(trigger="api").submitted["alpha"].wait(120).succeeded
+    back = _ask(server, "alpha")
+    assert back.status_code == 200
+    assert back.headers["x-hotweights-adapter-generation"] == "2"  # after its g1, not g1 again

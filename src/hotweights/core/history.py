@@ -35,6 +35,12 @@ class VersionHistory:
         maxlen = self._history.maxlen
         return maxlen if maxlen is not None else 0
 
+    def continue_after(self, generation: int) -> None:
+        """Number the next version after `generation` at least: a model served again under
+        a name it had before (an adapter unloaded and loaded again) never reuses one."""
+        with self._lock:
+            self._generation = max(self._generation, generation)
+
     def number(self, version: ModelVersion, generation: int | None = None) -> int:
         """Give `version` the next generation (or `generation`, which must be greater than
         every generation so far: a fleet numbers its cutovers), mark it PREPARED and

@@ -125,6 +125,7 @@ def serve_adapter(state: ServerState, name: str) -> ServedModel:
 
     loader = AdapterLoader(name, resolve, allow_pickle=config.allow_pickle)
     reloader = state.new_reloader(loader, name)
+    reloader.history.continue_after(state.ended.get(name, 0))
     if state.residency is not None:
         reloader.subscribe(state.residency.observe(name))
     return ServedModel(name, reloader, int(time.time()), adapter=True)
@@ -265,3 +266,26 @@ async def admit_adapter(state: ServerState, served: ServedModel, lease: Lease[An
         ) from None
     if residency is not None:
         residency.make_room(keep=served.name)
+
+
+def holds_adapters(model_dir: Path) -> bool:
+    """Whether a repository's model directory holds LoRA adapter versions (its newest
+    version directory has an `adapter_config.json`)."""
+    from hotweights.backends.lora_files import is_adapter_dir
+
+    numbers = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+    return bool(numbers) and is_adapter_dir(model_dir / str(max(numbers)))
+
+
+def adopt_adapter(state: ServerState, model_dir: Path) -> Reloader[Any] | None:
+    """Serve the adapter in `model_dir`, a model directory of the repository that appeared
+    (or got a newer version after an unload) while serving: its reloader, for the
+    repository's sync to drive; None for a directory that holds no adapter (a new base
+    model is served after a restart)."""
+    name = model_dir.name
+    if name in state.models or not holds_adapters(model_dir):
+        return None
+    served = serve_adapter(state, name)
+    state.add(served)
+    log.info("%s: a new adapter in the repository, served", name)
+    return served.reloader

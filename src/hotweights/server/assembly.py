@@ -19,7 +19,13 @@ from hotweights.config import Config
 from hotweights.core import Loader, MemoryCheck, Notice, Reloader
 from hotweights.core.loader import LibraryImporting
 from hotweights.digests import DigestChecking
-from hotweights.server.adapters import AdapterResidency, follow_bases, serve_adapter
+from hotweights.server.adapters import (
+    AdapterResidency,
+    adopt_adapter,
+    follow_bases,
+    holds_adapters,
+    serve_adapter,
+)
 from hotweights.server.memory_versions import MemoryVersions
 from hotweights.server.server_state import ServedModel, ServerState
 
@@ -106,20 +112,12 @@ def build_state(
         watcher = make_watcher(config.watch, repository.root, interval=config.poll_interval)
         reloaders = {name: m.reloader for name, m in server.models.items()}
         server.sync = RepositorySync(repository, reloaders, watcher)
+        server.sync.adopt = lambda name: adopt_adapter(server, repository.root / name)
         return server
     if config.source is None:
         raise ValueError("nothing to serve: give a model directory or --repo")
     name = config.model_name or default_model_name(config.source)
     return serving({name: served(name)}, [])
-
-
-def holds_adapters(model_dir: Path) -> bool:
-    """Whether a repository's model directory holds LoRA adapter versions (its newest
-    version directory has an `adapter_config.json`)."""
-    from hotweights.backends.lora_files import is_adapter_dir
-
-    numbers = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
-    return bool(numbers) and is_adapter_dir(model_dir / str(max(numbers)))
 
 
 def memory_check(config: Config) -> MemoryCheck | None:

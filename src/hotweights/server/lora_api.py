@@ -12,7 +12,9 @@ and releases the adapter's memory after the last one.
 Both calls are admin calls (the admin token, when set), and a path must lie inside the
 model roots (403). With `--repo`, a loaded path is the adapter's next version in memory:
 nothing is written into the repository, and only a version published there later than its
-newest now supersedes it; an unloaded adapter is no longer driven by the watcher.
+newest now supersedes it; an unloaded adapter is brought back by the watcher only for a
+version newer than its newest now. A name served again numbers its generations after the
+last one it had.
 """
 
 from __future__ import annotations

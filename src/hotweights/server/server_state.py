@@ -79,6 +79,9 @@ class ServerState:
     make_reloader: Callable[[Loader[Any], str], Reloader[Any]] | None = None
     """Builds the reloader of a model added while serving (an adapter), configured as the
     others are (gate, canary, memory check)."""
+    ended: dict[str, int] = field(default_factory=dict)
+    """The last generation of each model no longer served (an adapter unloaded): served
+    again, it numbers after it (a generation is never reused)."""
     residency: Residency | None = None
     """Caps the adapters whose weights are resident (`--max-resident-adapters`)."""
     pushed: MemoryVersions = field(default_factory=MemoryVersions)
@@ -116,6 +119,7 @@ class ServerState:
         its reloader, which drains what is in flight."""
         served = self.resolve(name)
         self.models = {key: value for key, value in self.models.items() if key != name}
+        self.ended[name] = max(self.ended.get(name, 0), served.reloader.history.generation)
         return served
 
     def _observe(self, served: ServedModel) -> None:

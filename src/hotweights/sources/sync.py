@@ -58,6 +58,10 @@ class RepositorySync:
         self._lock = threading.Lock()
         self._tried_lock = threading.Lock()
         self._tried: dict[str, Signature] = {}
+        self.adopt: Callable[[str], Reloader[Any] | None] | None = None
+        """Given a model of the repository this sync does not drive yet (a LoRA adapter
+        published while serving, or one unloaded that got a newer version), its new
+        reloader, or None to leave it alone. Called under the sync's lock."""
         self._floors: dict[str, int] = {}
         """Per model: versions at or below this number are no targets (an adapter loaded
         from a path through the API is superseded only by a newer published version)."""
@@ -85,6 +89,7 @@ class RepositorySync:
             if not state.readable:
                 return SyncReport(False)
             submitted: dict[str, ReloadTicket] = {}
+            self._adopt_new()
             for name, reloader in self.reloaders.items():
                 live = self._live(name, reloader)
                 target = self.repository.target(name, live=live[1])
@@ -112,10 +117,12 @@ class RepositorySync:
             self._unsubscribe.append(reloader.subscribe(self._observe))
 
     def forget(self, model: str) -> None:
-        """Stop driving `model` (an adapter unloaded through the API): the watcher does
-        not bring it back."""
+        """Stop driving `model` (an adapter unloaded through the API): the watcher brings
+        it back (through `adopt`) only for a version newer than its newest now."""
         with self._lock:
             self.reloaders.pop(model, None)
+            newest = max((info.number for info in self.repository.versions(model)), default=0)
+            self._floors[model] = max(self._floors.get(model, 0), newest)
 
     def rescan(self, *, trigger: Trigger = "api") -> SyncReport:
         """A forced sync on the caller's thread (POST /admin/rescan)."""
@@ -191,6 +198,22 @@ class RepositorySync:
                 self._timer.cancel()
 
     # -- internals ----------------------------------------------------------------------
+
+    def _adopt_new(self) -> None:
+        """Called with the lock held: models of the repository not driven yet, with a
+        version newer than any they had when they stopped being driven, for `adopt`."""
+        if self.adopt is None:
+            return
+        for name in self.repository.models():
+            if name in self.reloaders:
+                continue
+            newest = max((info.number for info in self.repository.eligible(name)), default=0)
+            if newest <= self._floors.get(name, 0):
+                continue
+            reloader = self.adopt(name)
+            if reloader is not None:
+                self.reloaders[name] = reloader
+                self._unsubscribe.append(reloader.subscribe(self._observe))
 
     def _live(self, model: str, reloader: Reloader[Any] | None) -> tuple[str | None, int | None]:
         """The live source, and its version number if it is a version of `model` here."""
