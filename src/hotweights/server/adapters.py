@@ -149,19 +149,13 @@ class AdapterFollowers:
         return prepare_followers(base, self._adapters())
 
     def _adapters(self) -> list[Reloader[Any]]:
-        """The reloaders of the adapters whose live version is bound to this base."""
-        found = []
-        for served in self.state.models.values():
-            if not served.adapter:
-                continue
-            models = served.reloader.models()
-            live = served.reloader.live_version
-            for version, model in models:
-                if version is not live or not isinstance(model, AdapterModel):
-                    continue
-                if model.base_name == self.base and not model.evicted:  # evicted: no base held
-                    found.append(served.reloader)
-        return found
+        """The reloaders of the adapters whose live version is bound to this base (an
+        evicted one holds no base: it binds to the live base when it comes back)."""
+        return [
+            served.reloader
+            for _, served, model in live_adapters(self.state)
+            if model.base_name == self.base and not model.evicted
+        ]
 
 
 def _model_name(named: str) -> str:
@@ -186,6 +180,9 @@ class AdapterResidency:
         self.limit = limit
         self._lock = threading.Lock()
         self._used: dict[str, float] = {}
+        self.over = False
+        """More adapters resident than the limit (those beyond it had requests in flight):
+        a later admission tries again. Read on the request path instead of counting."""
 
     def touch(self, name: str) -> None:
         self._used[name] = time.monotonic()
@@ -211,7 +208,7 @@ class AdapterResidency:
         with self._lock:
             resident = [
                 (name, served, model)
-                for name, served, model in self._live_models()
+                for name, served, model in live_adapters(self.state)
                 if not model.evicted
             ]
             excess = len(resident) - self.limit
@@ -224,20 +221,23 @@ class AdapterResidency:
                     excess -= 1
                     evicted.append(name)
                     log.info("adapter %s evicted (--max-resident-adapters %d)", name, self.limit)
+            self.over = excess > 0
         return evicted
 
     def resident(self) -> dict[str, bool]:
         """Each adapter with a live version: whether its weights are resident."""
-        return {name: not model.evicted for name, _, model in self._live_models()}
+        return {name: not model.evicted for name, _, model in live_adapters(self.state)}
 
-    def _live_models(self) -> list[tuple[str, ServedModel, AdapterModel]]:
-        found = []
-        for name, served in self.state.models.items():
-            live = served.reloader.live_version
-            for version, model in served.reloader.models() if served.adapter else ():
-                if version is live and isinstance(model, AdapterModel):
-                    found.append((name, served, model))
-        return found
+
+def live_adapters(state: ServerState) -> list[tuple[str, ServedModel, AdapterModel]]:
+    """Each adapter with a live version: its name, its served model, that version's model."""
+    found = []
+    for name, served in state.models.items():
+        live = served.reloader.live_version
+        for version, model in served.reloader.models() if served.adapter else ():
+            if version is live and isinstance(model, AdapterModel):
+                found.append((name, served, model))
+    return found
 
 
 async def admit_adapter(state: ServerState, served: ServedModel, lease: Lease[Any]) -> None:
@@ -252,7 +252,7 @@ async def admit_adapter(state: ServerState, served: ServedModel, lease: Lease[An
     if residency is not None:
         residency.touch(served.name)
     if not model.evicted:
-        if residency is not None:  # one kept over the limit by its requests may go now
+        if residency is not None and residency.over:  # one kept by its requests may go now
             residency.make_room(keep=served.name)
         return
     loop = asyncio.get_running_loop()

@@ -25,6 +25,9 @@ from hotweights.sources import RepositorySync
 class Residency(Protocol):
     """Which adapters keep their weights in memory (`server.adapters.AdapterResidency`)."""
 
+    over: bool
+    """More adapters are resident than the limit."""
+
     def touch(self, name: str) -> None:
         """Adapter `name` was just asked for."""
         ...
