@@ -11,6 +11,7 @@ every client leases the live adapter and holds the lease across the next adapter
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from hotweights.core import Outcome, PreparedVersion, Reloader
@@ -28,8 +29,10 @@ class Following:
     def __init__(self, adapters: list[Reloader[Any]]) -> None:
         self.adapters = adapters
 
-    def prepare_on(self, base: PreparedVersion[Any]) -> tuple[PreparedVersion[Any], ...]:
-        return prepare_followers(base, self.adapters, timeout=MEET)
+    def prepare_on(
+        self, base: PreparedVersion[Any], generations: Mapping[str, int]
+    ) -> tuple[PreparedVersion[Any], ...]:
+        return prepare_followers(base, self.adapters, generations, timeout=MEET)
 
 
 def _pair() -> tuple[Reloader[FakeModel], Reloader[FakeAdapter], FakeLoader, FakeAdapterLoader]:
@@ -101,3 +104,24 @@ def test_a_base_version_an_adapter_does_not_fit_is_refused_naming_the_adapter() 
     adapter.close(MEET)
     base.close(MEET)
     assert models.live_models() == []
+
+
+def test_a_prepared_base_numbers_its_followers_as_asked_and_commits_them_with_it() -> None:
+    """A fleet gives every model's generations: the adapter's version on the new base
+    takes the one named for it, and goes live with the base in one commit."""
+    base, adapter, _, _ = _pair()
+    result = base.prepare(
+        "b1", generation=40, hold_seconds=MEET, follower_generations={"alpha": 41}
+    ).wait(MEET)
+    assert isinstance(result, PreparedVersion)
+    (follower,) = result.followers
+    assert (follower.version.generation, follower.version.source) == (41, "a0")
+    assert adapter.live_version is not None
+    assert adapter.live_version.generation == 1  # prepared beside, not yet live
+    event = base.commit(result)
+    assert event.succeeded, event.error_message
+    assert (base.live_version.generation, adapter.live_version.generation) == (40, 41)  # type: ignore[union-attr]
+    (live,) = [m for v, m in adapter.models() if v is adapter.live_version]
+    assert live.base_generation == 40
+    adapter.close(MEET)
+    base.close(MEET)

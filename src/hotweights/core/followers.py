@@ -12,6 +12,7 @@ discards them with it (a reload, a canary's promotion or rollback, a fleet's cut
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from hotweights.core.prepared import PreparedVersion
@@ -20,9 +21,12 @@ from hotweights.core.prepared import PreparedVersion
 class Followers(Protocol):
     """What a base model's reloader asks for the models that follow it (its adapters)."""
 
-    def prepare_on(self, base: PreparedVersion[Any]) -> tuple[PreparedVersion[Any], ...]:
+    def prepare_on(
+        self, base: PreparedVersion[Any], generations: Mapping[str, int]
+    ) -> tuple[PreparedVersion[Any], ...]:
         """Prepare a new version of every follower on `base` (prepared, not committed),
-        and return them. Called on the base reloader's worker thread; blocks until each
-        is prepared. Raises `FollowFailed` naming the follower that could not be
-        prepared, after discarding those that were."""
+        and return them; `generations` numbers those it names (a fleet's numbers), the
+        others take their next. Called on the base reloader's worker thread; blocks
+        until each is prepared. Raises `FollowFailed` naming the follower that could not
+        be prepared, after discarding those that were."""
         ...

@@ -3,7 +3,7 @@ the one loop every `Followers` runs, whatever decides which models follow."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hotweights.core.prepared import Decision, PreparedVersion
@@ -20,11 +20,13 @@ FOLLOW_HOLD = 86_400.0
 def prepare_followers(
     base: PreparedVersion[Any],
     followers: Sequence[Reloader[Any]],
+    generations: Mapping[str, int] | None = None,
     *,
     timeout: float = FOLLOW_SECONDS,
 ) -> tuple[PreparedVersion[Any], ...]:
     """Prepare the live source of each of `followers` again, on `base` (trigger `follow`,
-    no gate: it served), one after the other; returns their prepared versions. Raises
+    no gate: it served), one after the other, as the generation `generations` gives its
+    name (its next one where it gives none); returns their prepared versions. Raises
     `FollowFailed` naming the first that could not be prepared (or took over `timeout`
     seconds), after discarding those that were."""
     prepared: list[PreparedVersion[Any]] = []
@@ -38,6 +40,7 @@ def prepare_followers(
                 trigger="follow",
                 description=f"{reloader.name} on {base.model} g{base.generation}",
                 base_generation=base.generation,
+                generation=(generations or {}).get(reloader.name),
                 hold_seconds=FOLLOW_HOLD,
             )
             try:

@@ -39,6 +39,9 @@ class ReloadJob:
     """For `prepare`: how long the prepared version waits for a decision."""
     base_generation: int | None = None
     """For an adapter: the base model's generation to prepare it on (None: the live one)."""
+    follower_generations: tuple[tuple[str, int], ...] = ()
+    """For a base model: the generation each model that follows it (by name) gets on this
+    version (a fleet numbers them); a follower not named takes its own next one."""
     accepted_at: float = field(default_factory=time.time)
     future: Future[Any] = field(default_factory=Future)
     phase: str = "queued"
@@ -113,6 +116,7 @@ class ReloadQueue:
         hold_seconds: float | None = None,
         after: int = 0,
         base_generation: int | None = None,
+        follower_generations: tuple[tuple[str, int], ...] = (),
     ) -> tuple[ReloadJob, ReloadJob | None]:
         """Queue a request (or join the same one); returns its job and the job it
         superseded, which the caller must end. `generation` must exceed `after`."""
@@ -136,6 +140,7 @@ class ReloadQueue:
                 generation=generation,
                 hold_seconds=hold_seconds,
                 base_generation=base_generation,
+                follower_generations=follower_generations,
             )
             self._wake.notify()
             return self._pending, superseded

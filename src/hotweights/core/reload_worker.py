@@ -141,7 +141,7 @@ class ReloadWorker(Generic[ModelT]):
             self._held = handle
             if self._closing:
                 handle.claim(Decision.DISCARD, "the reloader is closing")
-        self._follow(handle)
+        self._follow(handle, dict(job.follower_generations))
         stable = self.slot.live_version
         if job.kind == "prepare":
             job.future.set_result(handle)
@@ -159,14 +159,15 @@ class ReloadWorker(Generic[ModelT]):
         if not job.future.done() and handle.event is not None:
             job.future.set_result(handle.event)
 
-    def _follow(self, handle: PreparedVersion[ModelT]) -> None:
-        """Prepare the versions that follow `handle` (its adapters) on it; when one
-        cannot be, discard `handle`, naming why."""
+    def _follow(self, handle: PreparedVersion[ModelT], generations: dict[str, int]) -> None:
+        """Prepare the versions that follow `handle` (its adapters) on it, numbered by
+        `generations` where it names them; when one cannot be, discard `handle`, naming
+        why."""
         followers = self.followers
         if followers is None or handle.decision is not None:
             return
         try:
-            handle.followers = followers.prepare_on(handle)
+            handle.followers = followers.prepare_on(handle, generations)
         except FollowFailed as exc:
             handle.claim(Decision.DISCARD, str(exc))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from hotweights.core.canary import CanaryPolicy
@@ -112,12 +112,15 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         trigger: Trigger = "api",
         description: str = "",
         generation: int | None = None,
+        base_generation: int | None = None,
     ) -> ReloadTicket:
         """Accept a request to make `source` live (prepare, then commit, or bake as a
         canary); returns at once. With `generation`, it serves as that generation, which
         must be ahead of every one so far (`ValueError` otherwise): a fleet numbers its
-        versions."""
-        return ReloadTicket(self._put(source, trigger, description, "reload", generation, None))
+        versions. An adapter's `base_generation` names the version of its base to load
+        it on (None: the live one)."""
+        job = self._put(source, trigger, description, "reload", generation, None, base_generation)
+        return ReloadTicket(job)
 
     def reload(
         self,
@@ -127,10 +130,16 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         description: str = "",
         timeout: float | None = None,
         generation: int | None = None,
+        base_generation: int | None = None,
     ) -> ReloadEvent:
-        """Make `source` live and return the outcome (blocking); `generation` as `submit`."""
+        """Make `source` live and return the outcome (blocking); `generation` and
+        `base_generation` as `submit`."""
         ticket = self.submit(
-            source, trigger=trigger, description=description, generation=generation
+            source,
+            trigger=trigger,
+            description=description,
+            generation=generation,
+            base_generation=base_generation,
         )
         return ticket.wait(timeout)
 
@@ -149,15 +158,20 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         generation: int | None = None,
         hold_seconds: float = 600.0,
         base_generation: int | None = None,
+        follower_generations: Mapping[str, int] | None = None,
     ) -> PrepareTicket[ModelT]:
         """Accept a request to prepare `source` beside the live version; returns at once.
         The ticket's result is the `PreparedVersion` (for `commit` or `discard`; one that
         nobody decides within `hold_seconds` is discarded by itself), or the event of the
         attempt that failed or was superseded. `generation` as in `submit`; an adapter's
-        `base_generation` names the version of its base to prepare it on."""
+        `base_generation` names the version of its base to prepare it on; a base's
+        `follower_generations` numbers the versions its followers get on it (by name: a
+        fleet numbers every model's versions)."""
+        followers = tuple(sorted((follower_generations or {}).items()))
         job = self._put(
-            source, trigger, description, "prepare", generation, hold_seconds, base_generation
-        )
+            source, trigger, description, "prepare", generation, hold_seconds, base_generation,
+            followers,
+        )  # fmt: skip
         return PrepareTicket(job)
 
     def commit(
@@ -286,11 +300,12 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         generation: int | None,
         hold_seconds: float | None,
         base_generation: int | None = None,
+        follower_generations: tuple[tuple[str, int], ...] = (),
     ) -> ReloadJob:
         job, superseded = self.queue.put(
             source, trigger, description, kind=kind, generation=generation,
             hold_seconds=hold_seconds, after=self.history.generation,
-            base_generation=base_generation,
+            base_generation=base_generation, follower_generations=follower_generations,
         )  # fmt: skip
         if superseded is not None:
             event = self.records.event(

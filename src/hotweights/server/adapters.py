@@ -21,7 +21,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,10 @@ class AdapterFollowers:
         self.state = state
         self.base = base
 
-    def prepare_on(self, base: PreparedVersion[Any]) -> tuple[PreparedVersion[Any], ...]:
-        return prepare_followers(base, self._adapters())
+    def prepare_on(
+        self, base: PreparedVersion[Any], generations: Mapping[str, int]
+    ) -> tuple[PreparedVersion[Any], ...]:
+        return prepare_followers(base, self._adapters(), generations)
 
     def _adapters(self) -> list[Reloader[Any]]:
         """The reloaders of the adapters whose live version is bound to this base (an
