@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hotweights.config import Config
@@ -56,9 +56,11 @@ class FakeLink:
         self.calls.append(("abort", generation, reason))
         self.models.append(("abort", model, generation))
 
-    def flip(self, model: str, generation: int) -> None:
+    def flip(self, model: str, generation: int, followers: Mapping[str, int]) -> None:
         self.calls.append(("flip", generation))
         self.models.append(("flip", model, generation))
+        for adapter, follower in followers.items():
+            self.models.append(("flip", adapter, follower))
         self._maybe_fail("flip")
 
     def drained(self, generation: int, timeout: float) -> int:

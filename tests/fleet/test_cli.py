@@ -22,7 +22,7 @@ def test_a_model_that_is_not_in_the_repository_is_refused_naming_those_there(
     assert "(models there: a, b)" in err
 
 
-def test_a_lora_adapter_is_not_served_by_a_fleet(
+def test_model_must_name_a_base_model_not_an_adapter(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     publish(write_files(tmp_path / "build", WEIGHTS), tmp_path / "repo", "a")
@@ -30,7 +30,7 @@ def test_a_lora_adapter_is_not_served_by_a_fleet(
     publish(adapter, tmp_path / "repo", "lora")
     assert main(["fleet", "--repo", str(tmp_path / "repo"), "--model", "lora"]) == 2
     assert "'lora' in " in (err := capsys.readouterr().err)
-    assert "is a LoRA adapter: a fleet serves base models" in err
+    assert "is a LoRA adapter: name its base model with --model" in err
 
 
 def test_an_unknown_fleet_state_is_refused(

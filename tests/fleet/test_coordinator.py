@@ -4,6 +4,7 @@ flip, drain the old generation, finish; any failure aborts and marks the version
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -347,8 +348,8 @@ class Flipped(FakeLink):
         super().__init__()
         self.flipped = threading.Event()
 
-    def flip(self, model: str, generation: int) -> None:
-        super().flip(model, generation)
+    def flip(self, model: str, generation: int, followers: Mapping[str, int]) -> None:
+        super().flip(model, generation, followers)
         self.flipped.set()
 
 

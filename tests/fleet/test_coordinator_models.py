@@ -1,5 +1,5 @@
 """One coordinator for every base model of the repository: each model's versions cut over
-on their own, a LoRA adapter is left out, the record keeps each model's part (and reads a
+on their own, an adapter whose base cannot be told is left out, the record keeps each model's part (and reads a
 record a fleet of one model wrote), and lives where `--fleet-state` says."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_every_base_model_is_served_each_with_its_own_generation(fleet: Fleet) -
     adapter = write_files(fleet.tmp_path / "lora", {"adapter_config.json": b"{}", "w": b"1"})
     publish(adapter, fleet.repo, "lora")
     coordinator = fleet.coordinator(model=None)
-    assert sorted(coordinator.models) == ["a", "b"]  # the adapter is left out
+    assert sorted(coordinator.models) == ["a", "b"]  # the adapter names no base: left out
     assert coordinator.committed() == {"a": 1, "b": 2}
     joined = coordinator.join()
     assert (joined["a"].committed.model, joined["b"].committed.model) == ("a", "b")

@@ -5,6 +5,7 @@ what the first coordinator wrote to disk survives it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -123,13 +124,13 @@ def test_the_record_says_committed_before_the_ingress_is_flipped(fleet: Fleet) -
     seen: list[object] = []
     flip = fleet.link.flip
 
-    def flip_and_look(model: str, generation: int) -> None:
+    def flip_and_look(model: str, generation: int, followers: Mapping[str, int]) -> None:
         entry = ledger.load().models["m"]
         pending = entry.pending
         seen.append(
             (entry.committed.generation if entry.committed else None, pending and pending.phase)
         )
-        flip(model, generation)
+        flip(model, generation, followers)
 
     fleet.link.flip = flip_and_look  # type: ignore[method-assign]
     assert coordinator.sync() is not None

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,11 +21,11 @@ from hotweights.config import Config
 from hotweights.fleet.admissions import Admissions
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
-from hotweights.fleet.model_replica import Prepared, Target
 from hotweights.fleet.replica import FleetReplica
 from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import publish
 from tests.fakes import FakeTextLoader
+from tests.fleet.direct_link import DirectLink
 from tests.sources.layouts import WEIGHTS, write_files
 
 TIMEOUT = 30.0
@@ -39,59 +37,6 @@ BODY = json.dumps(
 REQUEST = Forwarded(
     "POST", "/v1/chat/completions", b"", ((b"content-type", b"application/json"),), BODY
 )
-
-
-class DirectLink:
-    """`FleetLink` by direct calls; the ingress parts run on `loop`."""
-
-    def __init__(
-        self,
-        replicas: list[FleetReplica],
-        admissions: Admissions,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.members = replicas
-        self.admissions = admissions
-        self.loop = loop
-        self.preparing = threading.Event()
-        """Set while a version prepares: requests admitted now are held back."""
-        self.flipped = asyncio.Event()
-        self.calls: list[str] = []
-
-    def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
-        self.calls.append("prepare")
-        self.loop.call_soon_threadsafe(self.flipped.clear)
-        self.preparing.set()
-        return [replica.model(target.model).hold(target, timeout) for replica in self.members]
-
-    def abort(self, model: str, generation: int, reason: str) -> None:
-        for replica in self.members:
-            replica.model(model).abort(generation, reason)
-
-    def flip(self, model: str, generation: int) -> None:
-        self.calls.append("flip")
-
-        async def flip() -> None:
-            self.admissions.flip(model, generation)
-            self.preparing.clear()
-            self.flipped.set()
-
-        asyncio.run_coroutine_threadsafe(flip(), self.loop).result(TIMEOUT)
-
-    def drained(self, generation: int, timeout: float) -> int:
-        self.calls.append("drained")
-        waiting = self.admissions.drained(generation, timeout)
-        return asyncio.run_coroutine_threadsafe(waiting, self.loop).result(timeout + TIMEOUT)
-
-    def finish(self, model: str, generation: int, timeout: float) -> Sequence[bool | BaseException]:
-        self.calls.append("finish")
-        return [replica.model(model).finish(generation, timeout) for replica in self.members]
-
-    def replicas(self) -> Sequence[dict[str, object] | BaseException]:
-        return [replica.describe() for replica in self.members]
-
-    def ingress(self) -> dict[str, object]:
-        return {}
 
 
 @pytest.fixture
@@ -130,13 +75,14 @@ async def test_requests_racing_cutovers_answer_on_their_stamp_and_none_fails(
                 if link.preparing.is_set():  # admitted before the commit ...
                     held_back += 1
                     await link.flipped.wait()  # ... arriving after it
-                items = [item async for item in next(turns).forward(stamped, REQUEST)]
+                replica = next(turns)
+                items = [item async for item in replica.forward(stamped.generation, REQUEST)]
             finally:
                 admissions.done(stamped)
             head = items[0]
             assert isinstance(head, Head)
             answered = int(dict(head.headers).get(b"x-hotweights-generation", b"-1"))
-            answers.append((stamped, answered, head.status))
+            answers.append((stamped.generation, answered, head.status))
 
     clients = [asyncio.create_task(client()) for _ in range(CLIENTS)]
     try:

@@ -38,6 +38,7 @@ FLEET_SETTINGS = (
     "device",
     "max_batch_size",
     "kv_cache_memory",
+    "lora_base",
 )
 
 
@@ -55,7 +56,12 @@ def add_fleet_command(
         "--repo", help="repository root, watched (default: a demo repository with version 1)"
     )
     fleet.add_argument(
-        "--model", help="serve this model of the repository only (default: every base model)"
+        "--model",
+        help="serve this base model of the repository and its LoRA adapters only "
+        "(default: every base model and every adapter on them)",
+    )
+    fleet.add_argument(
+        "--lora-base", help="the base of an adapter whose config names no model served"
     )
     fleet.add_argument("--replicas", type=int, default=2, help="replicas, each with its own copy")
     fleet.add_argument("--ray-address", help="join this Ray cluster (default: start one locally)")
@@ -129,7 +135,7 @@ def _fleet(args: argparse.Namespace) -> int:
     except (ValueError, HotweightsError) as exc:
         print(f"hotweights fleet: {exc}", file=sys.stderr)
         return 2
-    served = model or "every base model"
+    served = model or "every base model and its adapters"
     say(f"starting {settings.replicas} replicas of {served} from {config.repo} on Ray Serve")
     try:
         fleet = deployment.start(settings)
@@ -158,7 +164,7 @@ def _check_models(config: Config, model: str | None) -> None:
     state = repository.scan()
     if not state.readable:
         raise ValueError(f"cannot read the model repository {config.repo}: {state.error}")
-    fleet_models(repository, model)
+    fleet_models(repository, model, config.lora_base)
 
 
 def _stop_on_signals() -> threading.Event:

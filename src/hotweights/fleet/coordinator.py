@@ -1,5 +1,6 @@
 """The coordinator: the fleet's single source of truth about versions, for every model it
-serves. Each model's versions cut over on their own (`model_fleet.ModelFleet`: its own
+serves, LoRA adapters included. Each base model's versions cut over on their own, an
+adapter's with its base's (`model_fleet.ModelFleet`: its own
 committed generation, bad marks, pin, cutover in progress, prepare, commit and abort); the
 coordinator holds them together with what they share: the repository and its watcher, the
 record (`FleetRecord`, kept by the `RecordStore` that `--fleet-state` names), the
@@ -24,10 +25,10 @@ from hotweights.errors import InvalidRequest, UnknownModel
 from hotweights.fleet.cutover_record import reason
 from hotweights.fleet.fleet_link import FleetLink
 from hotweights.fleet.fleet_models import fleet_models
-from hotweights.fleet.model_fleet import INTERRUPTED_LIMIT, FleetRecord, ModelFleet
+from hotweights.fleet.model_fleet import INTERRUPTED_LIMIT, ModelFleet
 from hotweights.fleet.model_replica import Joined
 from hotweights.fleet.prepare_slots import PrepareSlots
-from hotweights.fleet.record_store import RecordStore, make_store
+from hotweights.fleet.record_store import FleetRecord, RecordStore, make_store
 from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import ModelRepository, make_watcher
 from hotweights.sources.repository_scan import RepositoryState
@@ -67,7 +68,7 @@ class Coordinator:
         state = self.repository.scan()
         if not state.readable:
             raise ValueError(f"cannot read the model repository {config.repo}: {state.error}")
-        names = fleet_models(self.repository, settings.model)
+        served = fleet_models(self.repository, settings.model, config.lora_base)
         store = store if store is not None else make_store(settings.fleet_state, config.repo)
         record = store.load()
         restarted = bool(fleet_id) and record.fleet == fleet_id
@@ -79,8 +80,10 @@ class Coordinator:
         self._watcher: Watcher | None = None
         self._settle: threading.Timer | None = None
         self._settle_lock = threading.Lock()
-        self.models = {
-            name: ModelFleet(
+        self.models: dict[str, ModelFleet] = {}
+        for name in served.names:  # the bases first: an adapter is built on its base
+            base = served.adapters.get(name)
+            self.models[name] = ModelFleet(
                 name,
                 settings,
                 link,
@@ -89,9 +92,10 @@ class Coordinator:
                 restarted=restarted,
                 scan=self._scan,
                 slots=self.slots,
+                base=self.models[base] if base is not None else None,
             )
-            for name in names
-        }
+        self.parents = dict(served.adapters)
+        """Each LoRA adapter served, with its base."""
         self.shared.save()
 
     # -- asked by replicas and the ingress ---------------------------------------------------
@@ -104,6 +108,10 @@ class Coordinator:
     def committed(self) -> dict[str, int]:
         """Each model's committed generation (an ingress that restarts stamps them)."""
         return {name: model.committed() for name, model in self.models.items()}
+
+    def bases(self) -> dict[str, str]:
+        """Each LoRA adapter served, with its base (the ingress stamps both generations)."""
+        return dict(self.parents)
 
     def prepare_slot(self, generation: int, replica: str) -> bool:
         """Whether `replica` may prepare `generation` now (see `PrepareSlots`)."""

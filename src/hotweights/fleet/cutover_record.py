@@ -57,11 +57,19 @@ def describe(info: VersionInfo) -> str:
 
 
 def target_json(target: Target) -> dict[str, object]:
-    return {
+    """A target for `/admin/fleet`: with the base generation an adapter's is on, and the
+    generations a base's new version gives the adapters on it."""
+    number = int(target.number) if target.number.isdigit() else target.number
+    found: dict[str, object] = {
         "generation": target.generation,
-        "version": int(target.number) if target.number.isdigit() else target.number,
+        "version": number,
         "source": target.source,
     }
+    if target.base_generation is not None:
+        found["base_generation"] = target.base_generation
+    if target.followers:
+        found["followers"] = dict(target.followers)
+    return found
 
 
 def reason(exc: BaseException) -> str:

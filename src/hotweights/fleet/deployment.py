@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,9 +188,10 @@ class RayLink:
             timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True
         )
 
-    def flip(self, model: str, generation: int) -> None:
+    def flip(self, model: str, generation: int, followers: Mapping[str, int]) -> None:
         _, ingress = self._handles()
-        ingress.flip.remote(model, generation).result(timeout_s=CONTROL_TIMEOUT_S)
+        flip = ingress.flip.remote(model, generation, dict(followers))
+        flip.result(timeout_s=CONTROL_TIMEOUT_S)
 
     def drained(self, generation: int, timeout: float) -> int:
         _, ingress = self._handles()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from hotweights.fleet.cutover_record import reason
@@ -31,9 +31,10 @@ class FleetLink(Protocol):
 
     def abort(self, model: str, generation: int, reason: str) -> None: ...
 
-    def flip(self, model: str, generation: int) -> None:
+    def flip(self, model: str, generation: int, followers: Mapping[str, int]) -> None:
         """The ingress stamps `generation` on every request for `model` admitted from now
-        on (never an older one: a flip that arrives late changes nothing)."""
+        on, and each of `followers`' generations (by adapter) on that adapter's, in one
+        step (never an older one: a flip that arrives late changes nothing)."""
 
     def drained(self, generation: int, timeout: float) -> int:
         """Wait until the ingress has no request on `generation` in flight, or `timeout`;
@@ -80,14 +81,21 @@ def prepare_everywhere(
     return list(answers.values()), errors
 
 
-def flip_until(link: FleetLink, model: str, generation: int, timeout: float) -> bool:
-    """Make the ingress stamp `generation` on `model`'s requests, again until it answers
-    or `timeout` passed (an ingress that Serve restarts asks for the committed generations
-    by itself). True if it answered."""
+def flip_until(
+    link: FleetLink,
+    model: str,
+    generation: int,
+    timeout: float,
+    followers: Mapping[str, int] | None = None,
+) -> bool:
+    """Make the ingress stamp `generation` on `model`'s requests (and `followers`' on
+    the adapters that follow it), again until it answers or `timeout` passed (an ingress
+    that Serve restarts asks for the committed generations by itself). True if it
+    answered."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            link.flip(model, generation)
+            link.flip(model, generation, followers or {})
             return True
         except Exception as exc:
             if time.monotonic() >= deadline:

@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from hotweights.errors import (
     HotweightsError,
+    InvalidRequest,
     NotReady,
     PayloadTooLarge,
     ReloadFailed,
@@ -51,6 +52,7 @@ log = logging.getLogger("hotweights.fleet")
 app = FastAPI(title="hotweights fleet")
 error_responses.install(app)
 _DROPPED = {b"content-length", b"transfer-encoding", b"connection"}
+LORA_ENDPOINTS = ("load_lora_adapter", "unload_lora_adapter")
 
 
 class Relayed(StreamingResponse):
@@ -169,8 +171,10 @@ class Ingress:
         self.settings = settings
         self.replicas = replicas
         self.coordinator = ray.get_actor(COORDINATOR, namespace=NAMESPACE)
-        self.admissions = Admissions(ray.get(self.coordinator.committed.remote()))
+        parents: dict[str, str] = ray.get(self.coordinator.bases.remote())
+        self.admissions = Admissions(ray.get(self.coordinator.committed.remote()), parents)
         self.served = sorted(self.admissions.generations)
+        self.bases = [model for model in self.served if model not in parents]
         self.registry = CollectorRegistry()
         self.answered = Counter(
             "hotweights_fleet_requests_total",
@@ -182,9 +186,12 @@ class Ingress:
 
     # -- called by the coordinator ---------------------------------------------------------
 
-    async def flip(self, model: str, generation: int) -> int:
-        """Stamp `generation` on `model`'s requests from now on (see `Admissions.flip`)."""
-        return self.admissions.flip(model, generation)
+    async def flip(
+        self, model: str, generation: int, followers: dict[str, int] | None = None
+    ) -> int:
+        """Stamp `generation` on `model`'s requests from now on, and `followers`' on its
+        adapters' (see `Admissions.flip`)."""
+        return self.admissions.flip(model, generation, followers)
 
     async def drained(self, generation: int, timeout: float) -> int:
         return await self.admissions.drained(generation, timeout)
@@ -195,6 +202,7 @@ class Ingress:
         return only | {
             "pid": os.getpid(),
             "generations": dict(generations),
+            "parents": dict(self.admissions.parents),
             "inflight": {str(g): n for g, n in self.admissions.inflight().items()},
             "admitted": {str(g): n for g, n in self.admissions.admitted.items()},
         }
@@ -215,12 +223,21 @@ class Ingress:
 
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def v1(self, request: Request, path: str) -> Response:
+        if path in LORA_ENDPOINTS:  # one replica would load it: the others would not
+            raise InvalidRequest(
+                f"/v1/{path} loads or unloads on one server; a fleet serves the adapters of "
+                "its repository: publish ROOT/<adapter>/<N>/ and the fleet cuts it over on "
+                "every replica (hotweights publish), or roll back with /admin/rollback"
+            )
         body = await _read(request, self.settings.config.max_body_bytes)
-        return await self._forward(requested_model(body, self.served), _forwarded(request, body))
+        model = requested_model(body, self.served, self.bases)
+        return await self._forward(model, _forwarded(request, body))
 
     async def _forward(self, model: str, forwarded: Forwarded) -> Response:
-        generation = self.admissions.admit(model)
-        stamp = str(generation)
+        """Answer `forwarded` on a replica, pinned to the generation stamped on it (for an
+        adapter, the adapter's: its version is bound to the base generation stamped)."""
+        stamped = self.admissions.admit(model)
+        generation, stamp = stamped.generation, str(stamped.generation)
         stream = None
         relayed = False
         try:  # whatever happens, even a cancellation, the request is counted out once
@@ -234,7 +251,7 @@ class Ingress:
             self.answered.labels(stamp, str(head.status)).inc()
             if head.streamed:
                 relayed = True
-                return Relayed(stream, head, lambda: self.admissions.done(generation))
+                return Relayed(stream, head, lambda: self.admissions.done(stamped))
             headers = {
                 k.decode("latin-1"): v.decode("latin-1")
                 for k, v in head.headers
@@ -245,7 +262,7 @@ class Ingress:
             if not relayed:
                 if stream is not None:
                     stream.cancel()  # the client left before the answer: stop the replica
-                self.admissions.done(generation)
+                self.admissions.done(stamped)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:

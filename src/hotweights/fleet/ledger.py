@@ -216,6 +216,8 @@ def _target_json(target: Target) -> dict[str, object]:
         "generation": target.generation,
         "source": target.source,
         "description": target.description,
+        "base_generation": target.base_generation,
+        "followers": [[name, generation] for name, generation in target.followers],
     }
 
 
@@ -286,7 +288,17 @@ def _mark(raw: object) -> Mark:
 def _target(raw: object) -> Target:
     if not isinstance(raw, dict):
         raise TypeError("a target is not an object")
-    return Target(_int(raw["generation"]), str(raw["source"]), str(raw["description"]))
+    base = raw.get("base_generation")  # absent from a record written before adapters
+    followers = raw.get("followers", [])
+    if not isinstance(followers, list):
+        raise TypeError("a target's followers is not a list")
+    return Target(
+        _int(raw["generation"]),
+        str(raw["source"]),
+        str(raw["description"]),
+        base_generation=_int(base) if base is not None else None,
+        followers=tuple((str(name), _int(generation)) for name, generation in followers),
+    )
 
 
 def _int(value: object) -> int:

@@ -15,11 +15,16 @@ version of it.
    FINISH ─── every replica makes gN this model's live version; g(N-1) is unloaded
 ```
 
+A LoRA adapter is a model of its own here, bound to its base (`base`): its versions are
+loaded on the base's committed generation, and it shares the base's lock (one cutover of
+a base and its adapters at a time). A base's cutover numbers a version of each adapter on
+it (`Target.followers`); every replica prepares them with the base's and commits them with
+it, and the ingress flips the base and its adapters in one step.
+
 Every step is written to the fleet's record (`FleetRecord`) before it is taken, so a
 coordinator that dies and is restarted carries on (`resume`): a cutover it left in prepare
-is aborted, one it left committed is finished. Each model has its own lock: one cutover of
-a model at a time, and a cutover of one model never waits for another's. The record and
-the generation count are shared, under `FleetRecord.lock`.
+is aborted, one it left committed is finished. Each base model has its own lock: a cutover
+of one never waits for another's. The record and the generation count are shared.
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ from hotweights.fleet.fleet_link import (
     flip_until,
     prepare_everywhere,
 )
-from hotweights.fleet.ledger import Mark, ModelRecord, Pending, Phase, Record, restore
+from hotweights.fleet.ledger import Mark, ModelRecord, Pending, Phase, restore
 from hotweights.fleet.model_replica import Joined, Target
 from hotweights.fleet.prepare_slots import PrepareSlots
-from hotweights.fleet.record_store import RecordStore
+from hotweights.fleet.record_store import FleetRecord
 from hotweights.fleet.settings import FleetSettings
 from hotweights.sources import ModelRepository
 from hotweights.sources.layout import Signature
@@ -55,35 +60,6 @@ MAX_CUTOVERS = 32
 INTERRUPTED_LIMIT = 2
 """A version whose prepare a coordinator died in this many times is marked bad: it may be
 what kills it."""
-
-
-class FleetRecord:
-    """The record every model's part is kept in, its store, and the generation count.
-    Thread-safe: every change of the record and every save holds `lock`."""
-
-    def __init__(self, store: RecordStore, record: Record) -> None:
-        self.store = store
-        self.record = record
-        self.lock = threading.RLock()
-
-    def issue(self) -> int:
-        """A new generation number, for any model (kept with the next save)."""
-        with self.lock:
-            generation = self.record.next_generation
-            self.record.next_generation += 1
-        return generation
-
-    def save(self) -> None:
-        """Keep the record. Raises `OSError` if it cannot."""
-        with self.lock:
-            self.store.save(self.record)
-
-    def save_quietly(self) -> None:
-        """Keep the record; a failure is logged (what it loses is redone on a restart)."""
-        try:
-            self.save()
-        except OSError as exc:
-            log.error("the fleet's record %s could not be written: %s", self.store.where, exc)
 
 
 class ModelFleet:
@@ -102,8 +78,15 @@ class ModelFleet:
         restarted: bool,
         scan: Callable[[], RepositoryState],
         slots: PrepareSlots,
+        base: ModelFleet | None = None,
     ) -> None:
         self.name = name
+        self.base = base
+        """For a LoRA adapter: its base model (see the module)."""
+        self.adapters: list[ModelFleet] = []
+        """For a base model: the adapters on it (each adds itself)."""
+        if base is not None:
+            base.adapters.append(self)
         self.settings = settings
         self.link = link
         self.repository = repository
@@ -113,7 +96,8 @@ class ModelFleet:
         self._entry: ModelRecord = shared.record.model(name)
         self._preparing: Target | None = None
         self._cutovers: deque[Cutover] = deque(maxlen=MAX_CUTOVERS)
-        self._lock = threading.Lock()  # one cutover of this model at a time
+        # one cutover of this model (and of a base's adapters) at a time
+        self._lock: threading.Lock = base._lock if base is not None else threading.Lock()
         self._state = threading.Lock()  # the fields `join` and `status` read
         self._poke = threading.Lock()
         self._dirty = False
@@ -134,7 +118,7 @@ class ModelFleet:
                 f"model {name!r} has no eligible version in {repository.root} "
                 f"(models there: {', '.join(repository.models()) or 'none'})"
             )
-        self._committed = Target(shared.issue(), first.source, describe(first))
+        self._committed = self._target(first, describe(first))
         self._number = first.number
         with shared.lock:
             entry.committed, entry.number, entry.pending = self._committed, first.number, None
@@ -150,14 +134,24 @@ class ModelFleet:
             committed: Target = self._committed
         return committed.generation
 
+    def _target(self, info: VersionInfo, description: str) -> Target:
+        """A new generation of version `info`: an adapter's on its base's committed
+        generation; a base's with a new generation for each adapter on it."""
+        generation = self.shared.issue()
+        if self.base is not None:
+            base = self.base.committed()
+            return Target(generation, info.source, description, base_generation=base)
+        followers = tuple((adapter.name, self.shared.issue()) for adapter in self.adapters)
+        return Target(generation, info.source, description, followers=followers)
+
     # -- driving ---------------------------------------------------------------------------
 
     def resume(self) -> dict[str, object] | None:
         """Carry on where the coordinator before this one died (see `Coordinator.resume`)."""
         with self._lock:
             pending, self._interrupted = self._interrupted, None
-            if pending is None:
-                return None
+            if pending is None or pending.trigger == "follow":
+                return None  # an adapter's follow: its base's cutover finishes it
             generation = pending.target.generation
             record = Cutover(generation, pending.number, "restart", pending.target.description)
             with self._state:
@@ -232,6 +226,7 @@ class ModelFleet:
         }
         return {
             "model": self.name,
+            "parent": self.base.name if self.base is not None else None,
             "committed": target_json(committed),
             "preparing": target_json(preparing) if preparing is not None else None,
             "draining": target_json(draining) if draining is not None else None,
@@ -245,7 +240,7 @@ class ModelFleet:
 
     def _cutover(self, info: VersionInfo, trigger: str, description: str) -> Cutover:
         number, signature = info.number, info.signature
-        target = Target(self.shared.issue(), info.source, description or describe(info))
+        target = self._target(info, description or describe(info))
         generation = target.generation
         pending = Pending(target, number, Phase.PREPARING, self._committed, trigger)
         with self.shared.lock:
@@ -281,31 +276,38 @@ class ModelFleet:
         """The commit point: the record says the fleet committed `pending`. Raises
         `OSError` (and commits nothing) if it cannot be kept."""
         entry = self._entry
+        follows = [(adapter, adapter._follow(pending.target)) for adapter in self._led(pending)]
         with self.shared.lock:
+            kept = [(a, a._entry.committed, a._entry.pending) for a, _ in follows]
             entry.committed, entry.number = pending.target, pending.number
             entry.pending = replace(pending, phase=Phase.COMMITTED)
+            for adapter, follow in follows:
+                adapter._entry.committed, adapter._entry.pending = follow.target, follow
             interrupted = entry.interrupted.pop(pending.number, None)
             try:
                 self.shared.save()
             except OSError:
-                entry.committed, entry.number, entry.pending = (
-                    self._committed,
-                    self._number,
-                    pending,
-                )
+                entry.committed, entry.number = self._committed, self._number
+                entry.pending = pending
+                for adapter, committed, before in kept:
+                    adapter._entry.committed, adapter._entry.pending = committed, before
                 if interrupted is not None:
                     entry.interrupted[pending.number] = interrupted
                 raise
         with self._state:
             self._committed, self._number = pending.target, pending.number
             self._preparing, self._draining = None, pending.previous
+        for adapter, follow in follows:
+            with adapter._state:
+                adapter._committed, adapter._draining = follow.target, follow.previous
         log.info("cutover g%d of %s committed", pending.target.generation, self.name)
 
     def _complete(self, record: Cutover, pending: Pending, started: float | None = None) -> None:
         """Flip, drain and finish a committed cutover (also one a dead coordinator left)."""
         generation, old = pending.target.generation, pending.previous.generation
         started = time.monotonic() if started is None else started
-        flip_until(self.link, self.name, generation, self.settings.prepare_timeout)
+        followers = dict(pending.target.followers)
+        flip_until(self.link, self.name, generation, self.settings.prepare_timeout, followers)
         record.phases["commit"] = time.monotonic() - started
         log.info("cutover g%d: draining g%d", generation, old)
         started = time.monotonic()
@@ -318,10 +320,14 @@ class ModelFleet:
         timeout = self.settings.prepare_timeout
         record.error = finish_everywhere(self.link, self.name, generation, timeout)
         record.phases["finish"] = time.monotonic() - started
-        with self._state:
-            self._draining = None
+        led = self._led(pending)
+        for model in (self, *led):
+            with model._state:
+                model._draining = None
         with self.shared.lock:
             self._entry.pending = None
+            for adapter in led:
+                adapter._entry.pending = None
             self.shared.save_quietly()  # if lost, a restart finishes again: harmless
 
     def _abort(
@@ -359,6 +365,21 @@ class ModelFleet:
         if blame:
             self.repository.scan()  # the mark counts from a scan on
         return record
+
+    def _led(self, pending: Pending) -> list[ModelFleet]:
+        """The adapters `pending` (a base's cutover) brings along."""
+        named = dict(pending.target.followers)
+        return [adapter for adapter in self.adapters if adapter.name in named]
+
+    def _follow(self, base: Target) -> Pending:
+        """(An adapter's.) Its committed version again, on the base's `base` (committed
+        now), as the generation `base.followers` gives it: the follow the base's commit
+        records, which the base's finish ends."""
+        generation = dict(base.followers)[self.name]
+        with self._state:
+            committed, number = self._committed, self._number
+        target = replace(committed, generation=generation, base_generation=base.generation)
+        return Pending(target, number, Phase.COMMITTED, committed, "follow")
 
     def _remember_policy(self) -> None:
         policy = self.repository.policy(self.name)

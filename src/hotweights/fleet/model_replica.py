@@ -44,6 +44,11 @@ class Target:
     generation: int
     source: str
     description: str = ""
+    base_generation: int | None = None
+    """For a LoRA adapter: the generation of its base it is loaded on."""
+    followers: tuple[tuple[str, int], ...] = ()
+    """For a base model: the generation each adapter on it (by name) gets on this
+    version, prepared and committed with it (numbered by the fleet, like the base's)."""
 
     @property
     def number(self) -> str:
@@ -111,16 +116,26 @@ class ModelReplica:
         how many replicas prepare at once, the cutover's next round asks it). While the
         fleet drains the generation committed before, that one is made live and the
         committed one held beside it: requests the ingress stamped with either can come
-        here. Raises `RuntimeError` if a version
-        fails to load: the replica must not take traffic."""
+        here. Raises `RuntimeError` if a version fails to load: the replica must not take
+        traffic. The two steps are `start_live` and `start_held` (a replica with adapters
+        takes the first for every model before the second: a base's held version brings
+        along the adapters live on it)."""
+        self.start_live(joined, timeout)
+        self.start_held(joined, timeout, prepare=prepare)
+
+    def start_live(self, joined: Joined, timeout: float) -> None:
+        """Load and make live the version the ingress routes to now: the committed one,
+        or while the fleet drains the one committed before, that one."""
+        self._start_on(joined.draining or joined.committed, timeout)
+
+    def start_held(self, joined: Joined, timeout: float, *, prepare: bool = True) -> None:
+        """Hold what the fleet has beside the live version (see `start`)."""
         committed = joined.committed
         if joined.draining is not None:
-            self._start_on(joined.draining, timeout)
-            held = self.hold(committed, timeout)
+            held = self.hold(committed, timeout)  # at once if it followed its base here
             if not held.ok:
                 raise RuntimeError(f"replica {self.id}: {held.error}")
             return
-        self._start_on(committed, timeout)
         if joined.preparing is not None and prepare:
             prepared = self.hold(joined.preparing, timeout)
             if not prepared.ok:
@@ -132,6 +147,7 @@ class ModelReplica:
             trigger="startup",
             description=committed.description or f"fleet g{committed.generation}",
             generation=committed.generation,
+            base_generation=committed.base_generation,
             timeout=timeout,
         )
         if event.outcome is not Outcome.LIVE:
@@ -195,6 +211,8 @@ class ModelReplica:
                 description=target.description or f"fleet g{generation}",
                 generation=generation,
                 hold_seconds=self.hold_seconds,
+                base_generation=target.base_generation,
+                follower_generations=dict(target.followers),
             )
         except ValueError as exc:
             return Prepared(self.id, generation, ok=False, error=str(exc))

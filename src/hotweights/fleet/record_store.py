@@ -15,7 +15,9 @@ record lock.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +25,7 @@ from typing import Protocol
 from hotweights.fleet.ledger import LEDGER_NAME, FleetLedger, Record, read_record, record_text
 from hotweights.fleet.settings import FLEET_STATES, FleetState
 
+log = logging.getLogger("hotweights.fleet")
 KV_NAMESPACE = "hotweights-fleet"
 """The internal KV namespace the fleet's records are kept in (one key per repository)."""
 
@@ -99,3 +102,32 @@ def make_store(kind: FleetState, repo: str | Path) -> RecordStore:
     if kind == "ray-kv":
         return RayKvStore(repo)
     raise ValueError(f"fleet state must be one of {', '.join(FLEET_STATES)}, got {kind!r}")
+
+
+class FleetRecord:
+    """The record every model's part is kept in, its store, and the generation count.
+    Thread-safe: every change of the record and every save holds `lock`."""
+
+    def __init__(self, store: RecordStore, record: Record) -> None:
+        self.store = store
+        self.record = record
+        self.lock = threading.RLock()
+
+    def issue(self) -> int:
+        """A new generation number, for any model (kept with the next save)."""
+        with self.lock:
+            generation = self.record.next_generation
+            self.record.next_generation += 1
+        return generation
+
+    def save(self) -> None:
+        """Keep the record. Raises `OSError` if it cannot."""
+        with self.lock:
+            self.store.save(self.record)
+
+    def save_quietly(self) -> None:
+        """Keep the record; a failure is logged (what it loses is redone on a restart)."""
+        try:
+            self.save()
+        except OSError as exc:
+            log.error("the fleet's record %s could not be written: %s", self.store.where, exc)

@@ -3,10 +3,10 @@ model the fleet serves, answering requests pinned to the generation the ingress 
 on them.
 
 The replica's server is built by `server/assembly.py`'s `build_state` from the
-repository, as `hotweights serve --repo` builds it (one reloader per model), then narrowed
-to the fleet's models (`--model`, and never a LoRA adapter for now), without the
-repository's own sync: the coordinator, not the replica, decides which version of each
-model is live. Each model's versions are a `ModelReplica`.
+repository, as `hotweights serve --repo` builds it (one reloader per model, one per LoRA
+adapter, each adapter following its base), then narrowed to the fleet's models (`--model`
+and the adapters on it), without the repository's own sync: the coordinator, not the
+replica, decides which version of each model is live. Each model's versions are a `ModelReplica`.
 
 Ray-free: `fleet/deployment.py` wraps it in a Ray Serve deployment; tests drive it
 directly with a fake loader.
@@ -49,13 +49,14 @@ class FleetReplica:
     ) -> None:
         self.id = replica_id
         self.state = replica_state(config, models, loader)
-        self.models = {
+        adapter = {name: self.state.models[name].adapter for name in models}
+        self.models = {  # the bases first: each step reaches a base before its adapters
             name: ModelReplica(
                 self.state.resolve(name).reloader,
                 replica_id=replica_id,
                 hold_seconds=hold_seconds,
             )
-            for name in models
+            for name in sorted(models, key=lambda name: adapter[name])
         }
         self.app = create_app(self.state)
 
@@ -68,10 +69,14 @@ class FleetReplica:
 
     def start(self, joined: Mapping[str, Joined], timeout: float, *, prepare: bool = True) -> None:
         """Load every model's committed version (and the one being prepared, or the one
-        draining: see `ModelReplica.start`). Raises `RuntimeError` if one fails to load,
-        and `KeyError` if the fleet says nothing of a model served here."""
+        draining: see `ModelReplica.start`): first what is live for every model, then
+        what is held beside it, so that a base's held version brings along the adapters
+        live on its live one. Raises `RuntimeError` if one fails to load, and `KeyError`
+        if the fleet says nothing of a model served here."""
         for name, model in self.models.items():
-            model.start(joined[name], timeout, prepare=prepare)
+            model.start_live(joined[name], timeout)
+        for name, model in self.models.items():
+            model.start_held(joined[name], timeout, prepare=prepare)
 
     def catch_up(
         self, joined: Mapping[str, Joined], timeout: float, *, prepare: bool = True

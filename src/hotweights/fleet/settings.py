@@ -28,8 +28,8 @@ class FleetSettings:
     config: Config
     """The repository (`config.repo`), host, port, tokens and engine settings."""
     model: str | None = None
-    """The one repository model the fleet serves; None: every base model of the
-    repository (LoRA adapter directories are not served by a fleet yet)."""
+    """The one repository base model the fleet serves, with the LoRA adapters on it;
+    None: every base model of the repository and every adapter on them."""
     replicas: int = 2
     """How many replicas serve the model, each with its own copy of it."""
     prepare_timeout: float = 300.0
@@ -64,6 +64,12 @@ class FleetSettings:
             )
         if self.config.repo is None:
             raise ValueError("a fleet serves a model repository: give --repo ROOT")
+        if self.config.max_resident_adapters:
+            raise ValueError(
+                "--max-resident-adapters is for one server: a fleet keeps every adapter "
+                "resident on every replica (an evicted adapter would come back on the base "
+                "live there, not on the one the fleet stamped its requests with)"
+            )
 
     @property
     def hold_seconds(self) -> float:

@@ -37,8 +37,9 @@ from hotweights.core import (
     VersionState,
 )
 from hotweights.core.following import prepare_followers
-from hotweights.errors import InvalidRequest, LoadError, NotReady
+from hotweights.errors import InvalidRequest, NotReady
 from hotweights.server.server_state import ServedModel, ServerState
+from hotweights.sources.adapter_base import choose_base, is_adapter_version
 
 log = logging.getLogger("hotweights.server")
 
@@ -89,25 +90,11 @@ def check_adapter_name(state: ServerState, name: str) -> None:
 
 
 def find_base(state: ServerState, adapter: str, named: str | None) -> tuple[str, ServingView[Any]]:
-    """The served base model `adapter` applies to (see the module); `named` is its config's
+    """The served base model `adapter` applies to (`choose_base`); `named` is its config's
     `base_model_name_or_path`. Raises `LoadError` naming what was looked for."""
     bases = {name: m for name, m in state.models.items() if not m.adapter}
-    if named:
-        for candidate in (named, _model_name(named)):
-            if candidate in bases:
-                return candidate, bases[candidate].reloader
-    fallback = state.config.lora_base
-    if fallback is not None:
-        if fallback not in bases:
-            raise LoadError(f"--lora-base {fallback!r} is not a served model ({_listed(bases)})")
-        return fallback, bases[fallback].reloader
-    if len(bases) == 1:
-        (name, served), = bases.items()  # fmt: skip
-        return name, served.reloader
-    raise LoadError(
-        f"adapter {adapter}: its adapter_config.json names base model {named!r}, which is "
-        f"not served here ({_listed(bases)}); name one with --lora-base"
-    )
+    name = choose_base(adapter, named, bases, state.config.lora_base)
+    return name, bases[name].reloader
 
 
 def serve_adapter(state: ServerState, name: str) -> ServedModel:
@@ -158,16 +145,6 @@ class AdapterFollowers:
             for _, served, model in live_adapters(self.state)
             if model.base_name == self.base and not model.evicted
         ]
-
-
-def _model_name(named: str) -> str:
-    """`models/my-llm/3` names `my-llm`; any other path its last part."""
-    path = Path(named)
-    return path.parent.name if path.name.isdigit() else path.name
-
-
-def _listed(bases: dict[str, ServedModel]) -> str:
-    return "served: " + (", ".join(sorted(bases)) or "none")
 
 
 class AdapterResidency:
@@ -273,10 +250,8 @@ async def admit_adapter(state: ServerState, served: ServedModel, lease: Lease[An
 def holds_adapters(model_dir: Path) -> bool:
     """Whether a repository's model directory holds LoRA adapter versions (its newest
     version directory has an `adapter_config.json`)."""
-    from hotweights.backends.lora_files import is_adapter_dir
-
     numbers = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
-    return bool(numbers) and is_adapter_dir(model_dir / str(max(numbers)))
+    return bool(numbers) and is_adapter_version(model_dir / str(max(numbers)))
 
 
 def adopt_adapter(state: ServerState, model_dir: Path) -> Reloader[Any] | None:
