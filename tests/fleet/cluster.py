@@ -32,6 +32,8 @@ class Answer:
     error: str | None = None
     ended_at: float = 0.0
     model: str = MODEL
+    adapter_generation: int | None = None
+    """For a LoRA adapter: its generation (`generation` is its base's)."""
 
 
 @dataclass
@@ -115,6 +117,8 @@ class Traffic:
             response.headers.get("x-hotweights-replica"),
             model=model,
         )
+        adapter = response.headers.get("x-hotweights-adapter-generation")
+        answer.adapter_generation = int(adapter) if adapter else None
         if stream and not response.text.rstrip().endswith("data: [DONE]"):
             answer.error = f"stream ended without [DONE]: {response.text[-200:]!r}"
         elif response.status_code != 200:

@@ -1,6 +1,7 @@
 """One coordinator for every base model of the repository: each model's versions cut over
-on their own, an adapter whose base cannot be told is left out, the record keeps each model's part (and reads a
-record a fleet of one model wrote), and lives where `--fleet-state` says."""
+on their own, an adapter whose base cannot be told is left out, the record keeps each
+model's part (and reads a record a fleet of one model wrote), and lives where
+`--fleet-state` says."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 --head` on 127.0.0.1), with its record in Ray's internal key-value store
 (`--fleet-state ray-kv`) and one replica preparing at a time (`--prepare-parallel 1`).
 
-The repository holds two base models and a LoRA adapter, which the fleet leaves out. The
+The repository holds two base models and a LoRA adapter on one of them, which the fleet
+serves with its base and cuts over with it. The
 fleet runs in a driver process of its own (this process may be attached to the other
 tests' cluster), built as `hotweights fleet` builds it but with the test loader of
 `faults.py`, whose probe records how many loads ran at once."""
@@ -10,6 +11,7 @@ tests' cluster), built as `hotweights fleet` builds it but with the test loader 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -28,10 +30,10 @@ pytest.importorskip("ray")
 from hotweights.demo.tinylm import save_tiny_model
 from hotweights.fleet.ledger import LEDGER_NAME
 from hotweights.sources import publish
+from tests.backends.lora_adapters import save_adapter
 from tests.fleet import faults
 from tests.fleet.cluster import CHAT, Traffic
 from tests.fleet.head_node import DEADLINE_S, Cluster, until
-from tests.sources.layouts import write_files
 
 pytestmark = [pytest.mark.server, pytest.mark.llm, pytest.mark.timeout(600)]
 MODELS = ("a", "b")
@@ -118,19 +120,26 @@ class ModelsFleet:
         return publish(source, self.repo, model).version
 
 
+def adapter_on(base: Path, out: Path) -> Path:
+    """A PEFT adapter on the base built in `base`, its config naming model `a`."""
+    save_adapter(base, out, seed=7)
+    config = out / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "a"}))
+    return out
+
+
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[ModelsFleet]:
     root = Path(tempfile.mkdtemp(prefix="hw-ray-", dir="/tmp"))  # short: Ray's socket paths
     cluster = Cluster(root)
     repo, builds = root / "repo", root / "builds"
-    adapter = {"adapter_config.json": b'{"peft_type": "LORA"}', "adapter_model.bin": b"0"}
-    publish(write_files(builds / ADAPTER, adapter), repo, ADAPTER)
     try:
         cluster.start()
         with httpx.Client(base_url=cluster.http, timeout=120) as admin:
             running = ModelsFleet(cluster, repo, builds, admin)
             for seed, model in enumerate(MODELS, start=1):
                 running.publish(model, seed)
+            publish(adapter_on(builds / "a-1", builds / ADAPTER), repo, ADAPTER)
             running.start(root / "driver.log")
             try:
                 yield running
@@ -145,9 +154,10 @@ def test_every_base_model_is_served_and_listed_with_its_committed_generation(
     fleet: ModelsFleet,
 ) -> None:
     committed = fleet.committed()
-    assert sorted(committed) == list(MODELS)  # the adapter is left out
+    assert sorted(committed) == [*MODELS, ADAPTER]
     listed = fleet.admin.get("/v1/models").json()["data"]
     assert {m["id"]: m["generation"] for m in listed} == committed
+    assert {m["id"]: m.get("parent") for m in listed}[ADAPTER] == "a"
     for model in MODELS:
         response = fleet.admin.post("/v1/chat/completions", json={**CHAT, "model": model})
         assert response.status_code == 200, response.text
@@ -155,11 +165,50 @@ def test_every_base_model_is_served_and_listed_with_its_committed_generation(
     unnamed = fleet.admin.post("/v1/chat/completions", json={"messages": CHAT["messages"]})
     assert unnamed.status_code == 400
     assert "this fleet serves a, b" in unnamed.text
-    adapter = fleet.admin.post("/v1/chat/completions", json={**CHAT, "model": ADAPTER})
-    assert adapter.status_code == 404
     reload = fleet.admin.post("/admin/reload", json={})
     assert reload.status_code == 400
-    assert fleet.admin.post("/admin/reload", json={"model": ADAPTER}).status_code == 404
+    assert fleet.admin.post("/admin/reload", json={"model": "nothing"}).status_code == 404
+
+
+def test_an_adapter_answers_on_both_generations_and_follows_its_base_fleet_wide(
+    fleet: ModelsFleet,
+) -> None:
+    before = fleet.committed()
+    answer = fleet.admin.post("/v1/chat/completions", json={**CHAT, "model": ADAPTER})
+    assert answer.status_code == 200, answer.text
+    assert int(answer.headers["x-hotweights-generation"]) == before["a"]
+    assert int(answer.headers["x-hotweights-adapter-generation"]) == before[ADAPTER]
+    body = {"lora_name": ADAPTER, "lora_path": str(fleet.builds / ADAPTER)}
+    load = fleet.admin.post("/v1/load_lora_adapter", json=body)
+    assert load.status_code == 400  # one replica would load it: the fleet refuses
+    assert "publish" in load.text
+    with Traffic(fleet.cluster.http, clients=2, models=(ADAPTER,)) as traffic:
+        traffic.wait_for(4)
+        fleet.publish("a", 40)
+
+        def followed() -> bool:
+            status = fleet.status()
+            models = status["models"]
+            adapter = models[ADAPTER]["committed"]
+            return (
+                models["a"]["committed"]["generation"] != before["a"]
+                and models["a"]["last_cutover"]["outcome"] == "committed"
+                and models["a"]["draining"] is None
+                and adapter["base_generation"] == models["a"]["committed"]["generation"]
+                and all(
+                    r["models"][ADAPTER]["live"] == adapter["generation"]
+                    for r in status["replicas"]
+                )
+            )
+
+        until(followed, "the adapter followed its base on every replica")
+        traffic.wait_for(4, after=max(a.sent_at for a in traffic.answers))
+    assert traffic.failed == []
+    after = fleet.committed()
+    assert after[ADAPTER] not in (before[ADAPTER], after["a"])  # a generation of its own
+    pairs = {(a.generation, a.adapter_generation) for a in traffic.answers}
+    assert pairs <= {(before["a"], before[ADAPTER]), (after["a"], after[ADAPTER])}
+    assert (after["a"], after[ADAPTER]) in pairs  # never a new base with an old adapter
 
 
 def test_two_models_cut_over_on_their_own_one_prepare_at_a_time(fleet: ModelsFleet) -> None:
@@ -226,4 +275,4 @@ def test_the_ray_kv_record_outlives_the_coordinator_and_the_fleet(
     fleet.start(tmp_path / "again.log")
     again = fleet.committed()
     newest = max(committed.values())
-    assert sorted(again.values()) == [newest + 1, newest + 2]  # the count went on
+    assert sorted(again.values()) == [newest + 1, newest + 2, newest + 3]  # the count went on
