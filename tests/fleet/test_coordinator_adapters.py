@@ -162,3 +162,38 @@ def test_a_refused_base_cutover_leaves_its_adapters_where_they_were(fleet: Fleet
     assert "adapter lora does not fit" in str(record["error"])
     assert coordinator.committed() == {"a": 1, "b": 2, "lora": 3, "other": 4}
     assert coordinator.join()["lora"].committed.base_generation == 1
+
+
+def test_a_coordinator_restarted_after_a_base_commit_finishes_its_adapters_too(
+    fleet: Fleet,
+) -> None:
+    """The first coordinator is held in its drain (committed, recorded); the one Ray
+    would start after its death reads the adapter's new and draining versions from the
+    record, and finishes the base's cutover with the adapter in it."""
+    held = HeldDrain()
+    fleet.link = held
+    first = fleet.coordinator("f", model=None)
+    fleet.publish(model="a")
+    cutover = threading.Thread(target=lambda: first.sync(model="a"), daemon=True)
+    cutover.start()
+    try:
+        assert held.draining.wait(TIMEOUT)
+        link = Recorded()
+        fleet.link = link
+        second = fleet.coordinator("f", model=None)
+        lora = second.join()["lora"]
+        assert lora.draining is not None
+        assert (lora.draining.generation, lora.draining.base_generation) == (3, 1)
+        assert (lora.committed.generation, lora.committed.base_generation) == (6, 5)
+        done = second.resume()
+        assert done is not None
+        assert done["a"]["outcome"] == "committed"
+        assert "lora" not in done  # its follow was finished by its base's cutover
+        assert link.flips == [("a", 5, {"lora": 6})]
+        assert second.join()["lora"].draining is None
+        third = fleet.coordinator("f", model=None)
+        assert third.resume() is None  # the record says nothing is left to do
+        assert third.committed() == {"a": 5, "b": 2, "lora": 6, "other": 4}
+    finally:
+        held.release.set()
+        cutover.join(TIMEOUT)
