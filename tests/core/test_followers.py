@@ -14,8 +14,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
+
 from hotweights.core import Outcome, PreparedVersion, Reloader
 from hotweights.core.following import prepare_followers
+from hotweights.core.reload_queue import ReloadJob
+from hotweights.errors import NotPrepared
 from tests.fakes import FakeAdapter, FakeAdapterLoader, FakeLoader, FakeModel
 
 RELOADS = 50
@@ -35,11 +39,32 @@ class Following:
         return prepare_followers(base, self.adapters, generations, timeout=MEET)
 
 
-def _pair() -> tuple[Reloader[FakeModel], Reloader[FakeAdapter], FakeLoader, FakeAdapterLoader]:
+class GatedAdapters(FakeAdapterLoader):
+    """`FakeAdapterLoader` whose load of a source in `gates` waits for that gate (and
+    sets `started[source]` first)."""
+
+    def __init__(self, base: Reloader[FakeModel]) -> None:
+        super().__init__(base)
+        self.gates: dict[str, threading.Event] = {}
+        self.started: dict[str, threading.Event] = {}
+
+    def gate(self, source: str) -> tuple[threading.Event, threading.Event]:
+        """The gate that holds `source`'s load, and the event set when it begins."""
+        self.gates[source], self.started[source] = threading.Event(), threading.Event()
+        return self.gates[source], self.started[source]
+
+    def load_on(self, source: str, base_generation: int | None) -> FakeAdapter:
+        if source in self.gates:
+            self.started[source].set()
+            self.gates[source].wait(MEET)
+        return super().load_on(source, base_generation)
+
+
+def _pair() -> tuple[Reloader[FakeModel], Reloader[FakeAdapter], FakeLoader, GatedAdapters]:
     models = FakeLoader()
     base: Reloader[FakeModel] = Reloader(models, name="base", drain_timeout=MEET)
     assert base.reload("b0", timeout=MEET).succeeded
-    adapters = FakeAdapterLoader(base)
+    adapters = GatedAdapters(base)
     adapter: Reloader[FakeAdapter] = Reloader(adapters, name="alpha", drain_timeout=MEET)
     assert adapter.reload("a0", timeout=MEET).succeeded
     base.follow_with(Following([adapter]))
@@ -125,3 +150,102 @@ def test_a_prepared_base_numbers_its_followers_as_asked_and_commits_them_with_it
     assert live.base_generation == 40
     adapter.close(MEET)
     base.close(MEET)
+
+
+def _announce_follows(monkeypatch: pytest.MonkeyPatch, adapter: Reloader[Any]) -> threading.Event:
+    """An event set once a follow's prepare is in `adapter`'s queue (the follow has read
+    the adapter's live version by then)."""
+    queued = threading.Event()
+    put = adapter.queue.put
+
+    def announcing(*args: Any, **kwargs: Any) -> tuple[ReloadJob, ReloadJob | None]:
+        answer = put(*args, **kwargs)
+        if args[1] == "follow":
+            queued.set()
+        return answer
+
+    monkeypatch.setattr(adapter.queue, "put", announcing)
+    return queued
+
+
+def _source(reloader: Reloader[Any]) -> str | None:
+    live = reloader.live_version
+    return live.source if live is not None else None
+
+
+def _outcome(handle: PreparedVersion[Any]) -> tuple[Outcome | None, bool]:
+    """How `handle` was settled, and whether its reason names the adapter that changed."""
+    event = handle.event
+    if event is None:
+        return None, False
+    return event.outcome, "adapter alpha changed version" in (event.error_message or "")
+
+
+def _serves(adapter: Reloader[FakeAdapter]) -> str:
+    lease = adapter.slot.acquire()
+    with lease, lease.use() as model:
+        return model()
+
+
+def test_a_base_prepared_while_an_adapter_reload_went_live_is_refused_not_reverting_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The follow reads a0 as live; a reload to a2, already running, goes live before the
+    follower is prepared, so the follower is a0 on b1. Committing b1 would take the
+    adapter back to a0: the commit is refused and b1 and its follower are discarded."""
+    base, adapter, models, adapters = _pair()
+    gate, started = adapters.gate("a2")
+    queued = _announce_follows(monkeypatch, adapter)
+    newer = adapter.submit("a2")
+    assert started.wait(MEET)  # a2 is loading on the adapter's worker
+    ticket = base.prepare("b1", hold_seconds=MEET)
+    assert queued.wait(MEET)  # the follow read a0 and waits behind a2
+    gate.set()
+    assert newer.wait(MEET).succeeded
+    prepared = ticket.wait(MEET)
+    assert isinstance(prepared, PreparedVersion)
+    (follower,) = prepared.followers
+    assert follower.version.source == "a0"
+    with pytest.raises(NotPrepared, match="adapter alpha changed version"):
+        base.commit(prepared)
+    assert prepared.settled.wait(MEET)
+    assert follower.settled.wait(MEET)
+    assert _outcome(prepared) == (Outcome.DISCARDED, True)
+    assert _outcome(follower) == (Outcome.DISCARDED, True)
+    assert _source(base) == "b0"
+    assert _source(adapter) == "a2"
+    assert _serves(adapter) == "a2 on b0"  # not reverted
+    event = base.reload("b2", timeout=MEET)  # reloading the base again follows a2
+    assert event.succeeded, event.error_message
+    assert _serves(adapter) == "a2 on b2"
+    adapter.close(MEET)
+    base.close(MEET)
+    assert all(a.unloaded for a in adapters.loaded)
+    assert models.live_models() == []
+
+
+def test_a_base_reload_whose_follow_an_adapter_reload_superseded_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The follow waits in the adapter's queue behind a1; a reload to a2 supersedes it:
+    the base is refused, naming the adapter, and the adapter goes on to a2."""
+    base, adapter, models, adapters = _pair()
+    gate, started = adapters.gate("a1")
+    queued = _announce_follows(monkeypatch, adapter)
+    running = adapter.submit("a1")
+    assert started.wait(MEET)
+    refused = base.submit("b1")
+    assert queued.wait(MEET)
+    newest = adapter.submit("a2")  # supersedes the follow
+    event = refused.wait(MEET)
+    assert event.outcome is Outcome.DISCARDED
+    assert "adapter alpha changed version" in (event.error_message or "")
+    gate.set()
+    assert running.wait(MEET).succeeded
+    assert newest.wait(MEET).succeeded
+    assert _source(base) == "b0"
+    assert _serves(adapter) == "a2 on b0"
+    adapter.close(MEET)
+    base.close(MEET)
+    assert all(a.unloaded for a in adapters.loaded)
+    assert models.live_models() == []

@@ -86,6 +86,10 @@ class PreparedVersion(Generic[ModelT]):
         self.followers: tuple[PreparedVersion[Any], ...] = ()
         """Versions of other models prepared on this one (its adapters, `Followers`):
         committed and discarded with it."""
+        self.replaces: ModelVersion | None = None
+        """For a follower: the live version of its model it was prepared again from
+        (`prepare_followers` sets it). Its commit is refused if another version of that
+        model went live meanwhile: it would take the model back to an older version."""
         self._applying = False
         self._lock = threading.Lock()
         self._decided = threading.Event()

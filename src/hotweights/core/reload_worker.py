@@ -36,24 +36,61 @@ log = logging.getLogger("hotweights.reload")
 def commit(handles: tuple[PreparedVersion[Any], ...], reason: str) -> ReloadEvent:
     """Make every prepared version in `handles`, and the versions that follow each, live
     in one step (see `Reloader.commit`); returns the first one's event. Raises
-    `NotPrepared` if any was already decided."""
+    `NotPrepared` if any was already decided, or if a follower's model has another live
+    version than the one the follower was prepared from (`_changed_follower`): then all
+    of them are discarded instead, with that reason, and their workers apply it."""
+    given = handles
     handles = tuple(version for handle in handles for version in (handle, *handle.followers))
     if len({id(handle.slot) for handle in handles}) != len(handles):
         raise ValueError(f"{handles}: one commit makes one version of each model live")
-    if not claim_all(handles, Decision.COMMIT, reason):
-        raise NotPrepared(f"{', '.join(map(repr, handles))}: already committed or discarded")
-    for handle in handles:
-        handle.begin_apply()
-    try:
-        olds = ModelSlot.commit_together([(handle.slot, handle.generation) for handle in handles])
-    except Exception as exc:  # nothing swapped; never leave a worker waiting on a version
+    claimed = False
+
+    def decide() -> None:  # under every slot's lock: no live version can change meanwhile
+        nonlocal claimed
+        changed = _changed_follower(given)
+        if changed is not None:
+            claim_all(handles, Decision.DISCARD, changed)
+            raise NotPrepared(changed)
+        if not claim_all(handles, Decision.COMMIT, reason):
+            raise NotPrepared(f"{', '.join(map(repr, handles))}: already committed or discarded")
+        claimed = True
         for handle in handles:
-            handle.settle(handle.records.event(handle.job, Outcome.FAILED, error=exc))
+            handle.begin_apply()
+
+    try:
+        olds = ModelSlot.commit_together(
+            [(handle.slot, handle.generation) for handle in handles], first=decide
+        )
+    except Exception as exc:
+        if claimed:  # nothing swapped; never leave a worker waiting on a version
+            for handle in handles:
+                handle.settle(handle.records.event(handle.job, Outcome.FAILED, error=exc))
         raise
     events = [
         handle.records.committed(handle, old) for handle, old in zip(handles, olds, strict=True)
     ]
     return events[0]
+
+
+def _changed_follower(handles: tuple[PreparedVersion[Any], ...]) -> str | None:
+    """Why committing `handles` would take a follower's model back to an older version,
+    or None. A follower is its model's live version prepared again on the new base; if
+    another version of that model went live after it was read (a reload of the adapter
+    that committed first), the follower is stale and the base is refused: dropping the
+    follower instead would leave the newer adapter version on the old base, which drains
+    away. Called under every slot's lock."""
+    for base in handles:
+        for follower in base.followers:
+            was, live = follower.replaces, follower.slot.live_version
+            if was is None or live is None or live.generation == was.generation:
+                continue
+            return (
+                f"adapter {follower.model} changed version while {base.model} "
+                f"g{base.generation} was prepared ({was.label} is no longer live, "
+                f"{live.label} is): committing would take it back; reload "
+                f"{base.model} again"
+            )
+    return None
 
 
 class ReloadWorker(Generic[ModelT]):
@@ -192,7 +229,10 @@ class ReloadWorker(Generic[ModelT]):
             self.records.finish(job, self.records.event(job, Outcome.FAILED, error=exc))
 
     def _commit_one(self, handle: PreparedVersion[Any], reason: str) -> object:
-        return commit((handle,), reason)
+        try:
+            return commit((handle,), reason)
+        except NotPrepared:  # refused, and discarded (a follower went stale): applied below
+            return None
 
     def _apply_discard(self, handle: PreparedVersion[ModelT]) -> None:
         """Withdraw, record and drain a discarded version (under `resource`, drain it now

@@ -184,7 +184,10 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         `together` names prepared versions of other models, such as adapters on this
         base: all swap in the same step). The old versions drain and are released.
         Returns `handle`'s event (the others' are on their handles). Raises `NotPrepared`
-        if any of them was already committed or discarded."""
+        if any of them was already committed or discarded, or if an adapter carried as a
+        follower went live in a newer version after the follower was read (committing
+        would take it back): then all of them are discarded, and the reason, naming the
+        adapter, is on their events."""
         if handle.slot is not self.slot:
             raise ValueError(f"{handle!r} was prepared by another reloader than {self.name!r}")
         return commit((handle, *together), reason)

@@ -238,9 +238,13 @@ class ModelSlot(Generic[ModelT]):
         self._transition(entry.version, VersionState.CANARY)
 
     @staticmethod
-    def commit_together(moves: Sequence[tuple[ModelSlot[Any], int]]) -> list[int | None]:
+    def commit_together(
+        moves: Sequence[tuple[ModelSlot[Any], int]], *, first: Callable[[], None] | None = None
+    ) -> list[int | None]:
         """Make each prepared (or canary) generation live in its slot, all in one step:
-        every slot's lock is held while the references change. Returns, per move, the
+        every slot's lock is held while the references change. `first` is called under
+        those locks before anything changes (it may read `live_version`, not call the
+        slots' other methods); if it raises, nothing swaps. Returns, per move, the
         generation that stopped being live (now DRAINING; the caller must `drain` it)."""
         slots = sorted({id(slot): slot for slot, _ in moves}.values(), key=id)
         if len(slots) != len(moves):
@@ -248,6 +252,8 @@ class ModelSlot(Generic[ModelT]):
         with contextlib.ExitStack() as locks:
             for slot in slots:
                 locks.enter_context(slot._lock)
+            if first is not None:
+                first()
             entries = [slot._committable(generation) for slot, generation in moves]  # may raise
             olds = [slot._swap(entry) for (slot, _), entry in zip(moves, entries, strict=True)]
         # Swapped: from here on nothing may stop the old versions from being drained.
