@@ -63,6 +63,26 @@ class DirectLink:
         self.calls.append("finish")
         return [replica.model(model).finish(generation, timeout) for replica in self.members]
 
+    def add(self, model: str, target: Target, timeout: float) -> Sequence[BaseException | None]:
+        answers: list[BaseException | None] = []
+        for replica in self.members:
+            try:
+                replica.add(model, target, timeout)
+                answers.append(None)
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+
+    def remove(self, model: str) -> None:
+        for replica in self.members:
+            replica.remove(model, TIMEOUT)
+
+    def admit(self, model: str, parent: str, generation: int) -> None:
+        async def admit() -> None:
+            self.admissions.add(model, parent, generation)
+
+        asyncio.run_coroutine_threadsafe(admit(), self.loop).result(TIMEOUT)
+
     def replicas(self) -> Sequence[dict[str, object] | BaseException]:
         return [replica.describe() for replica in self.members]
 

@@ -33,6 +33,8 @@ class FakeLink:
         """What `flip`, `drained` or `finish` raise (by name), once each."""
         self.finishes: list[Sequence[bool | BaseException]] = []
         """Scripted answers of `finish`, one per call; then every replica finishes."""
+        self.refusals: list[Sequence[BaseException | None]] = []
+        """Scripted answers of `add`, one per call; then every replica serves it."""
         self._held: set[tuple[str, int]] = set()
         self.models: list[tuple[str, str, int]] = []
         """(call, model, generation) of every call that names a model."""
@@ -80,6 +82,19 @@ class FakeLink:
         failure = self.failures.pop(name, None)
         if failure is not None:
             raise failure
+
+    def add(self, model: str, target: Target, timeout: float) -> Sequence[BaseException | None]:
+        self.calls.append(("add", target.generation))
+        self.models.append(("add", model, target.generation))
+        if self.refusals:
+            return self.refusals.pop(0)
+        return [None for _ in self.replica_ids]
+
+    def remove(self, model: str) -> None:
+        self.calls.append(("remove", model))
+
+    def admit(self, model: str, parent: str, generation: int) -> None:
+        self.models.append(("admit", model, generation))
 
     def replicas(self) -> Sequence[dict[str, object] | BaseException]:
         return [{"replica": replica} for replica in self.replica_ids]

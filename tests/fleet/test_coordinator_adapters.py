@@ -197,3 +197,47 @@ def test_a_coordinator_restarted_after_a_base_commit_finishes_its_adapters_too(
     finally:
         held.release.set()
         cutover.join(TIMEOUT)
+
+
+def test_an_adapter_published_while_serving_is_adopted_then_follows_its_base(
+    fleet: Fleet,
+) -> None:
+    link = Recorded()
+    fleet.link = link
+    coordinator = fleet.coordinator(model=None)
+    publish_adapter(fleet, "late", "a", "n1")
+    assert coordinator.adopt() == ["late"]
+    assert coordinator.adopt() == []  # served already
+    assert [c for c in link.models if c[1] == "late"] == [("add", "late", 5), ("admit", "late", 5)]
+    assert coordinator.bases()["late"] == "a"
+    assert coordinator.join()["late"].committed.base_generation == 1
+    fleet.publish(model="a")
+    assert coordinator.sync(model="a") is not None
+    assert {t.followers for t in link.targets} == {(("lora", 7), ("late", 8))}
+    assert coordinator.committed()["late"] == 8
+
+
+def test_an_adapter_a_replica_cannot_load_is_taken_off_and_marked_bad(fleet: Fleet) -> None:
+    coordinator = fleet.coordinator(model=None)
+    publish_adapter(fleet, "late", "a", "n1")
+    fleet.link.refusals.append([None, RuntimeError("replica r2: late does not fit a")])
+    assert coordinator.adopt() == []
+    assert ("remove", "late") in fleet.link.calls
+    assert "late" not in coordinator.models
+    assert "late does not fit a" in str(coordinator.repository.bad_reason("late", 1))
+    assert coordinator.adopt() == []  # its only version is bad: not tried again
+    assert [c for c in fleet.link.calls if c[0] == "add"] == [("add", 5)]
+    publish_adapter(fleet, "late", "a", "n2")  # a new version is
+    assert coordinator.adopt() == ["late"]
+
+
+def test_a_refused_adoption_is_remembered_and_the_adapter_left_out_on_a_restart(
+    fleet: Fleet,
+) -> None:
+    first = fleet.coordinator("f", model=None)
+    publish_adapter(fleet, "late", "a", "n1")
+    fleet.link.refusals.append([RuntimeError("replica r1: no")])
+    assert first.adopt() == []
+    again = fleet.coordinator("f", model=None)  # Ray restarted it: the mark is in the record
+    assert "late" not in again.models
+    assert "replica r1: no" in str(again.repository.bad_reason("late", 1))

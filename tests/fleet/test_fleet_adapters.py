@@ -122,6 +122,22 @@ async def test_adapters_cut_over_across_replicas_and_follow_their_base_fleet_wid
                 for name, model in replica.models.items()
             }
             assert resident == {"tiny": [4], "alpha": [5]}  # the old pair was released
+
+        # an adapter published while serving is adopted by every replica, and by one
+        # that started before the adoption when it catches up
+        late = FleetReplica(config, ["tiny", "alpha"], replica_id="late", hold_seconds=600)
+        link.members = list(replicas)  # the adoption misses it: it is not running yet
+        replicas.append(late)
+        await asyncio.to_thread(late.start, coordinator.join(), TIMEOUT)
+        publish(save_adapter(base2, build / "beta" / "1", seed=6), repo, "beta")
+        assert await asyncio.to_thread(coordinator.adopt) == ["beta"]
+        assert admissions.admit("beta") == Stamp(6, base_generation=4)
+        assert {await ask(replica, "beta", Stamp(6)) for replica in replicas[:2]} == {
+            (200, 4, 6)
+        }
+        assert "beta" not in late.models
+        assert not await asyncio.to_thread(late.catch_up, coordinator.join(), TIMEOUT)
+        assert await ask(late, "beta", Stamp(6)) == (200, 4, 6)
     finally:
         for replica in replicas:
             await asyncio.to_thread(replica.close, TIMEOUT)

@@ -120,11 +120,12 @@ class ModelsFleet:
         return publish(source, self.repo, model).version
 
 
-def adapter_on(base: Path, out: Path) -> Path:
-    """A PEFT adapter on the base built in `base`, its config naming model `a`."""
+def adapter_on(base: Path, out: Path, model: str = "a") -> Path:
+    """A PEFT adapter on the base built in `base`, its config naming `model`."""
     save_adapter(base, out, seed=7)
     config = out / "adapter_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "a"}))
+    named = json.loads(config.read_text()) | {"base_model_name_or_path": model}
+    config.write_text(json.dumps(named))
     return out
 
 
@@ -209,6 +210,16 @@ def test_an_adapter_answers_on_both_generations_and_follows_its_base_fleet_wide(
     pairs = {(a.generation, a.adapter_generation) for a in traffic.answers}
     assert pairs <= {(before["a"], before[ADAPTER]), (after["a"], after[ADAPTER])}
     assert (after["a"], after[ADAPTER]) in pairs  # never a new base with an old adapter
+    publish(adapter_on(fleet.builds / "b-2", fleet.builds / "late", "b"), fleet.repo, "late")
+
+    def adopted() -> bool:
+        response = fleet.admin.post("/v1/chat/completions", json={**CHAT, "model": "late"})
+        return response.status_code == 200
+
+    until(adopted, "the fleet adopted an adapter published while it served")
+    late = fleet.status()["models"]["late"]
+    assert (late["parent"], late["committed"]["base_generation"]) == ("b", after["b"])
+    assert all("late" in r["models"] for r in fleet.status()["replicas"])
 
 
 def test_two_models_cut_over_on_their_own_one_prepare_at_a_time(fleet: ModelsFleet) -> None:
@@ -275,4 +286,4 @@ def test_the_ray_kv_record_outlives_the_coordinator_and_the_fleet(
     fleet.start(tmp_path / "again.log")
     again = fleet.committed()
     newest = max(committed.values())
-    assert sorted(again.values()) == [newest + 1, newest + 2, newest + 3]  # the count went on
+    assert sorted(again.values()) == [newest + 1 + i for i in range(len(committed))]  # went on

@@ -57,6 +57,12 @@ class Admissions:
         self._inflight: Counter[int] = Counter()
         self._idle: dict[int, asyncio.Event] = {}
 
+    def add(self, model: str, parent: str, generation: int) -> None:
+        """Admit requests for adapter `model` (on base `parent`) from now on, stamped
+        `generation` (a fleet adopted it)."""
+        self.parents[model] = parent
+        self.flip(model, generation)
+
     def admit(self, model: str) -> Stamp:
         """Stamp one request for `model` (one the fleet serves) with its committed
         generation (and an adapter's base's) and count it in flight."""

@@ -22,9 +22,11 @@ import os
 import threading
 
 from hotweights.errors import InvalidRequest, UnknownModel
+from hotweights.fleet.coalesced import Coalesced
 from hotweights.fleet.cutover_record import reason
 from hotweights.fleet.fleet_link import FleetLink
 from hotweights.fleet.fleet_models import fleet_models
+from hotweights.fleet.ledger import Mark
 from hotweights.fleet.model_fleet import INTERRUPTED_LIMIT, ModelFleet
 from hotweights.fleet.model_replica import Joined
 from hotweights.fleet.prepare_slots import PrepareSlots
@@ -80,22 +82,22 @@ class Coordinator:
         self._watcher: Watcher | None = None
         self._settle: threading.Timer | None = None
         self._settle_lock = threading.Lock()
+        self._adopting = threading.Lock()
         self.models: dict[str, ModelFleet] = {}
-        for name in served.names:  # the bases first: an adapter is built on its base
-            base = served.adapters.get(name)
-            self.models[name] = ModelFleet(
-                name,
-                settings,
-                link,
-                self.repository,
-                self.shared,
-                restarted=restarted,
-                scan=self._scan,
-                slots=self.slots,
-                base=self.models[base] if base is not None else None,
-            )
-        self.parents = dict(served.adapters)
+        """Replaced whole when an adapter is adopted: readers see the old or the new."""
+        self.parents: dict[str, str] = {}
         """Each LoRA adapter served, with its base."""
+        for name in served.names:  # the bases first: an adapter is built on its base
+            parent = served.adapters.get(name)
+            try:
+                model = self._model_fleet(name, parent, restarted)
+            except ValueError as exc:  # every version bad, as the record says
+                if parent is None:
+                    raise
+                log.warning("the fleet leaves out adapter %s: %s", name, exc)
+                continue
+            self._serve(model)
+        self._adopter = Coalesced(self.adopt, "hotweights-fleet-adopt")
         self.shared.save()
 
     # -- asked by replicas and the ingress ---------------------------------------------------
@@ -176,6 +178,49 @@ class Coordinator:
         sync it (errors as `reload`)."""
         return self._model(model).rollback(description)
 
+    def adopt(self) -> list[str]:
+        """Serve the LoRA adapters published since the fleet started, on a base it serves
+        (the watcher asks): each is loaded on every running replica (its newest eligible
+        version, on its base's committed generation, under the base's lock: no cutover of
+        the base meanwhile), then the fleet serves it (a replica starting from now on
+        loads it too) and the ingress admits requests for it. One whose version fails to
+        load somewhere is taken off every replica, and that version is marked bad with the
+        replicas' reasons. The adapters adopted."""
+        settings = self.settings
+        with self._adopting:
+            self._scan()
+            found = fleet_models(self.repository, settings.model, settings.config.lora_base)
+            new = {n: base for n, base in found.adapters.items() if n not in self.models}
+            return [name for name, base in new.items() if self._adopt_one(name, base)]
+
+    def _adopt_one(self, name: str, parent: str) -> bool:
+        base = self.models[parent]
+        info = self.repository.target(name)
+        if info is None:  # no eligible version (any more)
+            return False
+        with base.lock:
+            model = self._model_fleet(name, parent, restarted=False)
+            target = model.join(0).committed
+            answers = self.link.add(name, target, self.settings.prepare_timeout)
+            errors = [reason(answer) for answer in answers if answer is not None]
+            if errors:
+                self.link.remove(name)
+                why = f"adapter {name} could not be served: {'; '.join(errors)}"
+                log.error("%s", why)
+                with self.shared.lock:
+                    entry = self.shared.record.model(name)  # kept: the mark; not served
+                    entry.committed = entry.number = entry.pending = None
+                    entry.bad[info.number] = Mark(why, info.signature)
+                    self.repository.mark_bad(name, info.number, why, signature=info.signature)
+                    self.shared.save_quietly()
+                self.repository.scan()
+                return False
+            self._serve(model)
+        self.link.admit(name, parent, target.generation)
+        self.shared.save_quietly()
+        log.info("adapter %s on %s served from g%d", name, parent, target.generation)
+        return True
+
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
@@ -205,6 +250,28 @@ class Coordinator:
         }
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _model_fleet(self, name: str, parent: str | None, restarted: bool) -> ModelFleet:
+        """Model `name` (an adapter when `parent` names its base), not served yet."""
+        return ModelFleet(
+            name,
+            self.settings,
+            self.link,
+            self.repository,
+            self.shared,
+            restarted=restarted,
+            scan=self._scan,
+            slots=self.slots,
+            base=self.models[parent] if parent is not None else None,
+        )
+
+    def _serve(self, model: ModelFleet) -> None:
+        """Serve `model` from now on: `join` names it, the watcher pokes it, and an
+        adapter's base brings it along in its cutovers."""
+        if model.base is not None:
+            model.base.adapters.append(model)
+            self.parents = {**self.parents, model.name: model.base.name}
+        self.models = {**self.models, model.name: model}
 
     def _model(self, name: str | None) -> ModelFleet:
         if name is None:
@@ -237,5 +304,6 @@ class Coordinator:
         return state
 
     def _on_change(self) -> None:
+        self._adopter.poke()
         for model in self.models.values():
             model.poke()

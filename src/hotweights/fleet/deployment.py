@@ -17,25 +17,23 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
-from ray.serve.exceptions import DeploymentUnavailableError
 
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
 from hotweights.fleet.ingress import Ingress
 from hotweights.fleet.model_replica import Prepared, Target
 from hotweights.fleet.names import APP, COORDINATOR, INGRESS, NAMESPACE, REPLICA
+from hotweights.fleet.ray_link import CONTROL_TIMEOUT_S, RayLink
 from hotweights.fleet.replica import FleetReplica
 from hotweights.fleet.settings import FleetSettings
 
 log = logging.getLogger("hotweights.fleet")
-CONTROL_TIMEOUT_S = 30.0
-"""Bound on the coordinator's short calls (abort, flip, describe)."""
 CATCH_UP_ROUNDS = 5
 """A starting replica asks the coordinator again after loading, at most this many times,
 until what it holds is what the fleet has (see `FleetReplica.catch_up`)."""
@@ -109,10 +107,21 @@ class Replica:
     async def abort(self, name: str, generation: int, reason: str) -> None:
         await asyncio.to_thread(self.engine.model(name).abort, generation, reason)
 
+    async def add(self, name: str, target: Target) -> None:
+        """Serve adapter `name` (adopted by the fleet) from now on, `target` live."""
+        timeout = self.settings.prepare_timeout
+        await asyncio.to_thread(self.engine.add, name, target, timeout)
+
+    async def remove(self, name: str) -> None:
+        timeout = self.settings.config.drain_timeout
+        await asyncio.to_thread(self.engine.remove, name, timeout)
+
     async def forward(
         self, name: str, generation: int, request: Forwarded
     ) -> AsyncIterator[Head | bytes]:
         """Answer `request`, for model `name`, on `generation` (see `bridge.answer`)."""
+        if name not in self.engine.models:
+            await self._catch_up()  # an adapter the fleet adopted while this one started
         model = self.engine.model(name)
         live = model.reloader.live_version
         if not model.has(generation) and live is not None and generation > live.generation:
@@ -151,79 +160,6 @@ class Replica:
 
     async def metrics(self) -> tuple[str, bytes]:
         return self.engine.id, self.engine.metrics()
-
-
-class RayLink:
-    """`FleetLink` over Serve handles (resolved on first use: the coordinator starts
-    before the application is deployed)."""
-
-    def __init__(self) -> None:
-        self._replicas: Any = None
-        self._ingress: Any = None
-
-    def _handles(self) -> tuple[Any, Any]:
-        if self._replicas is None:
-            self._replicas = serve.get_deployment_handle(REPLICA, APP)
-            self._ingress = serve.get_deployment_handle(INGRESS, APP)
-        return self._replicas, self._ingress
-
-    def prepare(self, target: Target, timeout: float) -> Sequence[Prepared | BaseException]:
-        try:
-            replicas, _ = self._handles()
-        except Exception as exc:  # not deployed yet
-            log.info("no replicas to prepare g%d on: %s", target.generation, exc)
-            return []
-        try:
-            answers: list[Prepared | BaseException] = replicas.broadcast("prepare", target).results(
-                timeout_s=timeout, return_exceptions=True
-            )
-        except DeploymentUnavailableError as exc:  # every replica is (re)starting
-            log.info("no replicas to prepare g%d on: %s", target.generation, exc)
-            return []
-        return answers
-
-    def abort(self, model: str, generation: int, reason: str) -> None:
-        replicas, _ = self._handles()
-        replicas.broadcast("abort", model, generation, reason).results(
-            timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True
-        )
-
-    def flip(self, model: str, generation: int, followers: Mapping[str, int]) -> None:
-        _, ingress = self._handles()
-        flip = ingress.flip.remote(model, generation, dict(followers))
-        flip.result(timeout_s=CONTROL_TIMEOUT_S)
-
-    def drained(self, generation: int, timeout: float) -> int:
-        _, ingress = self._handles()
-        left: int = ingress.drained.remote(generation, timeout).result(
-            timeout_s=timeout + CONTROL_TIMEOUT_S
-        )
-        return left
-
-    def finish(self, model: str, generation: int, timeout: float) -> Sequence[bool | BaseException]:
-        replicas, _ = self._handles()
-        answers: list[bool | BaseException] = replicas.broadcast(
-            "finish", model, generation, timeout
-        ).results(timeout_s=timeout + CONTROL_TIMEOUT_S, return_exceptions=True)
-        return answers
-
-    def replicas(self) -> Sequence[dict[str, object] | BaseException]:
-        try:
-            replicas, _ = self._handles()
-            answers: list[dict[str, object] | BaseException] = replicas.broadcast(
-                "describe"
-            ).results(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
-        except Exception as exc:
-            return [exc]
-        return answers
-
-    def ingress(self) -> dict[str, object]:
-        try:
-            _, ingress = self._handles()
-            status: dict[str, object] = ingress.status.remote().result(timeout_s=CONTROL_TIMEOUT_S)
-        except Exception as exc:
-            return {"error": str(exc)}
-        return status
 
 
 class CoordinatorActor(Coordinator):

@@ -44,6 +44,18 @@ class FleetLink(Protocol):
         self, model: str, generation: int, timeout: float
     ) -> Sequence[bool | BaseException]: ...
 
+    def add(self, model: str, target: Target, timeout: float) -> Sequence[BaseException | None]:
+        """Every running replica serves LoRA adapter `model` from now on, `target` live
+        (each replica's answer: None, or why it could not)."""
+
+    def remove(self, model: str) -> None:
+        """Every running replica stops serving `model` (an adapter whose first version
+        failed to load somewhere)."""
+
+    def admit(self, model: str, parent: str, generation: int) -> None:
+        """The ingress admits requests for adapter `model` (on base `parent`) from now on,
+        stamped `generation`."""
+
     def replicas(self) -> Sequence[dict[str, object] | BaseException]: ...
 
     def ingress(self) -> dict[str, object]: ...

@@ -3,7 +3,8 @@ names) and the LoRA adapters that apply to them. An adapter is a model whose ver
 newest version directory holds PEFT's `adapter_config.json`; its base is decided
 as a single server decides it (`sources/adapter_base.py`), so each replica binds the
 adapter to the base the coordinator cuts it over with. An adapter whose base is not
-served is left out, and the log says why."""
+served, or with no eligible version (all marked bad, say), is left out, and the log says
+why."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def fleet_models(
     every_base = [m for m in models if m not in adapters]
     served: dict[str, str] = {}
     for adapter in adapters:
+        if repository.target(adapter) is None:
+            log.warning("the fleet leaves out adapter %s: it has no eligible version", adapter)
+            continue
         newest = repository.versions(adapter)[-1]
         try:
             base = choose_base(adapter, named_base(newest.path), every_base, lora_base)

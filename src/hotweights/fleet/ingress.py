@@ -193,6 +193,12 @@ class Ingress:
         adapters' (see `Admissions.flip`)."""
         return self.admissions.flip(model, generation, followers)
 
+    async def add(self, model: str, parent: str, generation: int) -> None:
+        """Admit requests for adapter `model`, on base `parent`, from now on (the fleet
+        adopted it: every replica serves it)."""
+        self.admissions.add(model, parent, generation)
+        self.served = sorted(self.admissions.generations)
+
     async def drained(self, generation: int, timeout: float) -> int:
         return await self.admissions.drained(generation, timeout)
 

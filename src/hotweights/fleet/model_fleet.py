@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
+from hotweights.fleet.coalesced import Coalesced
 from hotweights.fleet.cutover_record import Cutover, describe, target_json
 from hotweights.fleet.fleet_link import (
     FleetLink,
@@ -84,9 +85,7 @@ class ModelFleet:
         self.base = base
         """For a LoRA adapter: its base model (see the module)."""
         self.adapters: list[ModelFleet] = []
-        """For a base model: the adapters on it (each adds itself)."""
-        if base is not None:
-            base.adapters.append(self)
+        """For a base model: the adapters on it (the coordinator adds each it serves)."""
         self.settings = settings
         self.link = link
         self.repository = repository
@@ -97,11 +96,9 @@ class ModelFleet:
         self._preparing: Target | None = None
         self._cutovers: deque[Cutover] = deque(maxlen=MAX_CUTOVERS)
         # one cutover of this model (and of a base's adapters) at a time
-        self._lock: threading.Lock = base._lock if base is not None else threading.Lock()
+        self.lock: threading.Lock = base.lock if base is not None else threading.Lock()
         self._state = threading.Lock()  # the fields `join` and `status` read
-        self._poke = threading.Lock()
-        self._dirty = False
-        self._worker: threading.Thread | None = None
+        self._syncer = Coalesced(lambda: self.sync("watch"), f"hotweights-fleet-{name}")
         restore(self._entry, repository, name)
         self._interrupted: Pending | None = None
         self._draining: Target | None = None
@@ -148,7 +145,7 @@ class ModelFleet:
 
     def resume(self) -> dict[str, object] | None:
         """Carry on where the coordinator before this one died (see `Coordinator.resume`)."""
-        with self._lock:
+        with self.lock:
             pending, self._interrupted = self._interrupted, None
             if pending is None or pending.trigger == "follow":
                 return None  # an adapter's follow: its base's cutover finishes it
@@ -171,19 +168,12 @@ class ModelFleet:
     def poke(self) -> None:
         """Sync in the background (the watcher saw a change). Coalesced: a storm of pokes
         while a sync runs costs one more sync."""
-        with self._poke:
-            self._dirty = True
-            if self._worker is not None and self._worker.is_alive():
-                return
-            self._worker = threading.Thread(
-                target=self._work, name=f"hotweights-fleet-{self.name}", daemon=True
-            )
-            self._worker.start()
+        self._syncer.poke()
 
     def sync(self, trigger: str = "watch", description: str = "") -> dict[str, object] | None:
         """Scan the repository; cut over to this model's target if that is not the
         committed version. The cutover's record, or None when there was nothing to do."""
-        with self._lock:
+        with self.lock:
             if not self._scan().readable:
                 return None
             target = self.repository.target(self.name, live=self._number)
@@ -194,7 +184,7 @@ class ModelFleet:
     def reload(self, version: int | None, description: str) -> dict[str, object] | None:
         """Pin `version` (or, with None, follow the latest eligible one again) and sync."""
         self.repository.scan()
-        with self._lock:
+        with self.lock:
             if version is None:
                 self.repository.unpin(self.name)
             else:
@@ -207,7 +197,7 @@ class ModelFleet:
     def rollback(self, description: str) -> dict[str, object] | None:
         """Pin the newest eligible version older than the committed one and sync."""
         self.repository.scan()
-        with self._lock:
+        with self.lock:
             self.repository.rollback(self.name, live=self._number)
             self._remember_policy()
         return self.sync("rollback", description)
@@ -386,15 +376,3 @@ class ModelFleet:
         with self.shared.lock:
             self._entry.pin = policy if isinstance(policy, Pinned) else None
             self.shared.save_quietly()
-
-    def _work(self) -> None:
-        while True:
-            with self._poke:
-                if not self._dirty:
-                    self._worker = None
-                    return
-                self._dirty = False
-            try:
-                self.sync("watch")
-            except Exception:
-                log.exception("fleet: syncing %s failed", self.name)

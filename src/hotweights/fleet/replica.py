@@ -24,7 +24,8 @@ from hotweights.config import Config
 from hotweights.core import Loader
 from hotweights.core.loader import Closing
 from hotweights.fleet.bridge import Forwarded, Head, answer
-from hotweights.fleet.model_replica import Joined, ModelReplica
+from hotweights.fleet.model_replica import Joined, ModelReplica, Target
+from hotweights.server.adapters import serve_adapter
 from hotweights.server.app import create_app
 from hotweights.server.assembly import build_state
 from hotweights.server.server_state import ServerState
@@ -48,6 +49,7 @@ class FleetReplica:
         loader: Loader[Any] | None = None,
     ) -> None:
         self.id = replica_id
+        self.hold_seconds = hold_seconds
         self.state = replica_state(config, models, loader)
         adapter = {name: self.state.models[name].adapter for name in models}
         self.models = {  # the bases first: each step reaches a base before its adapters
@@ -81,13 +83,40 @@ class FleetReplica:
     def catch_up(
         self, joined: Mapping[str, Joined], timeout: float, *, prepare: bool = True
     ) -> bool:
-        """Bring every model in line with the fleet (see `ModelReplica.catch_up`). True
-        if all were in line already."""
+        """Bring every model in line with the fleet (see `ModelReplica.catch_up`),
+        serving an adapter the fleet adopted that this replica missed. True if all were
+        in line already."""
+        missed = [name for name in joined if name not in self.models]
+        for name in missed:
+            self.add(name, joined[name].committed, timeout)
         in_line = [
             model.catch_up(joined[name], timeout, prepare=prepare)
             for name, model in self.models.items()
         ]
-        return all(in_line)
+        return all(in_line) and not missed
+
+    def add(self, name: str, target: Target, timeout: float) -> None:
+        """Serve LoRA adapter `name` from now on, with `target` live (blocking; nothing
+        if it is served already). Raises `RuntimeError`, serving nothing of it, if that
+        version cannot be loaded."""
+        if name in self.models:
+            return
+        served = serve_adapter(self.state, name)
+        model = ModelReplica(served.reloader, replica_id=self.id, hold_seconds=self.hold_seconds)
+        self.state.add(served)
+        try:
+            model.start_live(Joined(target), timeout)
+        except RuntimeError:
+            self.remove(name, timeout=0)
+            raise
+        self.models = {**self.models, name: model}
+
+    def remove(self, name: str, timeout: float) -> None:
+        """Stop serving `name` (nothing if it is not served); what is in flight on it
+        drains within `timeout`, then its memory is released."""
+        self.models = {key: model for key, model in self.models.items() if key != name}
+        if name in self.state.models:
+            self.state.remove(name).reloader.close(timeout)
 
     def undecided(self) -> bool:
         """Whether some model holds a version nobody finished or aborted yet."""
