@@ -132,9 +132,7 @@ async def test_adapters_cut_over_across_replicas_and_follow_their_base_fleet_wid
         publish(save_adapter(base2, build / "beta" / "1", seed=6), repo, "beta")
         assert await asyncio.to_thread(coordinator.adopt) == ["beta"]
         assert admissions.admit("beta") == Stamp(6, base_generation=4)
-        assert {await ask(replica, "beta", Stamp(6)) for replica in replicas[:2]} == {
-            (200, 4, 6)
-        }
+        assert {await ask(replica, "beta", Stamp(6)) for replica in replicas[:2]} == {(200, 4, 6)}
         assert "beta" not in late.models
         assert not await asyncio.to_thread(late.catch_up, coordinator.join(), TIMEOUT)
         assert await ask(late, "beta", Stamp(6)) == (200, 4, 6)
