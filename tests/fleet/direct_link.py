@@ -8,7 +8,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from hotweights.fleet.admissions import Admissions
-from hotweights.fleet.model_replica import Prepared, Target
+from hotweights.fleet.model_replica import Joined, Prepared, Target
 from hotweights.fleet.replica import FleetReplica
 
 TIMEOUT = 30.0
@@ -67,7 +67,7 @@ class DirectLink:
         answers: list[BaseException | None] = []
         for replica in self.members:
             try:
-                replica.add(model, target, timeout)
+                replica.add(model, Joined(target), timeout)
                 answers.append(None)
             except Exception as exc:
                 answers.append(exc)

@@ -241,3 +241,63 @@ def test_a_refused_adoption_is_remembered_and_the_adapter_left_out_on_a_restart(
     again = fleet.coordinator("f", model=None)  # Ray restarted it: the mark is in the record
     assert "late" not in again.models
     assert "replica r1: no" in str(again.repository.bad_reason("late", 1))
+
+
+def test_after_a_restart_an_adapter_never_adopted_is_adopted_and_the_ingress_told_again(
+    fleet: Fleet,
+) -> None:
+    first = fleet.coordinator("f", model=None)
+    assert first.committed()["lora"] == 3
+    publish_adapter(fleet, "late", "a", "n1")  # published as the coordinator died
+    link = Recorded()
+    fleet.link = link
+    again = fleet.coordinator("f", model=None)
+    assert "late" not in again.models  # not served until every replica has it
+    assert again.resume() is None
+    admitted = [c for c in link.models if c[0] == "admit"]
+    assert admitted == [("admit", "lora", 3), ("admit", "other", 4)]  # harmless if known
+    assert again.adopt() == ["late"]
+    assert ("add", "late", 5) in link.models
+
+
+def test_an_adapter_on_a_base_published_since_does_not_stop_the_others(fleet: Fleet) -> None:
+    coordinator = fleet.coordinator(model=None)
+    fleet.publish(model="c")  # a new base: served after a restart
+    publish_adapter(fleet, "on-c", "c", "c1")
+    publish_adapter(fleet, "late", "a", "n1")
+    assert coordinator.adopt() == ["late"]
+    assert "on-c" not in coordinator.models
+
+
+def test_replicas_that_cannot_be_asked_leave_the_adapter_unmarked_for_the_next_look(
+    fleet: Fleet,
+) -> None:
+    class Unreachable(FakeLink):
+        def add(
+            self, model: str, target: Target, timeout: float
+        ) -> Sequence[BaseException | None]:
+            raise ConnectionError("no replica deployed yet")
+
+    coordinator = fleet.coordinator(model=None)
+    publish_adapter(fleet, "late", "a", "n1")
+    coordinator.link = Unreachable()
+    assert coordinator.adopt() == []
+    assert coordinator.repository.bad_reason("late", 1) is None
+    coordinator.link = fleet.link
+    assert coordinator.adopt() == ["late"]
+    assert coordinator.committed()["late"] == 6  # g5 was given out: never again
+
+
+def test_a_fleet_of_one_base_and_its_adapters_takes_admin_calls_that_name_no_model(
+    tmp_path: Path,
+) -> None:
+    fleet = Fleet(tmp_path)
+    fleet.publish(model="a")
+    publish_adapter(fleet, "lora", "a", "l1")
+    coordinator = fleet.coordinator(model=None)
+    fleet.publish(model="a")
+    record = coordinator.reload()  # the only base model
+    assert record is not None
+    assert record["outcome"] == "committed"
+    status = coordinator.status()
+    assert status["model"] == "a"  # its fields at the top level, as for one model

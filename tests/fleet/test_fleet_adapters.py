@@ -91,6 +91,7 @@ async def test_adapters_cut_over_across_replicas_and_follow_their_base_fleet_wid
         assert record is not None
         assert record["outcome"] == "committed", record
         assert await everywhere("alpha") == {(200, 1, 3)}
+        assert [r.lagging(coordinator.join(), ["alpha"]) for r in replicas] == [[], []]
 
         # the base's cutover, with a request admitted before its flip still in flight
         held = admissions.admit("alpha")

@@ -37,8 +37,9 @@ def commit(handles: tuple[PreparedVersion[Any], ...], reason: str) -> ReloadEven
     """Make every prepared version in `handles`, and the versions that follow each, live
     in one step (see `Reloader.commit`); returns the first one's event. Raises
     `NotPrepared` if any was already decided, or if a follower's model has another live
-    version than the one the follower was prepared from (`_changed_follower`): then all
-    of them are discarded instead, with that reason, and their workers apply it."""
+    version than the one the follower was prepared from (`_changed_follower`): then each
+    of them not yet decided is discarded instead, with that reason, and their workers
+    apply it."""
     given = handles
     handles = tuple(version for handle in handles for version in (handle, *handle.followers))
     if len({id(handle.slot) for handle in handles}) != len(handles):
@@ -49,7 +50,8 @@ def commit(handles: tuple[PreparedVersion[Any], ...], reason: str) -> ReloadEven
         nonlocal claimed
         changed = _changed_follower(given)
         if changed is not None:
-            claim_all(handles, Decision.DISCARD, changed)
+            for handle in handles:  # each not yet decided (one decided keeps its decision)
+                handle.claim(Decision.DISCARD, changed)
             raise NotPrepared(changed)
         if not claim_all(handles, Decision.COMMIT, reason):
             raise NotPrepared(f"{', '.join(map(repr, handles))}: already committed or discarded")

@@ -186,8 +186,8 @@ class Reloader(ServingView[ModelT], Generic[ModelT]):
         Returns `handle`'s event (the others' are on their handles). Raises `NotPrepared`
         if any of them was already committed or discarded, or if an adapter carried as a
         follower went live in a newer version after the follower was read (committing
-        would take it back): then all of them are discarded, and the reason, naming the
-        adapter, is on their events."""
+        would take it back): then those not yet decided are discarded, and the reason,
+        naming the adapter, is on their events."""
         if handle.slot is not self.slot:
             raise ValueError(f"{handle!r} was prepared by another reloader than {self.name!r}")
         return commit((handle, *together), reason)

@@ -20,13 +20,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from functools import partial
 
 from hotweights.errors import InvalidRequest, UnknownModel
+from hotweights.fleet.adoption import adopt_adapter
 from hotweights.fleet.coalesced import Coalesced
 from hotweights.fleet.cutover_record import reason
-from hotweights.fleet.fleet_link import FleetLink
+from hotweights.fleet.fleet_link import FleetLink, admit_until
 from hotweights.fleet.fleet_models import fleet_models
-from hotweights.fleet.ledger import Mark
+from hotweights.fleet.ledger import restore
 from hotweights.fleet.model_fleet import INTERRUPTED_LIMIT, ModelFleet
 from hotweights.fleet.model_replica import Joined
 from hotweights.fleet.prepare_slots import PrepareSlots
@@ -40,6 +42,8 @@ __all__ = ["INTERRUPTED_LIMIT", "Coordinator"]
 
 log = logging.getLogger("hotweights.fleet")
 SETTLE_MARGIN_S = 0.05
+RESUME_ADMIT_S = 30.0
+"""How long a restarted coordinator tries to tell the ingress of each adapter it serves."""
 
 
 class Coordinator:
@@ -89,6 +93,11 @@ class Coordinator:
         """Each LoRA adapter served, with its base."""
         for name in served.names:  # the bases first: an adapter is built on its base
             parent = served.adapters.get(name)
+            entry = record.models.get(name)
+            if restarted and parent is not None and (entry is None or entry.committed is None):
+                if entry is not None:  # its bad marks count when `adopt` looks at it
+                    restore(entry, self.repository, name)
+                continue  # not adopted before the restart: `adopt` (the watcher) will
             try:
                 model = self._model_fleet(name, parent, restarted)
             except ValueError as exc:  # every version bad, as the record says
@@ -145,6 +154,8 @@ class Coordinator:
             thread.start()
         for thread in threads:
             thread.join()
+        for name, parent in self.parents.items():  # one adopted as the last one died
+            admit_until(self.link, name, parent, self.models[name].committed(), RESUME_ADMIT_S)
         return done or None
 
     def watch(self) -> None:
@@ -179,47 +190,26 @@ class Coordinator:
         return self._model(model).rollback(description)
 
     def adopt(self) -> list[str]:
-        """Serve the LoRA adapters published since the fleet started, on a base it serves
-        (the watcher asks): each is loaded on every running replica (its newest eligible
-        version, on its base's committed generation, under the base's lock: no cutover of
-        the base meanwhile), then the fleet serves it (a replica starting from now on
-        loads it too) and the ingress admits requests for it. One whose version fails to
-        load somewhere is taken off every replica, and that version is marked bad with the
-        replicas' reasons. The adapters adopted."""
+        """Serve the LoRA adapters published since the fleet started on a base it serves
+        (the watcher asks; see `adoption.py`). The adapters adopted."""
         settings = self.settings
         with self._adopting:
             self._scan()
             found = fleet_models(self.repository, settings.model, settings.config.lora_base)
-            new = {n: base for n, base in found.adapters.items() if n not in self.models}
-            return [name for name, base in new.items() if self._adopt_one(name, base)]
-
-    def _adopt_one(self, name: str, parent: str) -> bool:
-        base = self.models[parent]
-        info = self.repository.target(name)
-        if info is None:  # no eligible version (any more)
-            return False
-        with base.lock:
-            model = self._model_fleet(name, parent, restarted=False)
-            target = model.join(0).committed
-            answers = self.link.add(name, target, self.settings.prepare_timeout)
-            errors = [reason(answer) for answer in answers if answer is not None]
-            if errors:
-                self.link.remove(name)
-                why = f"adapter {name} could not be served: {'; '.join(errors)}"
-                log.error("%s", why)
-                with self.shared.lock:
-                    entry = self.shared.record.model(name)  # kept: the mark; not served
-                    entry.committed = entry.number = entry.pending = None
-                    entry.bad[info.number] = Mark(why, info.signature)
-                    self.repository.mark_bad(name, info.number, why, signature=info.signature)
-                    self.shared.save_quietly()
-                self.repository.scan()
-                return False
-            self._serve(model)
-        self.link.admit(name, parent, target.generation)
-        self.shared.save_quietly()
-        log.info("adapter %s on %s served from g%d", name, parent, target.generation)
-        return True
+            adopted = []
+            for name, parent in found.adapters.items():
+                if name in self.models or parent not in self.models:
+                    continue  # served, or on a base published since (served after a restart)
+                base, timeout = self.models[parent], settings.prepare_timeout
+                try:
+                    build = partial(self._model_fleet, name, parent, restarted=False)
+                    model = adopt_adapter(name, base, build, self._serve, self.link, timeout)
+                except Exception:
+                    log.exception("adopting adapter %s failed", name)
+                    continue
+                if model is not None:
+                    adopted.append(name)
+            return adopted
 
     def close(self) -> None:
         if self._watcher is not None:
@@ -237,7 +227,8 @@ class Coordinator:
         requests in flight, the ingress's counts, the coordinator's own process, and where
         the record is kept."""
         models = {name: model.status() for name, model in self.models.items()}
-        only = next(iter(models.values())) if len(models) == 1 else {}
+        bases = [status for status in models.values() if status["parent"] is None]
+        only = bases[0] if len(bases) == 1 else {}
         return only | {
             "models": models,
             "replicas": [
@@ -275,8 +266,9 @@ class Coordinator:
 
     def _model(self, name: str | None) -> ModelFleet:
         if name is None:
-            if len(self.models) == 1:
-                return next(iter(self.models.values()))
+            bases = [model for model in self.models.values() if model.base is None]
+            if len(bases) == 1:
+                return bases[0]
             raise InvalidRequest(
                 f"this fleet serves several models ({', '.join(self.models)}): name one "
                 'with "model"'

@@ -27,7 +27,7 @@ from ray import serve
 from hotweights.fleet.bridge import Forwarded, Head
 from hotweights.fleet.coordinator import Coordinator
 from hotweights.fleet.ingress import Ingress
-from hotweights.fleet.model_replica import Prepared, Target
+from hotweights.fleet.model_replica import Joined, Prepared, Target
 from hotweights.fleet.names import APP, COORDINATOR, INGRESS, NAMESPACE, REPLICA
 from hotweights.fleet.ray_link import CONTROL_TIMEOUT_S, RayLink
 from hotweights.fleet.replica import FleetReplica
@@ -80,6 +80,14 @@ class Replica:
         the generation)."""
         timeout = self.settings.prepare_timeout
         model, generation, me = self.engine.model(target.model), target.generation, self.engine.id
+        if target.followers and not model.has(generation):  # its adapters must be the fleet's
+            names = [name for name, _ in target.followers]
+            if self.engine.lagging(await self.coordinator.join.remote(), names):
+                await self._catch_up()
+            late = self.engine.lagging(await self.coordinator.join.remote(), names)
+            if late:
+                error = f"replica {me}: adapters {', '.join(late)} are behind the fleet here"
+                return Prepared(me, generation, False, error)
         limited = self.settings.prepare_parallel > 0 and not model.has(generation)
         if limited:
             started = time.monotonic()
@@ -110,7 +118,7 @@ class Replica:
     async def add(self, name: str, target: Target) -> None:
         """Serve adapter `name` (adopted by the fleet) from now on, `target` live."""
         timeout = self.settings.prepare_timeout
-        await asyncio.to_thread(self.engine.add, name, target, timeout)
+        await asyncio.to_thread(self.engine.add, name, Joined(target), timeout)
 
     async def remove(self, name: str) -> None:
         timeout = self.settings.config.drain_timeout

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from hotweights.fleet.cutover_record import reason
@@ -104,16 +104,26 @@ def flip_until(
     the adapters that follow it), again until it answers or `timeout` passed (an ingress
     that Serve restarts asks for the committed generations by itself). True if it
     answered."""
+    return _until(lambda: link.flip(model, generation, followers or {}), generation, timeout)
+
+
+def admit_until(link: FleetLink, model: str, parent: str, generation: int, timeout: float) -> bool:
+    """Make the ingress admit requests for adapter `model` (on `parent`), stamped
+    `generation`, again until it answers or `timeout` passed. True if it answered."""
+    return _until(lambda: link.admit(model, parent, generation), generation, timeout)
+
+
+def _until(call: Callable[[], None], generation: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            link.flip(model, generation, followers or {})
+            call()
             return True
         except Exception as exc:
             if time.monotonic() >= deadline:
                 log.error("the ingress never took g%d: %s", generation, reason(exc))
                 return False
-            log.warning("flipping the ingress to g%d failed, again: %s", generation, exc)
+            log.warning("telling the ingress of g%d failed, again: %s", generation, exc)
             time.sleep(FLIP_RETRY_S)
 
 

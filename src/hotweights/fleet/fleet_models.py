@@ -71,6 +71,8 @@ def fleet_models(
             continue
         if base in bases:
             served[adapter] = base
+        else:
+            log.info("the fleet leaves out adapter %s: its base %s is not served", adapter, base)
     return FleetModels(bases, served)
 
 

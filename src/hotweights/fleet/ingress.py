@@ -204,7 +204,7 @@ class Ingress:
 
     async def status(self) -> dict[str, object]:
         generations = self.admissions.generations
-        only = {"generation": next(iter(generations.values()))} if len(generations) == 1 else {}
+        only = {"generation": generations[self.bases[0]]} if len(self.bases) == 1 else {}
         return only | {
             "pid": os.getpid(),
             "generations": dict(generations),
@@ -286,7 +286,7 @@ class Ingress:
         except Exception:  # no replica running at all (starting, or all restarting)
             described = []
         serving = sum(1 for d in described if isinstance(d, dict) and _holds(d, generations))
-        only = {"generation": next(iter(generations.values()))} if len(generations) == 1 else {}
+        only = {"generation": generations[self.bases[0]]} if len(self.bases) == 1 else {}
         body = {"status": "ready" if serving else "starting"} | only | {"generations": generations}
         return JSONResponse(
             body | {"replicas_serving": serving}, status_code=200 if serving else 503
@@ -353,7 +353,7 @@ class Ingress:
     async def _cutover(self, pending: Any, model: str | None) -> JSONResponse:
         record: dict[str, Any] | None = await self._ask(pending)
         if record is None:
-            model = model if model is not None else self.served[0]  # the coordinator checked
+            model = model if model is not None else self.bases[0]  # the coordinator checked
             generation = self.admissions.generations.get(model)
             return JSONResponse({"outcome": "unchanged", "model": model, "generation": generation})
         if record["outcome"] != "committed":

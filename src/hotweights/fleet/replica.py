@@ -24,7 +24,7 @@ from hotweights.config import Config
 from hotweights.core import Loader
 from hotweights.core.loader import Closing
 from hotweights.fleet.bridge import Forwarded, Head, answer
-from hotweights.fleet.model_replica import Joined, ModelReplica, Target
+from hotweights.fleet.model_replica import Joined, ModelReplica
 from hotweights.server.adapters import serve_adapter
 from hotweights.server.app import create_app
 from hotweights.server.assembly import build_state
@@ -86,30 +86,47 @@ class FleetReplica:
         """Bring every model in line with the fleet (see `ModelReplica.catch_up`),
         serving an adapter the fleet adopted that this replica missed. True if all were
         in line already."""
-        missed = [name for name in joined if name not in self.models]
-        for name in missed:
-            self.add(name, joined[name].committed, timeout)
         in_line = [
             model.catch_up(joined[name], timeout, prepare=prepare)
             for name, model in self.models.items()
-        ]
+        ]  # the bases first: a missed adapter is loaded on what they hold now
+        missed = [name for name in joined if name not in self.models]
+        for name in missed:
+            self.add(name, joined[name], timeout)
         return all(in_line) and not missed
 
-    def add(self, name: str, target: Target, timeout: float) -> None:
-        """Serve LoRA adapter `name` from now on, with `target` live (blocking; nothing
-        if it is served already). Raises `RuntimeError`, serving nothing of it, if that
-        version cannot be loaded."""
+    def add(self, name: str, joined: Joined, timeout: float) -> None:
+        """Serve LoRA adapter `name` (one the fleet adopted) from now on, holding what
+        the fleet has of it (`joined`, as `ModelReplica.start` holds it; blocking;
+        nothing if it is served already: a catch-up aligns it). Raises `RuntimeError`,
+        serving nothing of it, if its version cannot be loaded."""
         if name in self.models:
             return
         served = serve_adapter(self.state, name)
         model = ModelReplica(served.reloader, replica_id=self.id, hold_seconds=self.hold_seconds)
         self.state.add(served)
         try:
-            model.start_live(Joined(target), timeout)
+            model.start(joined, timeout)
         except RuntimeError:
             self.remove(name, timeout=0)
             raise
         self.models = {**self.models, name: model}
+
+    def lagging(self, joined: Mapping[str, Joined], names: Sequence[str]) -> list[str]:
+        """Those of adapters `names` whose live version here is not the fleet's committed
+        one in `joined` (a finish this replica missed): a base's new version prepared
+        here would bring along the wrong version of them."""
+        late = []
+        for name in names:
+            model, fleet = self.models.get(name), joined.get(name)
+            live = model.reloader.live_version if model is not None else None
+            if (
+                fleet is not None
+                and fleet.draining is None
+                and (live is None or live.generation != fleet.committed.generation)
+            ):
+                late.append(name)
+        return late
 
     def remove(self, name: str, timeout: float) -> None:
         """Stop serving `name` (nothing if it is not served); what is in flight on it
