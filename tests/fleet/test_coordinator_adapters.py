@@ -273,9 +273,7 @@ def test_replicas_that_cannot_be_asked_leave_the_adapter_unmarked_for_the_next_l
     fleet: Fleet,
 ) -> None:
     class Unreachable(FakeLink):
-        def add(
-            self, model: str, target: Target, timeout: float
-        ) -> Sequence[BaseException | None]:
+        def add(self, model: str, target: Target, timeout: float) -> Sequence[BaseException | None]:
             raise ConnectionError("no replica deployed yet")
 
     coordinator = fleet.coordinator(model=None)
