@@ -1,7 +1,7 @@
 """Which models of the repository a fleet serves: every base model (or the one `--model`
-names) and the LoRA adapters that apply to them. An adapter is a model whose version
-newest version directory holds PEFT's `adapter_config.json`; its base is decided
-as a single server decides it (`sources/adapter_base.py`), so each replica binds the
+names) and the LoRA adapters that apply to them. An adapter is a model whose newest
+version directory holds PEFT's `adapter_config.json`; its base is decided as a single
+server decides it (`sources/adapter_base.py`), so each replica binds the
 adapter to the base the coordinator cuts it over with. An adapter whose base is not
 served, or with no eligible version (all marked bad, say), is left out, and the log says
 why."""
