@@ -89,8 +89,6 @@ class Coordinator:
         self._adopting = threading.Lock()
         self.models: dict[str, ModelFleet] = {}
         """Replaced whole when an adapter is adopted: readers see the old or the new."""
-        self.parents: dict[str, str] = {}
-        """Each LoRA adapter served, with its base."""
         for name in served.names:  # the bases first: an adapter is built on its base
             parent = served.adapters.get(name)
             entry = record.models.get(name)
@@ -122,7 +120,7 @@ class Coordinator:
 
     def bases(self) -> dict[str, str]:
         """Each LoRA adapter served, with its base (the ingress stamps both generations)."""
-        return dict(self.parents)
+        return {name: m.base.name for name, m in self.models.items() if m.base is not None}
 
     def prepare_slot(self, generation: int, replica: str) -> bool:
         """Whether `replica` may prepare `generation` now (see `PrepareSlots`)."""
@@ -154,7 +152,7 @@ class Coordinator:
             thread.start()
         for thread in threads:
             thread.join()
-        for name, parent in self.parents.items():  # one adopted as the last one died
+        for name, parent in self.bases().items():  # one adopted as the last one died
             admit_until(self.link, name, parent, self.models[name].committed(), RESUME_ADMIT_S)
         return done or None
 
@@ -261,7 +259,6 @@ class Coordinator:
         adapter's base brings it along in its cutovers."""
         if model.base is not None:
             model.base.adapters.append(model)
-            self.parents = {**self.parents, model.name: model.base.name}
         self.models = {**self.models, model.name: model}
 
     def _model(self, name: str | None) -> ModelFleet:

@@ -83,11 +83,11 @@ class Replica:
         if target.followers and not model.has(generation):  # its adapters must be the fleet's
             names = [name for name, _ in target.followers]
             if self.engine.lagging(await self.coordinator.join.remote(), names):
-                await self._catch_up()
-            late = self.engine.lagging(await self.coordinator.join.remote(), names)
-            if late:
-                error = f"replica {me}: adapters {', '.join(late)} are behind the fleet here"
-                return Prepared(me, generation, False, error)
+                await self._catch_up()  # a finish it missed
+                late = self.engine.lagging(await self.coordinator.join.remote(), names)
+                if late:
+                    error = f"replica {me}: adapters {', '.join(late)} are behind the fleet"
+                    return Prepared(me, generation, False, error)
         limited = self.settings.prepare_parallel > 0 and not model.has(generation)
         if limited:
             started = time.monotonic()
